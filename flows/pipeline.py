@@ -1,0 +1,37 @@
+"""The training pipeline: validate → version data → train → export → evaluate → gate → promote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from ottimo.config import load_params
+from tasks.data import prepare_data, push_data, validate_raw
+from tasks.evaluate import evaluate_candidate, evaluate_champion, export_candidate
+from tasks.registry import gate, promote, register_candidate
+from tasks.summary import PipelineSummary, fail_open_mlflow_runs, summarise
+from tasks.train import start_pipeline_run, train_candidate
+
+
+@flow(name="training-pipeline", on_failure=[fail_open_mlflow_runs])
+def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml") -> PipelineSummary:
+    """Train every candidate family on the DVC-versioned data and promote the best one that passes the gate."""
+    root = Path(project_dir).resolve()
+    params = load_params(root / params_file)
+
+    validate_raw(root, params)
+    data = prepare_data(root, params)
+    push_data(root, params)
+    run_id = start_pipeline_run(root, params, data)
+
+    trained = [train_candidate.submit(root, params, family, data, run_id) for family in params.train.candidates]
+    candidates = [t.result() for t in trained]
+    exported = [export_candidate(root, params, c, data) for c in candidates]
+    evaluated = [evaluate_candidate(root, params, c, e, data) for c, e in zip(candidates, exported, strict=True)]
+
+    champion_accuracy = evaluate_champion(root, params, data)
+    versions = [register_candidate(root, params, e, data) for e in evaluated]
+    decision = gate(root, params, run_id, evaluated, versions, champion_accuracy)
+    aliases = promote(root, params, run_id, decision)
+    return summarise(root, params, data, run_id, evaluated, versions, decision, aliases)

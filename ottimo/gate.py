@@ -1,0 +1,52 @@
+"""The promotion gate: accuracy *and* latency *and* size, and no regression against the champion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ottimo.config import GateCfg
+
+
+class GateFailed(RuntimeError):
+    """No candidate met the thresholds; the registry's champion aliases were left as they were."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)  # one line per threshold, failed ones first
+
+    @property
+    def summary(self) -> str:
+        return ("PASS" if self.passed else "FAIL") + ": " + "; ".join(self.reasons)
+
+
+def check(metrics: dict[str, float], cfg: GateCfg, champion_accuracy: float | None) -> Verdict:
+    """Apply every threshold to one candidate's metrics (accuracy in [0, 1], latency in ms, size in MB)."""
+    acc, p95, size = metrics["accuracy"], metrics["p95_ms"], metrics["size_mb"]
+    rules = [
+        (acc >= cfg.min_accuracy, f"accuracy {acc:.4f} {'>=' if acc >= cfg.min_accuracy else '<'} "
+         f"min {cfg.min_accuracy:.4f}"),
+        (p95 <= cfg.max_p95_latency_ms, f"p95 latency {p95:.3f} ms {'<=' if p95 <= cfg.max_p95_latency_ms else '>'} "
+         f"max {cfg.max_p95_latency_ms:.3f} ms"),
+        (size <= cfg.max_size_mb, f"size {size:.3f} MB {'<=' if size <= cfg.max_size_mb else '>'} "
+         f"max {cfg.max_size_mb:.3f} MB"),
+    ]
+    if champion_accuracy is None:
+        rules.append((True, "no champion yet: first model"))
+    else:
+        drop = (champion_accuracy - acc) * 100
+        ok = drop <= cfg.max_drop_vs_champion
+        rules.append((ok, f"accuracy {'drop' if drop > 0 else 'gain'} vs champion {abs(drop):.2f} points "
+                      f"({acc:.4f} vs {champion_accuracy:.4f}; max drop {cfg.max_drop_vs_champion:.2f})"))
+    failed = [r for ok, r in rules if not ok]
+    passed = [r for ok, r in rules if ok]
+    return Verdict(passed=not failed, reasons=failed + passed)
+
+
+def select(candidates: dict[str, tuple[dict[str, float], Verdict]]) -> str:
+    """The candidate to hand on: passing before failing, then highest accuracy, then lowest p95 latency."""
+    return min(
+        candidates,
+        key=lambda k: (not candidates[k][1].passed, -candidates[k][0]["accuracy"], candidates[k][0]["p95_ms"]),
+    )

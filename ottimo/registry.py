@@ -1,0 +1,65 @@
+"""Registry policy on MLflow: versions tagged with their lineage, aliases moved champion-first.
+
+Aliases: `champion` is served, `previous-champion` is what rollback restores, `challenger` is the
+latest candidate. Versions are looked up by their run-id tag before one is created.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
+from mlflow.exceptions import MlflowException
+
+from ottimo.export import verify_sha256
+
+CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous-champion", "challenger"
+ONNX_FILE = "model.onnx"
+
+
+def alias_version(client: MlflowClient, name: str, alias: str):
+    """The ModelVersion behind an alias, or None when the model or the alias does not exist."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    """{alias: version} of a registered model ({} when it is not registered yet)."""
+    try:
+        return dict(client.get_registered_model(name).aliases)
+    except MlflowException:
+        return {}
+
+
+def register(client: MlflowClient, name: str, model_uri: str, run_id: str, tags: dict[str, str]):
+    """Register `model_uri` once per run: return the existing version tagged with `run_id` if any."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="Classifier promoted by Ottimo's gate (ONNX).")
+    existing = client.search_model_versions(f"name = '{name}' and tags.run_id = '{run_id}'")
+    if existing:
+        return existing[0]
+    return client.create_model_version(name, model_uri, run_id=run_id, tags={"run_id": run_id, **tags})
+
+
+def promote(client: MlflowClient, name: str, version: str) -> dict[str, str]:
+    """champion -> previous-champion, `version` -> champion; return the aliases after the move."""
+    current = alias_version(client, name, CHAMPION)
+    if current is not None and current.version != str(version):
+        client.set_registered_model_alias(name, PREVIOUS, current.version)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    return aliases(client, name)
+
+
+def download_verified(client: MlflowClient, name: str, alias: str, dst: Path) -> tuple[Path, object]:
+    """Download the ONNX file of `name@alias` and check it against the version's sha256 tag."""
+    mv = client.get_model_version_by_alias(name, alias)
+    expected = mv.tags.get("sha256")
+    if not expected:
+        raise MlflowException(f"{name} v{mv.version} has no sha256 tag; it cannot be verified, so it is not loaded")
+    local = Path(download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst)))
+    return verify_sha256(local / ONNX_FILE, expected), mv

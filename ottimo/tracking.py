@@ -1,0 +1,52 @@
+"""Where MLflow lives: the embedded SQLite store under mlruns/ unless MLFLOW_TRACKING_URI says otherwise."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+
+from ottimo.config import MlflowCfg
+
+SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
+
+
+def tracking_uri(root: Path, cfg: MlflowCfg) -> str:
+    """MLFLOW_TRACKING_URI wins (a server); a relative sqlite path is taken from the project root."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not os.path.isabs(uri[len(prefix):]):
+        db = (root / uri[len(prefix):]).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        uri = prefix + str(db)
+    return uri
+
+
+def connect(root: Path, cfg: MlflowCfg) -> tuple[MlflowClient, str]:
+    """Point MLflow at the project's store; return a client and the experiment id (created if needed)."""
+    uri = tracking_uri(root, cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return client, exp.experiment_id
+    artifacts = (root / "mlruns" / "artifacts").resolve().as_uri() if uri.startswith("sqlite") else None
+    return client, client.create_experiment(cfg.experiment, artifact_location=artifacts)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested params as flat `a.b.c` keys, with any key that looks like a secret left out."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if SECRET.search(key):
+            continue
+        if isinstance(v, dict):
+            out |= flatten(v, key + ".")
+        else:
+            out[key] = str(v)[:6000]
+    return out

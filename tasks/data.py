@@ -1,0 +1,49 @@
+"""Data tasks: validate the raw file, version and prepare it with DVC, push it to the remote."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from ottimo import versioning
+from ottimo.config import Params
+from ottimo.data import materialise_raw, read_table, validate_frame
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    revision: str  # DVC md5 of data/prepared
+    prepared: str  # path of the prepared splits
+    reproduced: bool  # False when DVC found `prepare` up to date and skipped it
+
+
+@task
+def validate_raw(root: Path, params: Params) -> int:
+    """Write the builtin data set if needed, then check the raw file against the schema; return its row count."""
+    path = materialise_raw(root, params.data)
+    df = validate_frame(read_table(path), params.data, path)
+    get_run_logger().info("raw data %s: %d rows x %d columns, schema ok", params.data.path, *df.shape)
+    return len(df)
+
+
+@task
+def prepare_data(root: Path, params: Params) -> DataVersion:
+    """`dvc add` the raw file and `dvc repro prepare`; DVC skips the stage when nothing changed."""
+    repo = versioning.open_repo(root)
+    versioning.track(repo, params.data.path)
+    ran = versioning.reproduce(repo, "prepare")
+    rev = versioning.revision(root)
+    get_run_logger().info("data revision %s (%s)", rev[:12], "prepared" if ran else "unchanged, prepare skipped")
+    return DataVersion(rev, str(root / versioning.PREPARED), ran)
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def push_data(root: Path, params: Params) -> int:
+    """`dvc push` raw and prepared data to the default remote (retried: remotes fail transiently)."""
+    repo = versioning.open_repo(root)
+    url = versioning.configure_remote(repo, params.dvc.remote, params.dvc.remote_url)
+    sent = versioning.push(repo)
+    get_run_logger().info("dvc push: %d file(s) sent to %s", sent, url)
+    return sent

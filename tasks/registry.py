@@ -1,0 +1,81 @@
+"""Registry tasks: register every candidate, gate them, promote the selected one by moving aliases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from ottimo import gate as gate_policy
+from ottimo import registry
+from ottimo.config import Params
+from ottimo.tracking import connect
+from tasks.data import DataVersion
+from tasks.evaluate import Evaluated
+
+
+@dataclass(frozen=True)
+class Decision:
+    family: str
+    version: str
+    passed: bool
+    reasons: list[str]
+    verdicts: dict[str, str]  # family -> one-line verdict, for every candidate
+
+
+@task
+def register_candidate(root: Path, params: Params, cand: Evaluated, data: DataVersion) -> str:
+    """Register the candidate's ONNX model as a new version (once per run) tagged with its lineage."""
+    client, _ = connect(root, params.mlflow)
+    mv = registry.register(client, params.mlflow.registered_model, cand.model_uri, cand.run_id, {
+        "data_revision": data.revision, "sha256": cand.sha256, "family": cand.family,
+        "gate_verdict": "pending"})
+    get_run_logger().info("%s registered as %s v%s", cand.family, params.mlflow.registered_model, mv.version)
+    return mv.version
+
+
+@task
+def gate(root: Path, params: Params, parent_run_id: str, candidates: list[Evaluated], versions: list[str],
+         champion_accuracy: float | None) -> Decision:
+    """Check every candidate against the thresholds, tag the verdicts, point `challenger` at the selected one.
+
+    Raises GateFailed (so the flow run ends Failed) when the selected candidate does not pass;
+    `champion` and `previous-champion` are then left as they were.
+    """
+    log = get_run_logger()
+    client, _ = connect(root, params.mlflow)
+    name = params.mlflow.registered_model
+    verdicts = {c.family: (c.metrics, gate_policy.check(c.metrics, params.gate, champion_accuracy))
+                for c in candidates}
+    for c, version in zip(candidates, versions, strict=True):
+        v = verdicts[c.family][1]
+        client.set_model_version_tag(name, version, "gate_verdict", "passed" if v.passed else "failed")
+        client.set_model_version_tag(name, version, "gate_reasons", "; ".join(v.reasons)[:5000])
+        client.set_tag(c.run_id, "gate.verdict", v.summary[:5000])
+        log.info("gate %s v%s: %s", c.family, version, v.summary)
+    chosen = gate_policy.select(verdicts)
+    version = versions[[c.family for c in candidates].index(chosen)]
+    client.set_registered_model_alias(name, registry.CHALLENGER, version)
+    verdict = verdicts[chosen][1]
+    client.set_tag(parent_run_id, "gate.verdict", "passed" if verdict.passed else "failed")
+    client.set_tag(parent_run_id, "gate.selected", f"{chosen} v{version}")
+    client.set_tag(parent_run_id, "gate.reasons", "; ".join(verdict.reasons)[:5000])
+    if not verdict.passed:
+        client.set_terminated(parent_run_id, "FAILED")
+        raise gate_policy.GateFailed(
+            f"gate failed for every candidate; best was {chosen} v{version}: {'; '.join(verdict.reasons)}. "
+            "champion unchanged. Relax the thresholds under `gate:` in params.yaml or improve the model."
+        )
+    return Decision(chosen, version, True, verdict.reasons, {k: v.summary for k, (_, v) in verdicts.items()})
+
+
+@task
+def promote(root: Path, params: Params, parent_run_id: str, decision: Decision) -> dict[str, str]:
+    """champion -> previous-champion, the selected version -> champion; close the pipeline run."""
+    client, _ = connect(root, params.mlflow)
+    after = registry.promote(client, params.mlflow.registered_model, decision.version)
+    client.set_tag(parent_run_id, "champion", decision.version)
+    client.set_terminated(parent_run_id, "FINISHED")
+    get_run_logger().info("promoted %s v%s to champion; aliases now %s", decision.family, decision.version, after)
+    return after

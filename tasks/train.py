@@ -1,0 +1,97 @@
+"""Training tasks: open the pipeline's MLflow run, train one candidate per model family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.entities import Metric
+from prefect import get_run_logger, runtime, task
+
+from ottimo.config import Params
+from ottimo.data import load_splits
+from ottimo.models import count_parameters
+from ottimo.tracking import connect, flatten
+from ottimo.train import fit
+from tasks.data import DataVersion
+
+FLOW_RUN_TAG = "prefect.flow_run_id"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    family: str
+    run_id: str  # the candidate's MLflow run, nested under the pipeline run
+    checkpoint: str  # state_dict file, loaded back with weights_only=True
+    n_features: int
+    n_classes: int
+    parameters: int
+    best_epoch: int
+    val_accuracy: float
+
+
+def work_dir(root: Path, run_id: str) -> Path:
+    path = root / "mlruns" / "work" / run_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@task
+def start_pipeline_run(root: Path, params: Params, data: DataVersion) -> str:
+    """Open the parent MLflow run: params, data revision, dataset input, Prefect flow-run id."""
+    client, exp = connect(root, params.mlflow)
+    run = client.create_run(exp, run_name="pipeline", tags={
+        FLOW_RUN_TAG: str(runtime.flow_run.id), "data.revision": data.revision, "ottimo.kind": "pipeline"})
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in flatten(
+        params.model_dump()).items()])
+    train = pd.read_parquet(Path(data.prepared) / "train.parquet")
+    ds = mlflow.data.from_pandas(train, source=data.prepared, targets=params.data.target, name="train",
+                                 digest=data.revision[:12])
+    client.log_inputs(run.info.run_id, [mlflow.entities.DatasetInput(ds._to_mlflow_entity())])
+    get_run_logger().info("MLflow run %s (experiment %s)", run.info.run_id, params.mlflow.experiment)
+    return run.info.run_id
+
+
+@task
+def train_candidate(root: Path, params: Params, family: str, data: DataVersion, parent_run_id: str) -> Candidate:
+    """Train one model family with early stopping; per-epoch metrics and the best checkpoint go to MLflow."""
+    log = get_run_logger()
+    client, exp = connect(root, params.mlflow)
+    run = client.create_run(exp, run_name=family, tags={
+        "mlflow.parentRunId": parent_run_id, FLOW_RUN_TAG: str(runtime.flow_run.id),
+        "data.revision": data.revision, "ottimo.kind": "candidate", "model.family": family})
+    run_id = run.info.run_id
+    family_cfg = getattr(params.train, family).model_dump()
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in flatten(
+        {"family": family, **family_cfg, "max_epochs": params.train.max_epochs, "patience": params.train.patience,
+         "batch_size": params.train.batch_size, "seed": params.project.seed}).items()])
+
+    splits = load_splits(Path(data.prepared))
+    pending: list[Metric] = []
+
+    def on_epoch(row: dict[str, float]) -> None:
+        step = int(row["epoch"])
+        pending.extend(Metric(k, v, 0, step) for k, v in row.items() if k != "epoch")
+        if step % params.train.log_every == 0:
+            log.info("%s epoch %d: train_loss %.4f val_loss %.4f val_acc %.4f", family, step,
+                     row["train_loss"], row["val_loss"], row["val_accuracy"])
+            client.log_batch(run_id, metrics=pending)
+            pending.clear()
+
+    result = fit(family, splits, params.train, params.project.seed, on_epoch)
+    if pending:
+        client.log_batch(run_id, metrics=pending)
+    ckpt = work_dir(root, run_id) / "checkpoint.pt"
+    torch.save(result.model.state_dict(), ckpt)
+    client.log_artifact(run_id, str(ckpt))
+    n_params = count_parameters(result.model)
+    client.log_batch(run_id, metrics=[Metric("best_val_accuracy", result.best_val_accuracy, 0, 0),
+                                      Metric("best_epoch", result.best_epoch, 0, 0),
+                                      Metric("parameters", n_params, 0, 0)])
+    log.info("%s: best epoch %d of %d, val_acc %.4f, %d parameters", family, result.best_epoch,
+             result.epochs_run, result.best_val_accuracy, n_params)
+    return Candidate(family, run_id, str(ckpt), splits.X_train.shape[1], len(splits.labels), n_params,
+                     result.best_epoch, result.best_val_accuracy)
