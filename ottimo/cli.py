@@ -1,0 +1,95 @@
+"""`ottimo`: run the pipeline and look at what the registry serves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ottimo.config import ConfigError, load_params
+
+app = typer.Typer(
+    help="Ottimo: DVC-versioned data → train → ONNX → evaluate → gated promotion in the MLflow registry, "
+    "orchestrated by Prefect.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+
+PROJECT = typer.Option(Path("."), "--project-dir", "-C", help="Project folder (holds params.yaml, dvc.yaml, data/).")
+PARAMS = typer.Option("params.yaml", "--params", "-p", help="Config file, relative to the project folder.")
+
+
+@app.callback()
+def _quiet_telemetry() -> None:
+    """Everything runs offline: no usage reporting from Prefect, MLflow or DVC."""
+    for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+                       "DO_NOT_TRACK": "1"}.items():
+        os.environ.setdefault(key, value)
+
+
+def _params_or_exit(root: Path, params_file: str):
+    try:
+        return load_params(root / params_file)
+    except ConfigError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
+    """Run the whole training pipeline once (validate, version data, train, export, evaluate, gate, promote)."""
+    root = project_dir.resolve()
+    _params_or_exit(root, params_file)  # fail before Prefect starts
+    from flows.pipeline import training_pipeline
+
+    state = training_pipeline(project_dir=str(root), params_file=params_file, return_state=True)
+    if not state.is_completed():
+        console.print(f"\n[red bold]Pipeline {state.name}:[/red bold] {state.message}")
+        console.print("Details are in the log above and in the MLflow run (tags gate.verdict / failure).")
+        raise typer.Exit(1)
+    summary = state.result()
+    table = Table(title=f"Candidates (data revision {summary.data_revision[:12]}, "
+                  f"{'prepared' if summary.prepared else 'unchanged: prepare skipped'})")
+    for col in ("family", "version", "accuracy", "macro F1", "p50 ms", "p95 ms", "size MB", "gate"):
+        table.add_column(col)
+    for c in summary.candidates:
+        table.add_row(c["family"], str(c["version"]), f"{c['accuracy']:.4f}", f"{c['macro_f1']:.4f}",
+                      f"{c['p50_ms']:.3f}", f"{c['p95_ms']:.3f}", f"{c['size_mb']:.3f}", c["verdict"])
+    console.print(table)
+    console.print(f"[green bold]champion[/green bold] is now version {summary.champion}; aliases {summary.aliases}")
+    console.print(f"Browse it: [cyan]{summary.mlflow_ui}[/cyan] then open http://127.0.0.1:5000")
+
+
+@app.command()
+def status(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
+    """Show champion, previous-champion and challenger with their metrics and data revision."""
+    from ottimo import registry
+    from ottimo.tracking import connect
+
+    root = project_dir.resolve()
+    params = _params_or_exit(root, params_file)
+    client, _ = connect(root, params.mlflow)
+    name = params.mlflow.registered_model
+    table = Table(title=f"Registered model {name}")
+    for col in ("alias", "version", "family", "accuracy", "p95 ms", "size MB", "data revision", "gate"):
+        table.add_column(col)
+    for alias in (registry.CHAMPION, registry.PREVIOUS, registry.CHALLENGER):
+        mv = registry.alias_version(client, name, alias)
+        if mv is None:
+            table.add_row(alias, "-", "", "", "", "", "", "")
+            continue
+        m = client.get_run(mv.run_id).data.metrics
+        table.add_row(alias, mv.version, mv.tags.get("family", ""), f"{m.get('test_accuracy', float('nan')):.4f}",
+                      f"{m.get('test_p95_ms', float('nan')):.3f}", f"{m.get('test_size_mb', float('nan')):.3f}",
+                      mv.tags.get("data_revision", "")[:12], mv.tags.get("gate_verdict", ""))
+    console.print(table)
+    if registry.alias_version(client, name, registry.CHAMPION) is None:
+        console.print("No champion yet: run [cyan]ottimo run[/cyan] (or [cyan]make run[/cyan]).")
+
+
+if __name__ == "__main__":
+    app()

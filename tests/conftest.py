@@ -1,0 +1,51 @@
+"""Fixtures: every test gets its own project folder (params, DVC repo and remote, MLflow store)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1")
+
+# Small but real settings: a few epochs, fewer latency runs.
+TINY = {
+    "train": {"max_epochs": 12, "patience": 4, "log_every": 5,
+              "mlp": {"hidden": [64]}, "transformer": {"d_model": 16, "heads": 2, "layers": 1, "ff_dim": 32}},
+    "evaluate": {"warmup": 5, "runs": 30},
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def write_project(root: Path, overrides: dict | None = None) -> Path:
+    """A project folder: the repo's dvc.yaml and params.yaml with TINY and `overrides` applied."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    params = merge(merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY), overrides or {})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return write_project(tmp_path / "project")
+
+
+@pytest.fixture
+def prefect_harness():
+    """A fresh Prefect API (temporary database) for one test."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield

@@ -1,0 +1,63 @@
+"""params.yaml is validated before any work: errors name the key, the value and what is allowed."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from ottimo.cli import app
+from ottimo.config import ConfigError, Params, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_are_valid_and_complete():
+    params = load_params(REPO / "params.yaml")
+    assert params.data.builtin == "digits"
+    assert set(params.train.candidates) == {"mlp", "transformer"}
+    assert params.gate.min_accuracy > 0
+
+
+@pytest.mark.parametrize(
+    ("patch", "key", "value_and_rule"),
+    [
+        ({"train": {"mlp": {"optimizer": "adagrad"}}}, "train.mlp.optimizer", ["'adagrad'", "sgd", "rmsprop"]),
+        ({"gate": {"min_accuracy": 1.5}}, "gate.min_accuracy", ["1.5", "less than or equal to 1"]),
+        ({"data": {"splits": {"train": 0.9}}}, "data.splits", ["must sum to 1.0"]),
+        ({"data": {"path": "../outside.csv"}}, "data.path", ["'../outside.csv'", "inside the project"]),
+        ({"data": {"path": "data/raw/x.xlsx"}}, "data.path", [".csv or .parquet"]),
+        ({"train": {"transformer": {"d_model": 30, "heads": 4}}}, "train.transformer", ["divisible by heads"]),
+        ({"gate": {"max_p95_latency": 3}}, "gate.max_p95_latency", ["unknown key"]),
+        ({"train": {"candidates": ["mlp", "resnet"]}}, "train.candidates.1", ["'resnet'", "'transformer'"]),
+    ],
+)
+def test_invalid_values_are_named(patch, key, value_and_rule):
+    with pytest.raises(ConfigError) as err:
+        parse_params(patch)
+    msg = str(err.value)
+    assert f"- {key}:" in msg
+    for fragment in value_and_rule:
+        assert fragment in msg
+
+
+def test_defaults_fill_missing_sections():
+    assert parse_params({}) == Params()
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_cli_stops_before_any_work_on_invalid_config(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["max_epochs"] = 0
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(app, ["run", "--project-dir", str(project)])
+    assert result.exit_code == 2
+    assert "train.max_epochs" in result.output and "greater than or equal to 1" in result.output
+    assert not (project / "mlruns").exists() and not (project / ".dvc").exists() and not (project / "data").exists()

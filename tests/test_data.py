@@ -1,0 +1,89 @@
+"""Raw data checks (schema) and deterministic stratified splits."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ottimo.config import DataCfg
+from ottimo.data import DataValidationError, builtin_frame, load_splits, prepare, split_frame, validate_frame
+
+CFG = DataCfg()
+
+
+@pytest.fixture
+def digits() -> pd.DataFrame:
+    return builtin_frame("digits")
+
+
+def test_builtin_digits_pass(digits, tmp_path):
+    out = validate_frame(digits, CFG, tmp_path / "d.csv")
+    assert out.shape == (1797, 65)
+
+
+def test_splits_are_deterministic_stratified_and_disjoint(digits):
+    a, b = split_frame(digits, CFG), split_frame(digits, CFG)
+    for name in a:
+        pd.testing.assert_frame_equal(a[name], b[name])
+    idx = [set(p.index) for p in a.values()]
+    assert sum(len(s) for s in idx) == len(digits) and len(set.union(*idx)) == len(digits)
+    overall = digits["target"].value_counts(normalize=True).sort_index()
+    for part in a.values():
+        share = part["target"].value_counts(normalize=True).sort_index()
+        assert np.abs(share - overall).max() < 0.02
+    other = split_frame(digits, CFG.model_copy(update={"seed": 7}))
+    assert set(other["test"].index) != set(a["test"].index)
+
+
+def test_prepare_writes_splits_and_schema(digits, tmp_path):
+    digits.to_csv(tmp_path / "raw.csv", index=False)
+    cfg = CFG.model_copy(update={"path": "raw.csv"})
+    sizes = prepare(tmp_path, cfg, tmp_path / "prepared")
+    assert sum(sizes.values()) == len(digits)
+    splits = load_splits(tmp_path / "prepared")
+    assert splits.X_train.dtype == np.float32 and splits.labels == list(range(10))
+    assert splits.X_test.shape == (sizes["test"], 64)
+
+
+def _broken(digits, kind):
+    df = digits.copy()
+    if kind == "nan":
+        df.loc[5, "pixel_0_3"] = np.nan
+    elif kind == "inf":
+        df.loc[9, "pixel_1_1"] = np.inf
+    elif kind == "missing":
+        df = df.drop(columns=["pixel_2_2"])
+    elif kind == "extra":
+        df["leak"] = 1.0
+    elif kind == "dtype":
+        df["pixel_3_3"] = df["pixel_3_3"].astype(str)
+        df.loc[4, "pixel_3_3"] = "dark"
+    elif kind == "label":
+        df.loc[7, "target"] = 11
+    elif kind == "rows":
+        df = df.head(20)
+    elif kind == "target":
+        df = df.drop(columns=["target"])
+    elif kind == "duplicate":
+        df = pd.concat([df, df[["pixel_0_0"]]], axis=1)
+    return df
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("nan", ["'pixel_0_3'", "rows [5]"]),
+        ("inf", ["'pixel_1_1'", "finite", "rows [9]"]),
+        ("missing", ["missing ['pixel_2_2']"]),
+        ("extra", ["unexpected ['leak']"]),
+        ("dtype", ["'pixel_3_3'", "dark"]),
+        ("label", ["'target'", "isin", "rows [7]", "11"]),
+        ("rows", ["at least 100 rows"]),
+        ("target", ["target column 'target' is missing"]),
+        ("duplicate", ["duplicate column names ['pixel_0_0']"]),
+    ],
+)
+def test_bad_raw_data_is_named(digits, tmp_path, kind, expected):
+    with pytest.raises(DataValidationError) as err:
+        validate_frame(_broken(digits, kind), CFG, tmp_path / "digits.csv")
+    for fragment in expected:
+        assert fragment in str(err.value)
