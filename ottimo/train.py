@@ -73,7 +73,9 @@ def fit(
             optim.zero_grad()
             loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{family}: loss became {loss.item()} at epoch {epoch}; lower the lr or check the inputs")
+                raise FloatingPointError(
+                    f"{family}: loss became {loss.item()} at epoch {epoch}; lower the lr or check the inputs"
+                )
             loss.backward()
             optim.step()
             total += loss.item() * len(idx)
