@@ -6,7 +6,8 @@ and dvc.yaml copied from the repo root):
   (b) plain: `plain_pipeline` below, the same ottimo functions on the same data, no Prefect, MLflow or DVC.
 Both are timed from the parent with time.perf_counter, Python start-up included. The goal is a median
 ratio flow/plain <= 1.10. Prefect's database lives in a temporary PREFECT_HOME shared by all rounds and is
-created by an untimed trivial flow first (a once-per-machine cost, not a per-run one).
+created by an untimed trivial flow first (a once-per-machine cost, not a per-run one). Note: the flow trains
+the candidates concurrently (task .submit on threads), the plain script one after the other.
 
     .venv/bin/python bench/overhead.py --rounds 3
     .venv/bin/python bench/overhead.py --rounds 1 --max-epochs 3    # quick check
@@ -102,7 +103,8 @@ def main() -> None:
     env = child_env(prefect_home)
     print(f"prefect warm-up (not counted): {timed(['-c', WARMUP], REPO, env):.1f} s")
     epochs = args.max_epochs or yaml.safe_load((REPO / "params.yaml").read_text())["train"]["max_epochs"]
-    print(f"{args.rounds} round(s), max_epochs {epochs}\n{'round':>5} {'flow s':>8} {'plain s':>8} {'ratio':>6}")
+    print(f"{args.rounds} round(s), max_epochs {epochs}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+    print(f"{'round':>5} {'flow s':>8} {'plain s':>8} {'ratio':>6}")
     flows: list[float] = []
     plains: list[float] = []
     try:
@@ -119,6 +121,7 @@ def main() -> None:
     flow_s, plain_s = statistics.median(flows), statistics.median(plains)
     ratio = flow_s / plain_s
     print(f"{'median':>5} {flow_s:>8.1f} {plain_s:>8.1f} {ratio:>6.2f}")
+    print(f"load average now {os.getloadavg()[0]:.2f} (other work on these CPUs skews both columns)")
     print(f"overhead {flow_s - plain_s:+.1f} s; goal flow/plain <= {GOAL:.2f}: {'MET' if ratio <= GOAL else 'NOT MET'}")
 
 

@@ -29,7 +29,7 @@ def alias_version(client: MlflowClient, name: str, alias: str):
 def aliases(client: MlflowClient, name: str) -> dict[str, str]:
     """{alias: version} of a registered model ({} when it is not registered yet)."""
     try:
-        return dict(client.get_registered_model(name).aliases)
+        return {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()}
     except MlflowException:
         return {}
 

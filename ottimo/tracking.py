@@ -1,4 +1,8 @@
-"""Where MLflow lives: the embedded SQLite store under mlruns/ unless MLFLOW_TRACKING_URI says otherwise."""
+"""Where MLflow lives: the embedded SQLite store under mlruns/ unless OTTIMO_TRACKING_URI says otherwise.
+
+Not MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() writes that variable itself, so it would carry one
+project's store into the next project opened by the same process.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +19,8 @@ SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
 
 
 def tracking_uri(root: Path, cfg: MlflowCfg) -> str:
-    """MLFLOW_TRACKING_URI wins (a server); a relative sqlite path is taken from the project root."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    """OTTIMO_TRACKING_URI wins (e.g. a server); a relative sqlite path is taken from the project root."""
+    uri = os.environ.get("OTTIMO_TRACKING_URI") or cfg.tracking_uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not os.path.isabs(uri[len(prefix):]):
         db = (root / uri[len(prefix):]).resolve()

@@ -1,57 +1,72 @@
-"""Data versioning with DVC's Python API: track the raw file, reproduce `prepare`, push to the remote.
+"""Data versioning with the DVC command line: track the raw file, reproduce `prepare`, push to the remote.
 
-The data revision of a run is the DVC hash of `data/prepared` recorded in dvc.lock.
+DVC runs as a subprocess in the project folder (it resolves paths from its working directory), with
+this environment's `python` first on PATH so the stage command runs the same code. The data revision
+of a run is the DVC hash of `data/prepared` recorded in dvc.lock.
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import yaml
-from dvc.repo import Repo
 
 PREPARED = "data/prepared"
 
 
-def open_repo(root: Path) -> Repo:
-    """Open the DVC project at `root`, initialising it (without git if there is none) on first use."""
-    logging.getLogger("dvc").setLevel(logging.WARNING)  # our tasks log one line per DVC step
+class DvcError(RuntimeError):
+    """A DVC command failed; the message carries its output."""
+
+
+def dvc(root: Path, *args: str) -> str:
+    """Run `dvc ARGS` in `root`; return stdout, raise DvcError with DVC's own message on failure."""
+    env = os.environ | {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+                        "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DvcError(f"`dvc {' '.join(args)}` failed in {root}:\n{(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout
+
+
+def ensure_repo(root: Path) -> None:
+    """Initialise DVC in `root` (without git if there is none) with analytics off, once."""
     if not (root / ".dvc").is_dir():
-        Repo.init(str(root), no_scm=not (root / ".git").exists())
-        with Repo(str(root)).config.edit("repo") as conf:
-            conf["core"]["analytics"] = False
-    return Repo(str(root))
+        dvc(root, "init", "--quiet", *([] if (root / ".git").exists() else ["--no-scm"]))
+        dvc(root, "config", "core.analytics", "false")
 
 
-def configure_remote(repo: Repo, name: str, url: str) -> str:
-    """Make `name` the default remote (written to .dvc/config.local, not to git); local paths are resolved."""
+def configure_remote(root: Path, name: str, url: str) -> str:
+    """Make `name` the default remote, in .dvc/config.local (not in git); local paths are resolved."""
     if "://" not in url and not os.path.isabs(url):
-        url = str(Path(repo.root_dir, url).resolve())
-    with repo.config.edit("local") as conf:
-        conf["remote"][name] = {"url": url}
-        conf["core"]["remote"] = name
+        url = str((root / url).resolve())
+    dvc(root, "remote", "add", "--local", "--force", "--default", name, url)
     return url
 
 
-def track(repo: Repo, path: str) -> None:
+def track(root: Path, path: str) -> None:
     """`dvc add` the raw file (a no-op when its content is unchanged)."""
-    repo.add(path)
+    dvc(root, "add", "--quiet", path)
 
 
-def reproduce(repo: Repo, stage: str = "prepare") -> bool:
-    """`dvc repro` one stage; return whether it ran (False: DVC found it up to date)."""
-    bindir = os.path.dirname(sys.executable)  # the stage's `python` must be this environment's
-    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    return bool(repo.reproduce(stage))
+def reproduce(root: Path, stage: str = "prepare") -> bool:
+    """`dvc repro` one stage; return whether it ran (False: DVC found it up to date and skipped it)."""
+    changed = json.loads(dvc(root, "status", stage, "--json") or "{}")
+    dvc(root, "repro", "--quiet", stage)
+    return bool(changed)
 
 
-def push(repo: Repo) -> int:
-    """`dvc push` everything tracked to the default remote; return the number of files sent."""
-    return repo.push()
+def push(root: Path) -> None:
+    """`dvc push` everything tracked to the default remote."""
+    dvc(root, "push", "--quiet")
+
+
+def status_cloud(root: Path) -> dict:
+    """`dvc status -c`: what differs between the cache and the remote ({} when in sync)."""
+    return json.loads(dvc(root, "status", "--cloud", "--json") or "{}")
 
 
 def revision(root: Path, out: str = PREPARED) -> str:

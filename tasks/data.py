@@ -31,19 +31,18 @@ def validate_raw(root: Path, params: Params) -> int:
 @task
 def prepare_data(root: Path, params: Params) -> DataVersion:
     """`dvc add` the raw file and `dvc repro prepare`; DVC skips the stage when nothing changed."""
-    repo = versioning.open_repo(root)
-    versioning.track(repo, params.data.path)
-    ran = versioning.reproduce(repo, "prepare")
+    versioning.ensure_repo(root)
+    versioning.track(root, params.data.path)
+    ran = versioning.reproduce(root, "prepare")
     rev = versioning.revision(root)
     get_run_logger().info("data revision %s (%s)", rev[:12], "prepared" if ran else "unchanged, prepare skipped")
     return DataVersion(rev, str(root / versioning.PREPARED), ran)
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
-def push_data(root: Path, params: Params) -> int:
+def push_data(root: Path, params: Params) -> str:
     """`dvc push` raw and prepared data to the default remote (retried: remotes fail transiently)."""
-    repo = versioning.open_repo(root)
-    url = versioning.configure_remote(repo, params.dvc.remote, params.dvc.remote_url)
-    sent = versioning.push(repo)
-    get_run_logger().info("dvc push: %d file(s) sent to %s", sent, url)
-    return sent
+    url = versioning.configure_remote(root, params.dvc.remote, params.dvc.remote_url)
+    versioning.push(root)
+    get_run_logger().info("dvc push: data in sync with remote %s", url)
+    return url

@@ -32,7 +32,7 @@ def register_candidate(root: Path, params: Params, cand: Evaluated, data: DataVe
         "data_revision": data.revision, "sha256": cand.sha256, "family": cand.family,
         "gate_verdict": "pending"})
     get_run_logger().info("%s registered as %s v%s", cand.family, params.mlflow.registered_model, mv.version)
-    return mv.version
+    return str(mv.version)
 
 
 @task

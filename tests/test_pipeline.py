@@ -1,0 +1,105 @@
+"""System tests: the whole training flow under a Prefect test harness, on its own MLflow store and DVC remote."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from mlflow import MlflowClient
+
+from flows.pipeline import training_pipeline
+from ottimo import registry, versioning
+from ottimo.config import load_params
+from ottimo.data import load_splits
+from ottimo.export import sha256
+from ottimo.measure import predict, session
+from ottimo.tracking import connect
+from tasks.train import FLOW_RUN_TAG
+
+
+def run(project: Path):
+    return training_pipeline(project_dir=str(project), return_state=True)
+
+
+def registry_state(client: MlflowClient, name: str) -> tuple[dict, list]:
+    versions = client.search_model_versions(f"name = '{name}'")
+    return registry.aliases(client, name), sorted((str(v.version), dict(v.tags)) for v in versions)
+
+
+def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(project, prefect_harness, tmp_path):
+    params = load_params(project / "params.yaml")
+    name = params.mlflow.registered_model
+
+    # 1. first run: data versioned, every candidate registered, the best one is champion
+    first = run(project)
+    assert first.is_completed(), first.message
+    summary = first.result()
+    client, exp = connect(project, params.mlflow)
+    aliases, versions = registry_state(client, name)
+    assert len(versions) == 2
+    assert set(aliases) == {"champion", "challenger"} and aliases["champion"] == aliases["challenger"]
+    assert summary.prepared is True and summary.data_revision == versioning.revision(project)
+    for _, tags in versions:
+        assert tags["data_revision"] == summary.data_revision
+        assert tags["gate_verdict"] in {"passed", "failed"} and len(tags["sha256"]) == 64
+        assert client.get_run(tags["run_id"]).data.tags["mlflow.parentRunId"] == summary.run_id
+    parent = client.get_run(summary.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["gate.verdict"] == "passed"
+    assert parent.data.tags[FLOW_RUN_TAG] == str(first.state_details.flow_run_id)
+    assert parent.inputs.dataset_inputs[0].dataset.digest == summary.data_revision[:12]
+    assert (project / ".dvc-remote" / "files" / "md5").is_dir()
+
+    # the champion's ONNX file, downloaded from models:/<name>@champion and verified, reproduces its test accuracy
+    path, mv = registry.download_verified(client, name, "champion", tmp_path / "champion")
+    assert sha256(path) == mv.tags["sha256"]
+    splits = load_splits(project / "data" / "prepared")
+    accuracy = float((predict(session(path), splits.X_test) == splits.y_test).mean())
+    logged = client.get_run(mv.run_id).data.metrics["test_accuracy"]
+    assert accuracy == logged
+    assert "confusion_matrix.png" in [a.path for a in client.list_artifacts(mv.run_id)]
+
+    # 2. second run on unchanged data: prepare skipped, candidates compared with the champion
+    second = run(project)
+    assert second.is_completed(), second.message
+    assert second.result().prepared is False
+    aliases2, versions2 = registry_state(client, name)
+    assert len(versions2) == 4
+    assert aliases2["previous-champion"] == aliases["champion"]
+    assert int(aliases2["champion"]) > int(aliases["champion"])
+    new = dict(versions2)[aliases2["champion"]]
+    assert "vs champion" in new["gate_reasons"] and "no champion yet" not in new["gate_reasons"]
+
+    # 3. a gate nobody can pass: the flow run fails with the reasons; champion aliases stay as they were
+    strict = yaml.safe_load((project / "params.yaml").read_text())
+    strict["gate"]["max_p95_latency_ms"] = 0.0001
+    (project / "params.yaml").write_text(yaml.safe_dump(strict))
+    third = run(project)
+    assert third.is_failed()
+    assert "gate failed" in third.message and "p95 latency" in third.message
+    aliases3, versions3 = registry_state(client, name)
+    assert aliases3["champion"] == aliases2["champion"]
+    assert aliases3["previous-champion"] == aliases2["previous-champion"]
+    assert all(tags["gate_verdict"] == "failed" for v, tags in versions3 if int(v) > 4)
+    failed_parent = client.search_runs([exp], "tags.`ottimo.kind` = 'pipeline'", order_by=["start_time DESC"])[0]
+    assert failed_parent.info.status == "FAILED"
+    assert "p95 latency" in failed_parent.data.tags["gate.reasons"]
+
+
+def test_bad_raw_data_stops_before_anything_is_trained(project, prefect_harness):
+    params = load_params(project / "params.yaml")
+    from ottimo.data import builtin_frame
+
+    df = builtin_frame("digits")
+    df.loc[[3, 8], "pixel_4_4"] = np.nan
+    raw = project / params.data.path
+    raw.parent.mkdir(parents=True)
+    df.to_csv(raw, index=False)
+
+    state = run(project)
+    assert state.is_failed()
+    assert "'pixel_4_4'" in state.message and "rows [3, 8]" in state.message
+    client, exp = connect(project, params.mlflow)
+    assert client.search_runs([exp]) == []
+    assert client.search_registered_models() == []
+    assert not (project / "data" / "prepared").exists()
+    assert pd.read_csv(raw).shape == df.shape  # the user's file is left as it was
