@@ -61,6 +61,7 @@ def run(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
                       f"{c['p50_ms']:.3f}", f"{c['p95_ms']:.3f}", f"{c['size_mb']:.3f}", c["verdict"])
     console.print(table)
     console.print(f"[green bold]champion[/green bold] is now version {summary.champion}; aliases {summary.aliases}")
+    console.print("Gate: " + "; ".join(summary.gate_reasons))
     console.print(f"Browse it: [cyan]{summary.mlflow_ui}[/cyan] then open http://127.0.0.1:5000")
 
 

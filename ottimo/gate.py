@@ -15,10 +15,15 @@ class GateFailed(RuntimeError):
 class Verdict:
     passed: bool
     reasons: list[str] = field(default_factory=list)  # one line per threshold, failed ones first
+    failed: list[str] = field(default_factory=list)  # the thresholds that were not met
 
     @property
     def summary(self) -> str:
         return ("PASS" if self.passed else "FAIL") + ": " + "; ".join(self.reasons)
+
+    @property
+    def short(self) -> str:
+        return "PASS" if self.passed else "FAIL: " + "; ".join(self.failed)
 
 
 def check(metrics: dict[str, float], cfg: GateCfg, champion_accuracy: float | None) -> Verdict:
@@ -41,7 +46,7 @@ def check(metrics: dict[str, float], cfg: GateCfg, champion_accuracy: float | No
                       f"({acc:.4f} vs {champion_accuracy:.4f}; max drop {cfg.max_drop_vs_champion:.2f})"))
     failed = [r for ok, r in rules if not ok]
     passed = [r for ok, r in rules if ok]
-    return Verdict(passed=not failed, reasons=failed + passed)
+    return Verdict(passed=not failed, reasons=failed + passed, failed=failed)
 
 
 def select(candidates: dict[str, tuple[dict[str, float], Verdict]]) -> str:

@@ -21,7 +21,7 @@ class Decision:
     version: str
     passed: bool
     reasons: list[str]
-    verdicts: dict[str, str]  # family -> one-line verdict, for every candidate
+    verdicts: dict[str, str]  # family -> PASS, or FAIL with the thresholds missed, for every candidate
 
 
 @task
@@ -67,7 +67,7 @@ def gate(root: Path, params: Params, parent_run_id: str, candidates: list[Evalua
             f"gate failed for every candidate; best was {chosen} v{version}: {'; '.join(verdict.reasons)}. "
             "champion unchanged. Relax the thresholds under `gate:` in params.yaml or improve the model."
         )
-    return Decision(chosen, version, True, verdict.reasons, {k: v.summary for k, (_, v) in verdicts.items()})
+    return Decision(chosen, version, True, verdict.reasons, {k: v.short for k, (_, v) in verdicts.items()})
 
 
 @task

@@ -22,6 +22,7 @@ class PipelineSummary:
     run_id: str
     candidates: list[dict]  # family, version, metrics, verdict
     champion: str
+    gate_reasons: list[str]  # every threshold the champion met
     aliases: dict[str, str]
     mlflow_ui: str
 
@@ -32,7 +33,8 @@ def summarise(root: Path, params: Params, data: DataVersion, run_id: str, evalua
     rows = [{"family": e.family, "version": v, **e.metrics, "verdict": decision.verdicts[e.family]}
             for e, v in zip(evaluated, versions, strict=True)]
     ui = f"mlflow ui --backend-store-uri {tracking_uri(root, params.mlflow)} --host 127.0.0.1 --port 5000"
-    return PipelineSummary(data.revision, data.reproduced, run_id, rows, decision.version, aliases, ui)
+    return PipelineSummary(data.revision, data.reproduced, run_id, rows, decision.version, decision.reasons, aliases,
+                           ui)
 
 
 def fail_open_mlflow_runs(flow, flow_run, state) -> None:
