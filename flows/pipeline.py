@@ -25,8 +25,8 @@ def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml") 
     push_data(root, params)
     run_id = start_pipeline_run(root, params, data)
 
-    trained = [train_candidate.submit(root, params, family, data, run_id) for family in params.train.candidates]
-    candidates = [t.result() for t in trained]
+    # one after another: torch's global RNG is shared by threads, and seeded runs must reproduce
+    candidates = [train_candidate(root, params, family, data, run_id) for family in params.train.candidates]
     exported = [export_candidate(root, params, c, data) for c in candidates]
     evaluated = [evaluate_candidate(root, params, c, e, data) for c, e in zip(candidates, exported, strict=True)]
 

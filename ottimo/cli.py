@@ -75,20 +75,30 @@ def status(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     params = _params_or_exit(root, params_file)
     client, _ = connect(root, params.mlflow)
     name = params.mlflow.registered_model
+    versions = {alias: registry.alias_version(client, name, alias)
+                for alias in (registry.CHAMPION, registry.PREVIOUS, registry.CHALLENGER)}
     table = Table(title=f"Registered model {name}")
-    for col in ("alias", "version", "family", "accuracy", "p95 ms", "size MB", "data revision", "gate"):
-        table.add_column(col)
-    for alias in (registry.CHAMPION, registry.PREVIOUS, registry.CHALLENGER):
-        mv = registry.alias_version(client, name, alias)
+    table.add_column("")
+    for alias in versions:
+        table.add_column(alias)
+
+    def cell(mv, field: str) -> str:
         if mv is None:
-            table.add_row(alias, "-", "", "", "", "", "", "")
-            continue
-        m = client.get_run(mv.run_id).data.metrics
-        table.add_row(alias, mv.version, mv.tags.get("family", ""), f"{m.get('test_accuracy', float('nan')):.4f}",
-                      f"{m.get('test_p95_ms', float('nan')):.3f}", f"{m.get('test_size_mb', float('nan')):.3f}",
-                      mv.tags.get("data_revision", "")[:12], mv.tags.get("gate_verdict", ""))
+            return "-"
+        if field in ("family", "gate_verdict"):
+            return mv.tags.get(field, "")
+        if field == "data_revision":
+            return mv.tags.get(field, "")[:12]
+        value = client.get_run(mv.run_id).data.metrics.get(field)
+        return "" if value is None else f"{value:.4f}"
+
+    table.add_row("version", *[str(mv.version) if mv else "-" for mv in versions.values()])
+    for label, field in (("family", "family"), ("accuracy", "test_accuracy"), ("macro F1", "test_macro_f1"),
+                         ("p95 ms", "test_p95_ms"), ("size MB", "test_size_mb"), ("data revision", "data_revision"),
+                         ("gate", "gate_verdict")):
+        table.add_row(label, *[cell(mv, field) for mv in versions.values()])
     console.print(table)
-    if registry.alias_version(client, name, registry.CHAMPION) is None:
+    if versions[registry.CHAMPION] is None:
         console.print("No champion yet: run [cyan]ottimo run[/cyan] (or [cyan]make run[/cyan]).")
 
 

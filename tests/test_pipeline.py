@@ -6,9 +6,11 @@ import numpy as np
 import pandas as pd
 import yaml
 from mlflow import MlflowClient
+from typer.testing import CliRunner
 
 from flows.pipeline import training_pipeline
 from ottimo import registry, versioning
+from ottimo.cli import app
 from ottimo.config import load_params
 from ottimo.data import load_splits
 from ottimo.export import sha256
@@ -57,6 +59,11 @@ def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(proje
     logged = client.get_run(mv.run_id).data.metrics["test_accuracy"]
     assert accuracy == logged
     assert "confusion_matrix.png" in [a.path for a in client.list_artifacts(mv.run_id)]
+    status = CliRunner().invoke(app, ["status", "--project-dir", str(project)])
+    assert status.exit_code == 0
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in status.output.splitlines()
+            if line.startswith("│")}  # first column: the champion
+    assert rows["version"] == str(mv.version) and rows["accuracy"] == f"{logged:.4f}", status.output
 
     # 2. second run on unchanged data: prepare skipped, candidates compared with the champion
     second = run(project)
@@ -103,3 +110,18 @@ def test_bad_raw_data_stops_before_anything_is_trained(project, prefect_harness)
     assert client.search_registered_models() == []
     assert not (project / "data" / "prepared").exists()
     assert pd.read_csv(raw).shape == df.shape  # the user's file is left as it was
+
+
+def test_parity_failure_fails_the_flow_and_closes_its_mlflow_runs(tmp_path, prefect_harness):
+    from tests.conftest import write_project
+
+    overrides = {"evaluate": {"parity_atol": 1e-12}, "train": {"candidates": ["mlp"]}}
+    project = write_project(tmp_path / "project", overrides)
+    params = load_params(project / "params.yaml")
+    state = run(project)
+    assert state.is_failed() and "ONNX logits differ from PyTorch" in state.message
+    client, exp = connect(project, params.mlflow)
+    runs = client.search_runs([exp])
+    assert {r.data.tags["ottimo.kind"] for r in runs} == {"pipeline", "candidate"}
+    assert all(r.info.status == "FAILED" and "ONNX logits differ" in r.data.tags["failure"] for r in runs)
+    assert client.search_registered_models() == []
