@@ -50,6 +50,7 @@ def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(proje
     assert parent.data.tags[FLOW_RUN_TAG] == str(first.state_details.flow_run_id)
     assert parent.inputs.dataset_inputs[0].dataset.digest == summary.data_revision[:12]
     assert (project / ".dvc-remote" / "files" / "md5").is_dir()
+    assert versioning.status_cloud(project) == {}  # raw and prepared data are all in the remote
 
     # the champion's ONNX file, downloaded from models:/<name>@champion and verified, reproduces its test accuracy
     path, mv = registry.download_verified(client, name, "champion", tmp_path / "champion")
