@@ -1,4 +1,4 @@
-"""The training pipeline: validate → version data → train → export → evaluate → gate → promote."""
+"""The training pipeline: validate → version data → tune → train → export → evaluate → model card → gate → promote."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows.tune import tune_stage
 from ottimo.config import load_params
+from tasks.card import model_card
 from tasks.data import prepare_data, push_data, validate_raw
 from tasks.evaluate import evaluate_candidate, evaluate_champion, export_candidate
 from tasks.registry import gate, promote, register_candidate
@@ -24,14 +26,17 @@ def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml") 
     data = prepare_data(root, params)
     push_data(root, params)
     run_id = start_pipeline_run(root, params, data)
+    tuned = tune_stage(str(root), params_file, data, run_id) if params.tune.enabled else {}
 
     # one after another: torch's global RNG is shared by threads, and seeded runs must reproduce
-    candidates = [train_candidate(root, params, family, data, run_id) for family in params.train.candidates]
+    candidates = [train_candidate(root, params, family, data, run_id, tuned.get(family))
+                  for family in params.train.candidates]
     exported = [export_candidate(root, params, c, data) for c in candidates]
     evaluated = [evaluate_candidate(root, params, c, e, data) for c, e in zip(candidates, exported, strict=True)]
 
     champion_accuracy = evaluate_champion(root, params, data)
     versions = [register_candidate(root, params, e, data) for e in evaluated]
-    decision = gate(root, params, run_id, evaluated, versions, champion_accuracy)
+    cards = [model_card(root, params, e, v, champion_accuracy) for e, v in zip(evaluated, versions, strict=True)]
+    decision = gate(root, params, run_id, evaluated, versions, champion_accuracy, cards=[c.figures for c in cards])
     aliases = promote(root, params, run_id, decision)
     return summarise(root, params, data, run_id, evaluated, versions, decision, aliases)

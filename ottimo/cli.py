@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ottimo.cli_card import card_app
 from ottimo.config import ConfigError, load_params
 
 app = typer.Typer(
@@ -17,6 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(card_app, name="card")  # `ottimo card show VERSION`, `ottimo card compare A B`
 console = Console()
 
 PROJECT = typer.Option(Path("."), "--project-dir", "-C", help="Project folder (holds params.yaml, dvc.yaml, data/).")
@@ -63,6 +65,33 @@ def run(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     console.print(f"[green bold]champion[/green bold] is now version {summary.champion}; aliases {summary.aliases}")
     console.print("Gate: " + "; ".join(summary.gate_reasons))
     console.print(f"Browse it: [cyan]{summary.mlflow_ui}[/cyan] then open http://127.0.0.1:5000")
+
+
+@app.command()
+def tune(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
+    """Run the tuning stage alone (settings under `tune:`): an Optuna study per model family, resumed if an
+    earlier run was interrupted, trials n_jobs at a time on threads or Dask, each trial an MLflow run."""
+    root = project_dir.resolve()
+    _params_or_exit(root, params_file)
+    from flows.tune import with_runner
+
+    state = with_runner(str(root), params_file)(project_dir=str(root), params_file=params_file, return_state=True)
+    if not state.is_completed():
+        console.print(f"\n[red bold]Tuning {state.name}:[/red bold] {state.message}")
+        raise typer.Exit(1)
+    table = Table(title="Tuning: the configuration chosen per family")
+    for col in ("family", "study", "trial", "val acc", "p95 ms", "complete", "pruned", "failed", "epochs"):
+        table.add_column(col)
+    results = state.result().values()
+    for r in results:
+        acc, p95 = (r.values + [float("nan")] * 2)[:2]
+        table.add_row(r.family, r.study, "-" if r.trial is None else str(r.trial), f"{acc:.4f}", f"{p95:.3f}",
+                      str(r.complete), str(r.pruned), str(r.failed), str(r.epochs))
+    console.print(table)
+    for r in results:
+        console.print(f"{r.family}: {r.overrides or 'no trial ran: params.yaml as is'}")
+    console.print("Trials, plots and best params are in MLflow (runs tune-<family>); `ottimo run` trains with the "
+                  "chosen settings when tune.enabled is true.")
 
 
 @app.command()

@@ -110,6 +110,115 @@ class TrainCfg(Strict):
     mlp: MlpCfg = MlpCfg()
     transformer: TransformerCfg = TransformerCfg()
 
+    def patched(self, overrides: dict | None) -> TrainCfg:
+        """This config with nested `overrides` (e.g. a tuned {"batch_size": 32, "mlp": {"lr": 0.01}}) applied,
+        validated again so a tuned transformer still has d_model divisible by heads."""
+
+        def merge(base: dict, extra: dict) -> dict:
+            return base | {k: merge(base[k], v) if isinstance(v, dict) else v for k, v in extra.items()}
+
+        return self if not overrides else TrainCfg.model_validate(merge(self.model_dump(), overrides))
+
+
+class FloatRange(Strict):
+    """A float searched in [low, high], log-uniformly when `log` (learning rates, weight decay)."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class IntRange(Strict):
+    """An int searched in [low, high] with `step` (depth, layers)."""
+
+    low: int = Field(ge=1)
+    high: int = Field(ge=1)
+    step: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        return self
+
+
+class MlpSpace(Strict):
+    """MLP search space: `depth` hidden layers of `width` units each."""
+
+    lr: FloatRange = FloatRange(low=1e-4, high=3e-2, log=True)
+    width: list[int] = Field(default_factory=lambda: [32, 64, 128, 256], min_length=1)
+    depth: IntRange = IntRange(low=1, high=3)
+    dropout: FloatRange = FloatRange(low=0.0, high=0.4)
+    weight_decay: FloatRange = FloatRange(low=1e-6, high=1e-2, log=True)
+    batch_size: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
+    epochs: int = Field(20, ge=1)  # budget of one trial: the pruner's max resource
+
+
+class TransformerSpace(Strict):
+    """Patch-transformer search space; ff_dim is d_model * ff_mult."""
+
+    lr: FloatRange = FloatRange(low=3e-4, high=1e-2, log=True)
+    d_model: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
+    heads: list[int] = Field(default_factory=lambda: [2, 4], min_length=1)
+    layers: IntRange = IntRange(low=1, high=3)
+    ff_mult: list[int] = Field(default_factory=lambda: [2], min_length=1)
+    dropout: FloatRange = FloatRange(low=0.0, high=0.3)
+    weight_decay: FloatRange = FloatRange(low=1e-6, high=1e-2, log=True)
+    batch_size: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
+    epochs: int = Field(15, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TransformerSpace:
+        bad = [(d, h) for d in self.d_model for h in self.heads if d % h]
+        if bad:
+            raise ValueError(f"every d_model choice must be divisible by every heads choice; not {bad}")
+        return self
+
+
+class SearchSpace(Strict):
+    mlp: MlpSpace = MlpSpace()
+    transformer: TransformerSpace = TransformerSpace()
+
+
+class TuneCfg(Strict):
+    """The tuning stage: one Optuna study per model family in `train.candidates`, before training."""
+
+    enabled: bool = False
+    n_trials: int = Field(10, ge=1)  # per family, counted over the whole study: a resumed study runs what is left
+    timeout_seconds: float | None = Field(600, gt=0)  # wall budget: no trial starts after it; null for none
+    n_jobs: int = Field(2, ge=1)  # trials at once
+    threads_per_trial: int = Field(1, ge=1)  # torch threads while trials train: tiny models run fastest on 1
+    runner: Literal["threads", "dask"] = "threads"
+    dask_address: str | None = None  # a running Dask scheduler; null: a LocalCluster of n_jobs workers
+    storage: str = "sqlite:///mlruns/optuna.db"  # any SQLAlchemy URL; relative sqlite paths from the project
+    study_name: str = "ottimo"  # the study is "<study_name>-<family>-<data revision[:8]>"
+    sampler: Literal["tpe", "random", "grid", "nsga2"] = "tpe"
+    pruner: Literal["hyperband", "asha", "successive_halving", "median", "none"] = "hyperband"
+    min_epochs: int = Field(1, ge=1)  # pruner min resource / median pruner warm-up
+    reduction_factor: int = Field(3, ge=2)  # hyperband / successive halving
+    startup_trials: int = Field(4, ge=0)  # random trials before TPE models the space; median pruner start-up
+    population_size: int = Field(8, ge=2)  # NSGA-II generation size
+    grid_points: int = Field(3, ge=1)  # values per float range for the grid sampler
+    seed: int | None = None  # null: project.seed
+    multi_objective: bool = False  # NSGA-II on (val accuracy, ONNX p95 latency at batch 1); no pruning
+    max_accuracy_drop: float = Field(1.0, ge=0, le=100)  # points below the best the chosen fastest trial may be
+    space: SearchSpace = SearchSpace()
+
+    @field_validator("storage")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if "://" not in v:
+            raise ValueError("must be a SQLAlchemy URL, e.g. sqlite:///mlruns/optuna.db or postgresql://host/db")
+        return v
+
 
 class EvaluateCfg(Strict):
     threads: int = Field(1, ge=1)
@@ -119,11 +228,91 @@ class EvaluateCfg(Strict):
     parity_atol: float = Field(1e-4, gt=0)
 
 
+# The model card's scalar figures (ottimo.card.FIGURES says which way is better); a gate may bound any of them.
+CardFigure = Literal[
+    "accuracy.accuracy", "accuracy.macro_f1",
+    "robustness.noise", "robustness.scale", "robustness.missing",
+    "generalisation.train_test_gap", "generalisation.train_val_gap",
+    "fairness.recall_spread", "fairness.min_class_recall", "fairness.slice_gap",
+    "interpretability.top5_share",
+    "scalability.p50_ms", "scalability.p95_ms", "scalability.max_throughput_rps",
+    "scalability.cpu_s_per_million", "scalability.cost_per_million",
+    "deployment.size_mb", "deployment.peak_memory_mb", "deployment.single_thread_ok", "deployment.opset",
+]
+
+
+class CardBound(Strict):
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> CardBound:
+        if self.min is None and self.max is None:
+            raise ValueError("give min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
 class GateCfg(Strict):
     min_accuracy: float = Field(0.9, ge=0, le=1)
     max_p95_latency_ms: float = Field(5.0, gt=0)
     max_size_mb: float = Field(5.0, gt=0)
     max_drop_vs_champion: float = Field(1.0, ge=0, le=100)
+    card: dict[CardFigure, CardBound] = Field(default_factory=dict)  # model-card figure -> {min, max}
+
+
+class SliceCfg(Strict):
+    """A column to slice the test split by: one slice per value (bins null), `bins` equal-frequency bins
+    with edges taken from the train split (an int), or explicit edges [e0, e1, ...] as [e0, e1) ... bins."""
+
+    column: str
+    bins: int | list[float] | None = None
+
+    @field_validator("bins")
+    @classmethod
+    def _bins(cls, v: int | list[float] | None) -> int | list[float] | None:
+        if isinstance(v, int) and v < 2:
+            raise ValueError("a number of quantile bins must be at least 2")
+        if isinstance(v, list) and (len(v) < 2 or any(b <= a for a, b in zip(v, v[1:], strict=False))):
+            raise ValueError("bin edges must be at least two strictly increasing numbers")
+        return v
+
+
+class CardCfg(Strict):
+    seed: int = 42
+    severities: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.2, 0.4, 0.8], min_length=2)
+    slices: list[SliceCfg] = Field(default_factory=list)
+    min_slice_rows: int = Field(10, ge=1)
+    image_shape: list[int] | None = None  # e.g. [8, 8] for digits: the importance heat-map; null for tabular
+    importance_rows: int = Field(300, ge=10)
+    importance_repeats: int = Field(3, ge=1)
+    top_features: int = Field(10, ge=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 64, 256], min_length=1)
+    seconds_per_batch_size: float = Field(0.2, gt=0)
+    price_per_cpu_hour: float = Field(0.05, ge=0)
+    currency: str = "USD"
+
+    @field_validator("severities")
+    @classmethod
+    def _severities(cls, v: list[float]) -> list[float]:
+        if v[0] != 0 or any(b <= a for a, b in zip(v, v[1:], strict=False)) or v[-1] > 1:
+            raise ValueError("must start at 0 and increase strictly up to at most 1")
+        return v
+
+    @field_validator("image_shape")
+    @classmethod
+    def _shape(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) != 2 or min(v) < 1):
+            raise ValueError("must be [height, width] of positive integers, or null for tabular data")
+        return v
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batches(cls, v: list[int]) -> list[int]:
+        if v[0] != 1 or v != sorted(set(v)):
+            raise ValueError("must start at 1 (what online serving pays) and increase strictly")
+        return v
 
 
 class Params(Strict):
@@ -132,8 +321,10 @@ class Params(Strict):
     dvc: DvcCfg = DvcCfg()
     mlflow: MlflowCfg = MlflowCfg()
     train: TrainCfg = TrainCfg()
+    tune: TuneCfg = TuneCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
     gate: GateCfg = GateCfg()
+    card: CardCfg = CardCfg()
 
 
 def _describe(err: ValidationError, source: str) -> str:

@@ -26,8 +26,10 @@ class Verdict:
         return "PASS" if self.passed else "FAIL: " + "; ".join(self.failed)
 
 
-def check(metrics: dict[str, float], cfg: GateCfg, champion_accuracy: float | None) -> Verdict:
-    """Apply every threshold to one candidate's metrics (accuracy in [0, 1], latency in ms, size in MB)."""
+def check(metrics: dict[str, float], cfg: GateCfg, champion_accuracy: float | None,
+          card: dict[str, float] | None = None) -> Verdict:
+    """Apply every threshold to one candidate's metrics (accuracy in [0, 1], latency in ms, size in MB),
+    and `gate.card` bounds to its model-card figures (ottimo.card.ModelCard.figures())."""
     acc, p95, size = metrics["accuracy"], metrics["p95_ms"], metrics["size_mb"]
     rules = [
         (acc >= cfg.min_accuracy, f"accuracy {acc:.4f} {'>=' if acc >= cfg.min_accuracy else '<'} "
@@ -44,9 +46,27 @@ def check(metrics: dict[str, float], cfg: GateCfg, champion_accuracy: float | No
         ok = drop <= cfg.max_drop_vs_champion
         rules.append((ok, f"accuracy {'drop' if drop > 0 else 'gain'} vs champion {abs(drop):.2f} points "
                       f"({acc:.4f} vs {champion_accuracy:.4f}; max drop {cfg.max_drop_vs_champion:.2f})"))
+    rules += card_rules(cfg, card or {})
     failed = [r for ok, r in rules if not ok]
     passed = [r for ok, r in rules if ok]
     return Verdict(passed=not failed, reasons=failed + passed, failed=failed)
+
+
+def card_rules(cfg: GateCfg, figures: dict[str, float]) -> list[tuple[bool, str]]:
+    """One rule per `gate.card` bound; a figure the card did not measure (missing or NaN) fails."""
+    rules: list[tuple[bool, str]] = []
+    for name, bound in cfg.card.items():
+        value = figures.get(name)
+        if value is None or value != value:
+            rules.append((False, f"card {name} not measured (no model card, or nothing to measure it on)"))
+            continue
+        if bound.min is not None:
+            ok = value >= bound.min
+            rules.append((ok, f"card {name} {value:.4g} {'>=' if ok else '<'} min {bound.min:.4g}"))
+        if bound.max is not None:
+            ok = value <= bound.max
+            rules.append((ok, f"card {name} {value:.4g} {'<=' if ok else '>'} max {bound.max:.4g}"))
+    return rules
 
 
 def select(candidates: dict[str, tuple[dict[str, float], Verdict]]) -> str:

@@ -6,16 +6,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import onnxruntime as ort
+from matplotlib.figure import Figure  # the object API needs no backend or pyplot state
+from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, f1_score
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, f1_score  # noqa: E402
-
-from ottimo.config import EvaluateCfg  # noqa: E402
-from ottimo.export import INPUT, OUTPUT  # noqa: E402
+from ottimo.config import EvaluateCfg
+from ottimo.export import INPUT, OUTPUT
 
 
 @dataclass(frozen=True)
@@ -85,12 +82,12 @@ def measure(path: Path, X: np.ndarray, y: np.ndarray, cfg: EvaluateCfg) -> tuple
 
 
 def confusion_png(y: np.ndarray, pred: np.ndarray, labels: list[int], path: Path, title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig = Figure(figsize=(6, 6))
+    ax = fig.subplots()
     ConfusionMatrixDisplay.from_predictions(
         y, pred, labels=range(len(labels)), display_labels=labels, ax=ax, colorbar=False
     )
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -47,7 +47,7 @@ class Evaluated:
 def export_candidate(root: Path, params: Params, cand: Candidate, data: DataVersion) -> Exported:
     """Export to ONNX with a dynamic batch axis, check parity on the test split, log it as an MLflow ONNX model."""
     client, _ = connect(root, params.mlflow)
-    model = build_model(cand.family, cand.n_features, cand.n_classes, params.train)
+    model = build_model(cand.family, cand.n_features, cand.n_classes, params.train.patched(cand.overrides))
     model.load_state_dict(torch.load(cand.checkpoint, weights_only=True))
     path = export_onnx(model, cand.n_features, work_dir(root, cand.run_id) / registry.ONNX_FILE)
     X_test = load_splits(Path(data.prepared)).X_test

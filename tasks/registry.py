@@ -37,8 +37,9 @@ def register_candidate(root: Path, params: Params, cand: Evaluated, data: DataVe
 
 @task
 def gate(root: Path, params: Params, parent_run_id: str, candidates: list[Evaluated], versions: list[str],
-         champion_accuracy: float | None) -> Decision:
-    """Check every candidate against the thresholds, tag the verdicts, point `challenger` at the selected one.
+         champion_accuracy: float | None, cards: list[dict[str, float]] | None = None) -> Decision:
+    """Check every candidate against the thresholds (and `gate.card` against its model-card figures, `cards`
+    in the order of `candidates`), tag the verdicts, point `challenger` at the selected one.
 
     Raises GateFailed (so the flow run ends Failed) when the selected candidate does not pass;
     `champion` and `previous-champion` are then left as they were.
@@ -46,8 +47,9 @@ def gate(root: Path, params: Params, parent_run_id: str, candidates: list[Evalua
     log = get_run_logger()
     client, _ = connect(root, params.mlflow)
     name = params.mlflow.registered_model
-    verdicts = {c.family: (c.metrics, gate_policy.check(c.metrics, params.gate, champion_accuracy))
-                for c in candidates}
+    figures = cards or [None] * len(candidates)
+    verdicts = {c.family: (c.metrics, gate_policy.check(c.metrics, params.gate, champion_accuracy, f))
+                for c, f in zip(candidates, figures, strict=True)}
     for c, version in zip(candidates, versions, strict=True):
         v = verdicts[c.family][1]
         client.set_model_version_tag(name, version, "gate_verdict", "passed" if v.passed else "failed")

@@ -31,6 +31,7 @@ class Candidate:
     parameters: int
     best_epoch: int
     val_accuracy: float
+    overrides: dict | None = None  # the tuned TrainCfg patch it was trained with (None: params.yaml as is)
 
 
 def work_dir(root: Path, run_id: str) -> Path:
@@ -56,18 +57,22 @@ def start_pipeline_run(root: Path, params: Params, data: DataVersion) -> str:
 
 
 @task
-def train_candidate(root: Path, params: Params, family: str, data: DataVersion, parent_run_id: str) -> Candidate:
-    """Train one model family with early stopping; per-epoch metrics and the best checkpoint go to MLflow."""
+def train_candidate(root: Path, params: Params, family: str, data: DataVersion, parent_run_id: str,
+                    overrides: dict | None = None) -> Candidate:
+    """Train one model family with early stopping; per-epoch metrics and the best checkpoint go to MLflow.
+    `overrides` (the tuning stage's choice) patch params.yaml's train settings."""
     log = get_run_logger()
     client, exp = connect(root, params.mlflow)
+    cfg = params.train.patched(overrides)
     run = client.create_run(exp, run_name=family, tags={
         "mlflow.parentRunId": parent_run_id, FLOW_RUN_TAG: str(runtime.flow_run.id),
-        "data.revision": data.revision, "ottimo.kind": "candidate", "model.family": family})
+        "data.revision": data.revision, "ottimo.kind": "candidate", "model.family": family,
+        "tuned": str(bool(overrides)).lower()})
     run_id = run.info.run_id
-    family_cfg = getattr(params.train, family).model_dump()
+    family_cfg = getattr(cfg, family).model_dump()
     client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in flatten(
-        {"family": family, **family_cfg, "max_epochs": params.train.max_epochs, "patience": params.train.patience,
-         "batch_size": params.train.batch_size, "seed": params.project.seed}).items()])
+        {"family": family, **family_cfg, "max_epochs": cfg.max_epochs, "patience": cfg.patience,
+         "batch_size": cfg.batch_size, "seed": params.project.seed}).items()])
 
     splits = load_splits(Path(data.prepared))
     pending: list[Metric] = []
@@ -81,7 +86,7 @@ def train_candidate(root: Path, params: Params, family: str, data: DataVersion, 
             client.log_batch(run_id, metrics=pending)
             pending.clear()
 
-    result = fit(family, splits, params.train, params.project.seed, on_epoch)
+    result = fit(family, splits, cfg, params.project.seed, on_epoch)
     if pending:
         client.log_batch(run_id, metrics=pending)
     ckpt = work_dir(root, run_id) / "checkpoint.pt"
@@ -94,4 +99,4 @@ def train_candidate(root: Path, params: Params, family: str, data: DataVersion, 
     log.info("%s: best epoch %d of %d, val_acc %.4f, %d parameters", family, result.best_epoch,
              result.epochs_run, result.best_val_accuracy, n_params)
     return Candidate(family, run_id, str(ckpt), splits.X_train.shape[1], len(splits.labels), n_params,
-                     result.best_epoch, result.best_val_accuracy)
+                     result.best_epoch, result.best_val_accuracy, overrides)

@@ -18,6 +18,10 @@ TINY = {
     "train": {"max_epochs": 12, "patience": 4, "log_every": 5,
               "mlp": {"hidden": [64]}, "transformer": {"d_model": 16, "heads": 2, "layers": 1, "ff_dim": 32}},
     "evaluate": {"warmup": 5, "runs": 30},
+    # tuning off for the pipeline tests; tests that turn it on get 3 trials of at most 3 epochs
+    "tune": {"enabled": False, "n_trials": 3, "n_jobs": 1, "space": {
+        "mlp": {"width": [16, 32], "epochs": 3},
+        "transformer": {"d_model": [16], "heads": [2], "layers": {"low": 1, "high": 1}, "epochs": 3}}},
 }
 
 

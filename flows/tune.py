@@ -1,0 +1,45 @@
+"""The tuning flow: one Optuna study per model family, trials n_jobs at a time on threads or Dask workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from ottimo.config import load_params
+from ottimo.tune import deadline
+from tasks.data import DataVersion, prepare_data, validate_raw
+from tasks.summary import fail_open_mlflow_runs
+from tasks.tune import TuneResult, close_study, open_study, run_trials, task_runner, worker_shares
+
+
+@flow(name="tuning", on_failure=[fail_open_mlflow_runs])
+def tuning(project_dir: str = ".", params_file: str = "params.yaml", data: DataVersion | None = None,
+           parent_run_id: str | None = None) -> dict[str, TuneResult]:
+    """Tune every family in train.candidates and return the configuration chosen for each. Run alone it
+    validates and versions the data first; inside the training pipeline it gets them from it."""
+    root = Path(project_dir).resolve()
+    params = load_params(root / params_file)
+    if data is None:
+        validate_raw(root, params)
+        data = prepare_data(root, params)
+
+    until = deadline(params.tune)
+    studies = [open_study(root, params, family, data, parent_run_id) for family in params.train.candidates]
+    workers = [run_trials.submit(root, params, study, data, worker, n, until)
+               for study, worker, n in worker_shares(studies, params.tune.n_jobs)]
+    for worker in workers:
+        worker.result()  # a worker's error fails the flow here
+    return {study.family: close_study(root, params, study) for study in studies}
+
+
+def with_runner(project_dir: str, params_file: str = "params.yaml"):
+    """The tuning flow with the task runner params.yaml asks for (threads, or Dask)."""
+    params = load_params(Path(project_dir).resolve() / params_file)
+    return tuning.with_options(task_runner=task_runner(params.tune))
+
+
+def tune_stage(project_dir: str, params_file: str, data: DataVersion, parent_run_id: str) -> dict[str, dict]:
+    """The tuning flow as a stage of the training pipeline: {family: training overrides of the chosen trial}."""
+    results = with_runner(project_dir, params_file)(project_dir, params_file, data, parent_run_id)
+    return {family: r.overrides for family, r in results.items()}

@@ -1,0 +1,413 @@
+"""Hyperparameter search with Optuna: samplers, pruners, the objective, resume and the choice handed to training.
+
+A study lives in RDB storage (SQLite under mlruns/ by default) so that several workers, threads or
+processes, share it and a crashed run can be resumed. Every trial trains with `ottimo.train.fit`, reports
+val accuracy per epoch so the pruner can stop it early, and is logged to MLflow as a run nested under the
+study's run. No Prefect here: tasks/tune.py and flows/tune.py schedule this.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from optuna.trial import FrozenTrial, Trial, TrialState
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+
+from ottimo.config import EvaluateCfg, FloatRange, IntRange, TrainCfg, TuneCfg
+from ottimo.data import Splits
+from ottimo.train import fit
+
+SQLITE_TIMEOUT_S = 120  # how long a writer waits for SQLite's lock before "database is locked"
+INTERRUPTED = "interrupted: left RUNNING by a run that stopped (crash or kill); marked failed on resume"
+CATCH = (FloatingPointError,)  # a trial that raises one of these is recorded FAILED and the study goes on
+OBJECTIVES = ("val_accuracy", "p95_ms")
+
+
+class TuningFailed(RuntimeError):
+    """A study has no completed trial although trials ran; the message names the reasons."""
+
+
+# --- storage -------------------------------------------------------------------------------------------------
+
+
+def storage_url(root: Path, cfg: TuneCfg) -> str:
+    """tune.storage, with a relative sqlite path taken from the project root (like ottimo.tracking)."""
+    prefix = "sqlite:///"
+    url = cfg.storage
+    if url.startswith(prefix) and not os.path.isabs(url[len(prefix):]):
+        db = (root / url[len(prefix):]).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        url = prefix + str(db)
+    return url
+
+
+def _sqlite_connect(dbapi_conn, _record) -> None:
+    dbapi_conn.isolation_level = None  # pysqlite starts no transaction of its own: _sqlite_begin does
+
+
+def _sqlite_begin(conn) -> None:
+    # Take the write lock when a transaction starts, not when it first writes: a deferred transaction that
+    # read first cannot wait for the lock and fails at once with "database is locked"; this one waits.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@functools.cache
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """One RDBStorage per URL and process. SQLite is made safe for parallel writers: WAL journal, a long
+    busy timeout, and BEGIN IMMEDIATE transactions so that writers queue instead of failing."""
+    if not url.startswith("sqlite"):
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    path = make_url(url).database
+    if path and path != ":memory:":
+        with sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")  # persistent: readers no longer block the writer
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
+    event.listen(storage.engine, "connect", _sqlite_connect)
+    event.listen(storage.engine, "begin", _sqlite_begin)
+    storage.engine.dispose()  # connections opened while the tables were created lack the listeners
+    return storage
+
+
+def study_name(cfg: TuneCfg, family: str, revision: str) -> str:
+    """One study per family and data revision (and objective): new data starts a new search."""
+    return f"{cfg.study_name}-{family}-{revision[:8]}" + ("-mo" if cfg.multi_objective else "")
+
+
+# --- sampler, pruner, search space ---------------------------------------------------------------------------
+
+
+def _values(spec: FloatRange | IntRange | list, points: int) -> list:
+    """The grid of one parameter: a list as is, an int range stepped, a float range at `points` values."""
+    if isinstance(spec, list):
+        return list(spec)
+    if isinstance(spec, IntRange):
+        return list(range(spec.low, spec.high + 1, spec.step))
+    space = np.geomspace if spec.log else np.linspace
+    return sorted({float(v) for v in space(spec.low, spec.high, points)})
+
+
+def _space(cfg: TuneCfg, family: str) -> dict:
+    space = getattr(cfg.space, family)
+    return {k: v for k, v in space if k != "epochs"}
+
+
+def grid(cfg: TuneCfg, family: str) -> dict[str, list]:
+    return {name: _values(spec, cfg.grid_points) for name, spec in _space(cfg, family).items()}
+
+
+def make_sampler(cfg: TuneCfg, family: str, seed: int) -> optuna.samplers.BaseSampler:
+    """tpe | random | grid | nsga2; multi-objective studies always use NSGA-II."""
+    if cfg.multi_objective or cfg.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=seed)
+    if cfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if cfg.sampler == "grid":
+        return optuna.samplers.GridSampler(grid(cfg, family), seed=seed)
+    return optuna.samplers.TPESampler(n_startup_trials=cfg.startup_trials, seed=seed)
+
+
+def make_pruner(cfg: TuneCfg, family: str) -> optuna.pruners.BasePruner:
+    """hyperband | asha (= successive_halving) | median | none, on epochs; none for multi-objective studies,
+    which Optuna cannot prune."""
+    if cfg.multi_objective or cfg.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if cfg.pruner == "hyperband":
+        budget = getattr(cfg.space, family).epochs
+        return optuna.pruners.HyperbandPruner(
+            min_resource=min(cfg.min_epochs, budget), max_resource=budget, reduction_factor=cfg.reduction_factor)
+    if cfg.pruner in ("asha", "successive_halving"):
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.min_epochs,
+                                                      reduction_factor=cfg.reduction_factor)
+    return optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials, n_warmup_steps=cfg.min_epochs)
+
+
+def suggest(trial: Trial, cfg: TuneCfg, family: str) -> dict:
+    """Ask the trial for one value of every parameter of the family's search space."""
+    out = {}
+    for name, spec in _space(cfg, family).items():
+        if isinstance(spec, list):
+            out[name] = trial.suggest_categorical(name, spec)
+        elif isinstance(spec, IntRange):
+            out[name] = trial.suggest_int(name, spec.low, spec.high, step=spec.step)
+        else:
+            out[name] = trial.suggest_float(name, spec.low, spec.high, log=spec.log)
+    return out
+
+
+def to_overrides(family: str, p: dict) -> dict:
+    """Flat trial params -> the nested TrainCfg patch that trains that configuration (TrainCfg.patched)."""
+    if family == "mlp":
+        fam = {"hidden": [int(p["width"])] * int(p["depth"]), "dropout": p["dropout"]}
+    else:
+        d = int(p["d_model"])
+        fam = {"d_model": d, "heads": int(p["heads"]), "layers": int(p["layers"]), "ff_dim": d * int(p["ff_mult"]),
+               "dropout": p["dropout"]}
+    fam |= {"lr": p["lr"], "weight_decay": p["weight_decay"]}
+    return {"batch_size": int(p["batch_size"]), family: fam}
+
+
+# --- study ---------------------------------------------------------------------------------------------------
+
+
+def _n_trials(storage: optuna.storages.BaseStorage, name: str) -> int:
+    try:
+        return storage.get_n_trials(storage.get_study_id_from_name(name))
+    except KeyError:
+        return 0
+
+
+def open_study(url: str, name: str, cfg: TuneCfg, family: str, seed: int, worker: int = 0) -> optuna.Study:
+    """Create the study or load it (load_if_exists). The sampler's seed mixes in the worker index and the
+    trials already there, so that workers and resumed runs do not replay the same random draws."""
+    storage = open_storage(url)
+    sampler = make_sampler(cfg, family, seed + 1009 * worker + _n_trials(storage, name))
+    directions = ["maximize", "minimize"] if cfg.multi_objective else ["maximize"]
+    return optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=make_pruner(cfg, family),
+                               directions=directions, load_if_exists=True)
+
+
+def fail_interrupted(url: str, name: str) -> list[int]:
+    """Mark trials left RUNNING by a run that died as FAIL (user attr fail_reason=INTERRUPTED); return their
+    numbers. Call it before any worker starts: a study has one tuning run at a time."""
+    storage = open_storage(url)
+    study_id = storage.get_study_id_from_name(name)
+    numbers = []
+    for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        storage.set_trial_user_attr(trial_id, "fail_reason", INTERRUPTED)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        numbers.append(t.number)
+    return numbers
+
+
+def _interrupted(t: FrozenTrial) -> bool:
+    return t.user_attrs.get("fail_reason") == INTERRUPTED
+
+
+def remaining(study: optuna.Study, n_trials: int) -> int:
+    """Trials still to run for the study to hold `n_trials` finished ones (interrupted ones do not count)."""
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and not _interrupted(t)]
+    return max(0, n_trials - len(done))
+
+
+def shares(n: int, n_jobs: int) -> list[int]:
+    """n trials split over at most n_jobs workers as evenly as possible: shares(10, 4) == [3, 3, 2, 2]."""
+    k = min(n, n_jobs)
+    return [n // k + (i < n % k) for i in range(k)] if k else []
+
+
+def deadline(cfg: TuneCfg) -> float | None:
+    """time.time() after which no trial starts (tune.timeout_seconds from now), or None."""
+    return None if cfg.timeout_seconds is None else time.time() + cfg.timeout_seconds
+
+
+_threads_lock = threading.Lock()
+_threads = {"users": 0, "saved": 0}  # workers inside torch_threads, and the thread count they found
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's (process-wide) intra-op threads set to n while trials run: n_jobs trials of tiny models on
+    two cores run far faster on one thread each than fighting over both. The last worker out restores it."""
+    with _threads_lock:
+        if not _threads["users"]:
+            _threads["saved"] = torch.get_num_threads()
+        _threads["users"] += 1
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads["users"] -= 1
+            if not _threads["users"]:
+                torch.set_num_threads(_threads["saved"])
+
+
+def run_trials(study: optuna.Study, objective: Callable, n_trials: int, until: float | None) -> list[int]:
+    """Run up to n_trials trials here, none starting after `until`; a trial raising one of CATCH is recorded
+    FAILED and the next one starts. Returns the numbers of the trials run."""
+    timeout = None if until is None else until - time.time()
+    if n_trials <= 0 or (timeout is not None and timeout <= 0):
+        return []
+    numbers: list[int] = []
+    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=CATCH,
+                   callbacks=[lambda _study, t: numbers.append(t.number)])
+    return numbers
+
+
+# --- the objective -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrialRuns:
+    """MLflow side of the trials: one run per trial, nested under the study's run."""
+
+    client: MlflowClient
+    experiment_id: str
+    study_run_id: str
+    tags: dict[str, str]
+
+    def start(self, trial: Trial, params: dict) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags={
+            **self.tags, "mlflow.parentRunId": self.study_run_id, "ottimo.kind": "trial",
+            "optuna.trial": str(trial.number), "trial.state": "running"})
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        return run.info.run_id
+
+    def finish(self, run_id: str, rows: list[dict], state: str, values: list[float] | None, reason: str) -> None:
+        metrics = [Metric(k, v, 0, int(r["epoch"])) for r in rows for k, v in r.items() if k != "epoch"]
+        metrics += [Metric(k, v, 0, 0) for k, v in zip(("best_val_accuracy", "p95_ms"), values or [], strict=False)]
+        metrics.append(Metric("epochs", len(rows), 0, 0))
+        for i in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(run_id, metrics=metrics[i:i + 900])
+        self.client.set_tag(run_id, "trial.state", state)
+        if reason:
+            self.client.set_tag(run_id, "failure", reason[:5000])
+        self.client.set_terminated(run_id, {"complete": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED"))
+
+
+_export_lock = threading.Lock()
+
+
+def onnx_p95_ms(model, X: np.ndarray, cfg: EvaluateCfg) -> float:
+    """p95 latency at batch 1 of the model exported to ONNX, in onnxruntime (ottimo.export + ottimo.measure).
+    Trials training beside it share the CPUs, so compare these figures within a study, not with `evaluate`."""
+    from ottimo.export import export_onnx
+    from ottimo.measure import latency_ms, session
+
+    with _export_lock, tempfile.TemporaryDirectory(prefix="ottimo-trial-") as tmp:  # torch.export is not thread-safe
+        path = export_onnx(model, X.shape[1], Path(tmp) / "model.onnx")
+        return latency_ms(session(path, cfg.threads), X, cfg.warmup, cfg.runs)[1]
+
+
+def objective(family: str, splits: Splits, base: TrainCfg, cfg: TuneCfg, evaluate: EvaluateCfg, seed: int,
+              runs: TrialRuns | None = None) -> Callable[[Trial], float | tuple[float, float]]:
+    """The function Optuna calls per trial: train `family` with the suggested settings for the space's epoch
+    budget; maximise best val accuracy (and, multi-objective, minimise ONNX p95 latency at batch 1)."""
+    budget = getattr(cfg.space, family).epochs
+
+    def run(trial: Trial) -> float | tuple[float, float]:
+        p = suggest(trial, cfg, family)
+        trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")  # which process ran it
+        train_cfg = base.patched({**to_overrides(family, p), "max_epochs": budget})
+        run_id = runs.start(trial, {"family": family, **p, "epochs_budget": budget, "seed": seed}) if runs else ""
+        rows: list[dict] = []
+        state, values, reason = "failed", None, ""
+
+        def on_epoch(row: dict) -> None:
+            rows.append(row)
+            if not cfg.multi_objective:
+                trial.report(row["val_accuracy"], int(row["epoch"]))
+                if row["epoch"] < budget and trial.should_prune():  # at the budget there is nothing left to save
+                    raise optuna.TrialPruned(f"epoch {int(row['epoch'])}: val_accuracy {row['val_accuracy']:.4f}")
+
+        try:
+            result = fit(family, splits, train_cfg, seed, on_epoch)
+            values = [result.best_val_accuracy]
+            if cfg.multi_objective:
+                values.append(onnx_p95_ms(result.model, splits.X_val, evaluate))
+            state = "complete"
+            return values[0] if len(values) == 1 else (values[0], values[1])
+        except optuna.TrialPruned:
+            state = "pruned"
+            raise
+        except Exception as err:
+            reason = f"{type(err).__name__}: {err}"
+            trial.set_user_attr("fail_reason", reason[:2000])
+            raise
+        finally:
+            trial.set_user_attr("epochs", len(rows))
+            if runs:
+                runs.finish(run_id, rows, state, values, reason)
+
+    return run
+
+
+# --- the result ----------------------------------------------------------------------------------------------
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    trials = study.get_trials(deepcopy=False)
+    return {
+        "complete": sum(t.state == TrialState.COMPLETE for t in trials),
+        "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+        "failed": sum(t.state == TrialState.FAIL for t in trials),
+        "epochs": sum(int(t.user_attrs.get("epochs", len(t.intermediate_values))) for t in trials),
+    }
+
+
+def choose(study: optuna.Study, cfg: TuneCfg) -> FrozenTrial | None:
+    """The trial whose settings train the candidate: the best val accuracy; multi-objective, the fastest
+    Pareto trial within max_accuracy_drop points of the best accuracy. None when no trial ran at all (the
+    wall budget was spent first); TuningFailed when trials ran and none completed."""
+    trials = study.get_trials(deepcopy=False)
+    if not any(t.state == TrialState.COMPLETE for t in trials):
+        ran = [t for t in trials if t.state.is_finished() and not _interrupted(t)]
+        if not ran:
+            return None
+        failed = [t for t in ran if t.state == TrialState.FAIL]
+        first = f"; trial {failed[0].number}: {failed[0].user_attrs.get('fail_reason', '?')}" if failed else ""
+        raise TuningFailed(
+            f"study {study.study_name}: no trial completed ({len(failed)} failed, {len(ran) - len(failed)} pruned)"
+            f"{first}. Narrow tune.space in params.yaml (e.g. lower lr or weight_decay) and run again.")
+    if not cfg.multi_objective:
+        return study.best_trial
+    front = pareto_front(study)
+    top = max(t.values[0] for t in front)
+    within = [t for t in front if t.values[0] >= top - cfg.max_accuracy_drop / 100 - 1e-12]
+    return min(within, key=lambda t: (t.values[1], -t.values[0], t.number))
+
+
+def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
+    """Completed trials no other trial beats on both accuracy and latency, by accuracy."""
+    return sorted(study.best_trials, key=lambda t: (-t.values[0], t.values[1]))
+
+
+def save_plots(study: optuna.Study, out: Path) -> list[Path]:
+    """Optuna's matplotlib plots as PNG files; a plot that needs more trials than there are is left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as vis
+
+    multi = len(study.directions) > 1
+    acc = {"target": (lambda t: t.values[0]), "target_name": "val_accuracy"} if multi else {}
+    plots = {
+        "optimization_history": lambda: vis.plot_optimization_history(study, **acc),
+        "param_importances": lambda: vis.plot_param_importances(study, **acc),
+        "intermediate_values": lambda: vis.plot_intermediate_values(study),
+    }
+    if multi:
+        plots["pareto_front"] = lambda: vis.plot_pareto_front(study, target_names=list(OBJECTIVES))
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, plot in plots.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ExperimentalWarning, and too-few-trials notices
+            try:
+                ax = plot()
+            except (ValueError, RuntimeError, ZeroDivisionError):
+                continue
+        fig = np.ravel(ax)[0].figure
+        fig.savefig(out / f"{name}.png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(out / f"{name}.png")
+    return paths
