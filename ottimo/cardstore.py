@@ -20,14 +20,12 @@ from mlflow.artifacts import download_artifacts
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from ottimo import versioning
+from ottimo import registry, versioning
 from ottimo.card import ModelCard, measure_card
 from ottimo.card_render import description, render
 from ottimo.config import CardCfg, Params
 from ottimo.data import load_splits
-from ottimo.export import verify_sha256
 from ottimo.gate import Verdict
-from ottimo.registry import ONNX_FILE
 
 CARD_DIR = "card"
 COMMIT_TAG = "ottimo.code_commit"
@@ -56,22 +54,9 @@ def record_commit(client: MlflowClient, run_id: str) -> str:
     return tags[COMMIT_TAG]
 
 
-def resolve(client: MlflowClient, name: str, ref: str) -> ModelVersion:
-    """A version by number ("3") or alias ("champion")."""
-    return client.get_model_version(name, ref) if ref.isdigit() else client.get_model_version_by_alias(name, ref)
-
-
-def fetch_onnx(client: MlflowClient, name: str, mv: ModelVersion, dst: Path) -> Path:
-    """Download the version's ONNX file and check it against its sha256 tag."""
-    expected = mv.tags.get("sha256")
-    if not expected:
-        raise MlflowException(f"{name} v{mv.version} has no sha256 tag; it cannot be verified, so it is not loaded")
-    local = Path(download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst)))
-    return verify_sha256(local / ONNX_FILE, expected)
-
-
-def prepared_for(root: Path, params: Params, revision: str, work: Path) -> Path:
-    """The prepared splits of `revision`: data/prepared when dvc.lock is at it, else rebuilt from DVC's store."""
+def prepared_for(root: Path, revision: str) -> Path:
+    """The prepared splits of `revision`: data/prepared when dvc.lock is at it, else pulled by DVC into
+    mlruns/work/data-<revision> (kept for the next recompute)."""
     try:
         current = versioning.revision(root)
     except (OSError, KeyError):
@@ -79,9 +64,10 @@ def prepared_for(root: Path, params: Params, revision: str, work: Path) -> Path:
     prepared = root / versioning.PREPARED
     if current == revision and (prepared / "schema.json").is_file():
         return prepared
-    dst = work / f"prepared-{revision[:12]}"
-    shutil.rmtree(dst, ignore_errors=True)
-    return versioning.checkout_dir(root, revision, dst, params.dvc.remote_url)
+    dst = root / "mlruns" / "work" / f"data-{revision[:12]}"
+    if (dst / "prepared" / "schema.json").is_file():
+        return dst / "prepared"
+    return versioning.checkout_dir(root, revision, dst)
 
 
 def lineage(client: MlflowClient, name: str, mv: ModelVersion) -> dict:
@@ -113,13 +99,13 @@ def build(root: Path, params: Params, client: MlflowClient, name: str, ref: str,
     `verdict_for` (the pipeline, before the gate has tagged the version) gives the verdict the gate policy
     returns for these figures; otherwise the verdict is the one tagged on the version.
     """
-    mv = resolve(client, name, ref)
+    mv = registry.version(client, name, ref)
     lin = lineage(client, name, mv)
     cfg = cfg or params.card
     if not mv.tags.get("data_revision"):
         raise MlflowException(f"{name} v{mv.version} has no data_revision tag: its test data is unknown")
-    path = fetch_onnx(client, name, mv, work / "model")
-    splits = load_splits(prepared_for(root, params, mv.tags["data_revision"], work))
+    path, _ = registry.download_verified(client, name, str(mv.version), work / "model")
+    splits = load_splits(prepared_for(root, mv.tags["data_revision"]))
     max_p95 = float(lin["gate"]["thresholds"].get("max_p95_latency_ms", params.gate.max_p95_latency_ms))
     out = work / CARD_DIR
     shutil.rmtree(out, ignore_errors=True)
@@ -156,7 +142,7 @@ def load_stored(client: MlflowClient, mv: ModelVersion) -> ModelCard | None:
 def recompute(root: Path, params: Params, client: MlflowClient, name: str, ref: str, work: Path,
               ) -> tuple[ModelCard, ModelCard | None, ModelVersion]:
     """Measure a version again (with its stored card's settings when it has one); return it and the stored card."""
-    stored = load_stored(client, resolve(client, name, ref))
+    stored = load_stored(client, registry.version(client, name, ref))
     cfg = CardCfg.model_validate(stored.lineage["card_config"]) if stored and "card_config" in stored.lineage \
         else None
     card, mv = build(root, params, client, name, ref, work, cfg)

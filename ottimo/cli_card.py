@@ -44,10 +44,10 @@ def _open(project_dir: Path, params_file: str, model: str | None):
 
 def _card(root: Path, params: Params, client, name: str, ref: str, recompute: bool, work: Path):
     """The stored card of `ref`, or a fresh measurement when asked or when none is stored."""
-    from ottimo import cardstore
+    from ottimo import cardstore, registry
 
     if not recompute:
-        stored = cardstore.load_stored(client, cardstore.resolve(client, name, ref))
+        stored = cardstore.load_stored(client, registry.version(client, name, ref))
         if stored is not None:
             return stored
         err.print(f"{name} {ref} has no stored card: measuring it now")
@@ -65,14 +65,14 @@ def show(
     params_file: str = PARAMS,
 ) -> None:
     """Recompute a version's card from its ONNX file and data revision and print it (markdown)."""
-    from ottimo import cardstore
+    from ottimo import cardstore, registry
     from ottimo.card import deterministic
     from ottimo.card_render import render
 
     root, params, client, name = _open(project_dir, params_file, model)
     with tempfile.TemporaryDirectory() as tmp:
         if stored:
-            card = cardstore.load_stored(client, cardstore.resolve(client, name, version))
+            card = cardstore.load_stored(client, registry.version(client, name, version))
             if card is None:
                 err.print(f"[red]{name} {version} has no stored card[/red]; run without --stored to measure it")
                 raise typer.Exit(1)

@@ -55,9 +55,14 @@ def promote(client: MlflowClient, name: str, version: str) -> dict[str, str]:
     return aliases(client, name)
 
 
-def download_verified(client: MlflowClient, name: str, alias: str, dst: Path) -> tuple[Path, object]:
-    """Download the ONNX file of `name@alias` and check it against the version's sha256 tag."""
-    mv = client.get_model_version_by_alias(name, alias)
+def version(client: MlflowClient, name: str, ref: str):
+    """A version by number ("3") or by alias ("champion")."""
+    return client.get_model_version(name, ref) if str(ref).isdigit() else client.get_model_version_by_alias(name, ref)
+
+
+def download_verified(client: MlflowClient, name: str, ref: str, dst: Path) -> tuple[Path, object]:
+    """Download the ONNX file of `name` version/alias `ref` and check it against the version's sha256 tag."""
+    mv = version(client, name, ref)
     expected = mv.tags.get("sha256")
     if not expected:
         raise MlflowException(f"{name} v{mv.version} has no sha256 tag; it cannot be verified, so it is not loaded")

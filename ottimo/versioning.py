@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,24 +79,15 @@ def revision(root: Path, out: str = PREPARED) -> str:
     raise KeyError(f"{out} is not an output in dvc.lock; run `dvc repro` first")
 
 
-def checkout_dir(root: Path, md5: str, dst: Path, remote_url: str | None = None) -> Path:
-    """Rebuild the DVC-tracked directory with hash `md5` (e.g. an old data revision) in `dst`, from the
-    project's cache or else a local-directory remote (DVC 3 layout files/md5/xx/rest; `.dir` lists the files)."""
-    stores = [root / ".dvc" / "cache"]
-    if remote_url and "://" not in remote_url:
-        stores.append(Path(remote_url) if os.path.isabs(remote_url) else root / remote_url)
-
-    def find(h: str, suffix: str = "") -> Path:
-        for store in stores:
-            path = store / "files" / "md5" / h[:2] / (h[2:] + suffix)
-            if path.is_file():
-                return path
-        raise DvcError(f"data revision {md5[:12]}: {h}{suffix} is in neither the DVC cache nor the remote "
-                       f"({', '.join(map(str, stores))}); `dvc pull` it first")
-
-    manifest = json.loads(find(md5, ".dir").read_text())
-    for entry in manifest:
-        target = dst / entry["relpath"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(find(entry["md5"]), target)
-    return dst
+def checkout_dir(root: Path, md5: str, dst: Path) -> Path:
+    """Materialise an old data revision (DVC md5 of a directory) at `dst` with `dvc pull`: a throw-away .dvc
+    file names the hash, and DVC takes it from its cache or else from the default remote. `dst` must lie
+    inside the project."""
+    dst.mkdir(parents=True, exist_ok=True)
+    pointer = dst / "revision.dvc"
+    pointer.write_text(yaml.safe_dump({"outs": [{"md5": f"{md5}.dir", "hash": "md5", "path": "prepared"}]}))
+    try:
+        dvc(root, "pull", "--quiet", str(pointer.relative_to(root)))
+    except DvcError as err:
+        raise DvcError(f"data revision {md5[:12]} is in neither the DVC cache nor the remote: {err}") from None
+    return dst / "prepared"
