@@ -16,7 +16,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +75,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
     path = make_url(url).database
     if path and path != ":memory:":
-        with sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S) as conn:
+        with closing(sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)) as conn:
             conn.execute("PRAGMA journal_mode=WAL")  # persistent: readers no longer block the writer
     storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
     event.listen(storage.engine, "connect", _sqlite_connect)
