@@ -26,10 +26,10 @@ PARAMS = typer.Option("params.yaml", "--params", "-p", help="Config file, relati
 
 
 @app.callback()
-def _quiet_telemetry() -> None:
-    """Everything runs offline: no usage reporting from Prefect, MLflow or DVC."""
+def _quiet() -> None:
+    """Everything runs offline: no usage reporting from Prefect, MLflow or DVC; no download progress bars."""
     for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                       "DO_NOT_TRACK": "1"}.items():
+                       "DO_NOT_TRACK": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
         os.environ.setdefault(key, value)
 
 

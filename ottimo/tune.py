@@ -175,6 +175,7 @@ def _n_trials(storage: optuna.storages.BaseStorage, name: str) -> int:
 def open_study(url: str, name: str, cfg: TuneCfg, family: str, seed: int, worker: int = 0) -> optuna.Study:
     """Create the study or load it (load_if_exists). The sampler's seed mixes in the worker index and the
     trials already there, so that workers and resumed runs do not replay the same random draws."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is logged by the tasks instead
     storage = open_storage(url)
     sampler = make_sampler(cfg, family, seed + 1009 * worker + _n_trials(storage, name))
     directions = ["maximize", "minimize"] if cfg.multi_objective else ["maximize"]
@@ -239,15 +240,21 @@ def torch_threads(n: int) -> Iterator[None]:
                 torch.set_num_threads(_threads["saved"])
 
 
-def run_trials(study: optuna.Study, objective: Callable, n_trials: int, until: float | None) -> list[int]:
+def run_trials(study: optuna.Study, objective: Callable, n_trials: int, until: float | None,
+               on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None) -> list[int]:
     """Run up to n_trials trials here, none starting after `until`; a trial raising one of CATCH is recorded
-    FAILED and the next one starts. Returns the numbers of the trials run."""
+    FAILED and the next one starts. `on_trial` sees each finished trial (progress). Returns their numbers."""
     timeout = None if until is None else until - time.time()
     if n_trials <= 0 or (timeout is not None and timeout <= 0):
         return []
     numbers: list[int] = []
-    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=CATCH,
-                   callbacks=[lambda _study, t: numbers.append(t.number)])
+
+    def done(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        numbers.append(trial.number)
+        if on_trial:
+            on_trial(trial)
+
+    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=CATCH, callbacks=[done])
     return numbers
 
 

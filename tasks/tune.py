@@ -114,9 +114,15 @@ def run_trials(root: Path, params: Params, ref: StudyRef, data: DataVersion, wor
                                                           "model.family": ref.family})
     objective = tune.objective(ref.family, load_splits(Path(data.prepared)), params.train, cfg, params.evaluate,
                                ref.seed, runs)
+    log = get_run_logger()
+
+    def progress(t) -> None:
+        log.info("%s trial %d %s: %s", ref.name, t.number, t.state.name.lower(),
+                 ", ".join(f"{v:.4f}" for v in t.values or []) or f"at epoch {t.last_step}")
+
     with tune.torch_threads(cfg.threads_per_trial):
-        numbers = tune.run_trials(study, objective, n_trials, until)
-    get_run_logger().info("%s worker %d ran trial(s) %s", ref.name, worker, numbers or "none (budget spent)")
+        numbers = tune.run_trials(study, objective, n_trials, until, progress)
+    log.info("%s worker %d ran trial(s) %s", ref.name, worker, numbers or "none (budget spent)")
     return numbers
 
 
