@@ -10,19 +10,23 @@ created by an untimed trivial flow first (a once-per-machine cost, not a per-run
 candidates one after the other and both compute every candidate's model card.
 
     .venv/bin/python bench/overhead.py --rounds 3
+    .venv/bin/python bench/overhead.py --rounds 3 --server   # flows on a running Prefect server, as in production
     .venv/bin/python bench/overhead.py --rounds 1 --max-epochs 3    # quick check
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -93,10 +97,35 @@ def timed(args: list[str], cwd: Path, env: dict[str, str]) -> float:
     return seconds
 
 
+@contextlib.contextmanager
+def prefect_server(env: dict[str, str]):
+    """A real `prefect server start` on 127.0.0.1 for the whole benchmark; yields its API URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            sys.exit("prefect server did not answer within 120 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-epochs", type=int, default=None, help="override train.max_epochs")
+    ap.add_argument("--server", action="store_true", help="run the flows on a Prefect server started once")
     ap.add_argument("--plain", type=Path, metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.plain:
@@ -108,7 +137,12 @@ def main() -> None:
     epochs = args.max_epochs or yaml.safe_load((REPO / "params.yaml").read_text())["train"]["max_epochs"]
     flows: list[float] = []
     plains: list[float] = []
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, prefect_home, ignore_errors=True)
+        if args.server:
+            t0 = time.perf_counter()
+            env["PREFECT_API_URL"] = stack.enter_context(prefect_server(env))
+            print(f"prefect server {env['PREFECT_API_URL']} up in {time.perf_counter() - t0:.1f} s (not counted)")
         print(f"prefect warm-up (not counted): {timed(['-c', WARMUP], REPO, env):.1f} s")
         print(f"{args.rounds} round(s), max_epochs {epochs}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
         print(f"{'round':>5} {'flow s':>8} {'plain s':>8} {'ratio':>6}")
@@ -120,8 +154,6 @@ def main() -> None:
                 finally:
                     shutil.rmtree(root, ignore_errors=True)
             print(f"{i:>5} {flows[-1]:>8.1f} {plains[-1]:>8.1f} {flows[-1] / plains[-1]:>6.2f}", flush=True)
-    finally:
-        shutil.rmtree(prefect_home, ignore_errors=True)
     flow_s, plain_s = statistics.median(flows), statistics.median(plains)
     ratio = flow_s / plain_s
     print(f"{'median':>5} {flow_s:>8.1f} {plain_s:>8.1f} {ratio:>6.2f}")
