@@ -18,15 +18,20 @@ from ottimo.config import MlflowCfg
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
 
 
+def in_project(root: Path, url: str) -> str:
+    """A `sqlite:///relative/path` URL made absolute against the project root (its folder created);
+    any other URL as it is."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not os.path.isabs(url[len(prefix):]):
+        db = (root / url[len(prefix):]).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        url = prefix + str(db)
+    return url
+
+
 def tracking_uri(root: Path, cfg: MlflowCfg) -> str:
     """OTTIMO_TRACKING_URI wins (e.g. a server); a relative sqlite path is taken from the project root."""
-    uri = os.environ.get("OTTIMO_TRACKING_URI") or cfg.tracking_uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not os.path.isabs(uri[len(prefix):]):
-        db = (root / uri[len(prefix):]).resolve()
-        db.parent.mkdir(parents=True, exist_ok=True)
-        uri = prefix + str(db)
-    return uri
+    return in_project(root, os.environ.get("OTTIMO_TRACKING_URI") or cfg.tracking_uri)
 
 
 def connect(root: Path, cfg: MlflowCfg) -> tuple[MlflowClient, str]:

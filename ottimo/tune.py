@@ -31,6 +31,7 @@ from sqlalchemy.engine import make_url
 
 from ottimo.config import EvaluateCfg, FloatRange, IntRange, TrainCfg, TuneCfg
 from ottimo.data import Splits
+from ottimo.tracking import in_project
 from ottimo.train import fit
 
 SQLITE_TIMEOUT_S = 120  # how long a writer waits for SQLite's lock before "database is locked"
@@ -47,14 +48,8 @@ class TuningFailed(RuntimeError):
 
 
 def storage_url(root: Path, cfg: TuneCfg) -> str:
-    """tune.storage, with a relative sqlite path taken from the project root (like ottimo.tracking)."""
-    prefix = "sqlite:///"
-    url = cfg.storage
-    if url.startswith(prefix) and not os.path.isabs(url[len(prefix):]):
-        db = (root / url[len(prefix):]).resolve()
-        db.parent.mkdir(parents=True, exist_ok=True)
-        url = prefix + str(db)
-    return url
+    """tune.storage, with a relative sqlite path taken from the project root."""
+    return in_project(root, cfg.storage)
 
 
 def _sqlite_connect(dbapi_conn, _record) -> None:
