@@ -53,10 +53,12 @@ def track(root: Path, path: str) -> None:
 
 
 def reproduce(root: Path, stage: str = "prepare") -> bool:
-    """`dvc repro` one stage; return whether it ran (False: DVC found it up to date and skipped it)."""
-    changed = json.loads(dvc(root, "status", stage, "--json") or "{}")
+    """`dvc repro` one stage; return whether it ran: whether dvc.lock changed (DVC skips an up-to-date stage
+    and restores a deleted output from its run cache without changing the lock)."""
+    lock = root / "dvc.lock"
+    before = lock.read_text() if lock.exists() else None
     dvc(root, "repro", "--quiet", stage)
-    return bool(changed)
+    return lock.read_text() != before
 
 
 def push(root: Path) -> None:
