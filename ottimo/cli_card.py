@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ottimo.config import ConfigError, Params, load_params
+from ottimo.config import Params
 
 card_app = typer.Typer(help="Model cards of registered versions: show one, compare two.", no_args_is_help=True)
 console = Console()
@@ -29,15 +28,11 @@ MODEL = typer.Option(None, "--model", "-m", help="Registered model; default: mlf
 
 
 def _open(project_dir: Path, params_file: str, model: str | None):
+    from ottimo.cli import _params_or_exit  # the main app; it imports this module at load time
     from ottimo.tracking import connect
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stdout for the card
     root = project_dir.resolve()
-    try:
-        params: Params = load_params(root / params_file)
-    except ConfigError as e:
-        err.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    params = _params_or_exit(root, params_file)
     client, _ = connect(root, params.mlflow)
     return root, params, client, model or params.mlflow.registered_model
 
