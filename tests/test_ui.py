@@ -129,7 +129,8 @@ def test_run_from_prefect_ui_promotes_in_mlflow_ui(stack, browser):
     deadline = time.monotonic() + RUN_TIMEOUT
     runs: list = []
     while time.monotonic() < deadline:
-        runs = api(ep, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}})
+        runs = [r for r in api(ep, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}})
+                if not r["auto_scheduled"]]  # not the nightly runs the scheduler plans ahead
         if runs and runs[0]["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             break
         time.sleep(3)
@@ -143,3 +144,16 @@ def test_run_from_prefect_ui_promotes_in_mlflow_ui(stack, browser):
     browser.get(f"{ep.mlflow_ui}/#/models/ottimo-classifier")
     body = wait_text(browser, "champion", "6-mlflow-registry")
     assert "Version 1" in body, body
+
+    # cross-links: the MLflow run names the Prefect flow run and its UI page; the flow run links back
+    from mlflow import MlflowClient
+
+    client = MlflowClient(ep.mlflow_ui, ep.mlflow_ui)
+    champion = client.get_model_version_by_alias("ottimo-classifier", "champion")
+    parent = client.get_run(client.get_run(champion.run_id).data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["prefect.flow_run_id"] == run["id"]
+    assert parent.data.tags["prefect.flow_run_url"] == f"{ep.prefect_ui}/runs/flow-run/{run['id']}"
+    artifact = api(ep, "/artifacts/filter", {"artifacts": {"key": {"any_": ["pipeline-summary"]}}})[0]
+    assert artifact["flow_run_id"] == run["id"]
+    assert f"{ep.mlflow_ui}/#/models/ottimo-classifier/versions/1" in artifact["data"]
+    assert f"runs/{parent.info.run_id}" in artifact["data"] and "**Gate: PASS**" in artifact["data"]
