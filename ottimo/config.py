@@ -348,7 +348,7 @@ class Params(Strict):
             return base | {k: merge(base[k], v) if isinstance(v, dict) else v
                            for k, v in extra.items() if v is not None}
 
-        return Params.model_validate(merge(self.model_dump(), overrides)) if overrides else self
+        return parse_params(merge(self.model_dump(), overrides), "flow-run parameters") if overrides else self
 
 
 def _describe(err: ValidationError, source: str) -> str:
