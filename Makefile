@@ -2,13 +2,14 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: install run status test lint bench clean
+.PHONY: install run status up down browser test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +24,18 @@ run: install                        ## the whole pipeline on the embedded defaul
 status: install                     ## champion / previous-champion / challenger
 	$(BIN)/ottimo status
 
-test: install                       ## lint, then the whole test suite
+up: install                         ## Prefect server :4200, MLflow server :5000, the deployments served (127.0.0.1)
+	$(BIN)/python -m ottimo.servers up
+
+down:                               ## stop exactly what `make up` started (.run/*.pid); data is kept
+	$(BIN)/python -m ottimo.servers down
+
+browser:                            ## Debian's chromium + chromedriver for the browser test (CI runs as root)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -q && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+test: install browser               ## lint, then the whole test suite (tests/test_ui.py drives headless Chromium)
 	$(BIN)/ruff check ottimo tasks flows tests bench
 	$(BIN)/python -m pytest
 

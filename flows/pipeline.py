@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow
 
@@ -17,10 +18,23 @@ from tasks.train import start_pipeline_run, train_candidate
 
 
 @flow(name="training-pipeline", on_failure=[fail_open_mlflow_runs])
-def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml") -> PipelineSummary:
-    """Train every candidate family on the DVC-versioned data and promote the best one that passes the gate."""
+def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml", max_epochs: int | None = None,
+                      min_accuracy: float | None = None, tune_enabled: bool | None = None,
+                      candidates: list[Literal["mlp", "transformer"]] | None = None) -> PipelineSummary:
+    """Train every candidate family on the DVC-versioned data and promote the best one that passes the gate.
+
+    Args:
+        project_dir: Project folder holding params.yaml, dvc.yaml and data/.
+        params_file: Config file, relative to the project folder.
+        max_epochs: Epoch budget of each candidate (train.max_epochs); empty: as in params.yaml.
+        min_accuracy: The gate's minimum test accuracy, 0 to 1 (gate.min_accuracy); empty: as in params.yaml.
+        tune_enabled: Run the Optuna tuning stage first (tune.enabled); empty: as in params.yaml.
+        candidates: Model families to train (train.candidates); empty: as in params.yaml.
+    """
     root = Path(project_dir).resolve()
-    params = load_params(root / params_file)
+    params = load_params(root / params_file).overridden({
+        "train": {"max_epochs": max_epochs, "candidates": candidates},
+        "gate": {"min_accuracy": min_accuracy}, "tune": {"enabled": tune_enabled}})
 
     validate_raw(root, params)
     data = prepare_data(root, params)

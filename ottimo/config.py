@@ -315,6 +315,19 @@ class CardCfg(Strict):
         return v
 
 
+class DeployCfg(Strict):
+    """`make up`: the servers on 127.0.0.1 and the deployments they serve (OTTIMO_PREFECT_PORT /
+    OTTIMO_MLFLOW_PORT override the ports)."""
+
+    host: Literal["127.0.0.1", "localhost"] = "127.0.0.1"  # loopback only: the servers have no auth
+    prefect_port: int = Field(4200, ge=1, le=65535)
+    mlflow_port: int = Field(5000, ge=1, le=65535)
+    training_name: str = "nightly"  # deployment training-pipeline/<training_name>
+    training_cron: str | None = "0 2 * * *"  # null: no schedule, runs only when triggered
+    timezone: str = "UTC"
+    tuning_name: str = "manual"  # deployment tuning/<tuning_name>, no schedule
+
+
 class Params(Strict):
     project: ProjectCfg = ProjectCfg()
     data: DataCfg = DataCfg()
@@ -325,6 +338,17 @@ class Params(Strict):
     evaluate: EvaluateCfg = EvaluateCfg()
     gate: GateCfg = GateCfg()
     card: CardCfg = CardCfg()
+    deploy: DeployCfg = DeployCfg()
+
+    def overridden(self, overrides: dict) -> Params:
+        """This config with nested `overrides` (e.g. {"train": {"max_epochs": 3}}, from a flow run's parameters)
+        applied and validated again; None values are left out."""
+
+        def merge(base: dict, extra: dict) -> dict:
+            return base | {k: merge(base[k], v) if isinstance(v, dict) else v
+                           for k, v in extra.items() if v is not None}
+
+        return parse_params(merge(self.model_dump(), overrides), "flow-run parameters") if overrides else self
 
 
 def _describe(err: ValidationError, source: str) -> str:

@@ -43,7 +43,10 @@ def register(client: MlflowClient, name: str, model_uri: str, run_id: str, tags:
     existing = client.search_model_versions(f"name = '{name}' and tags.run_id = '{run_id}'")
     if existing:
         return existing[0]
-    return client.create_model_version(name, model_uri, run_id=run_id, tags={"run_id": run_id, **tags})
+    # a logged model (models:/m-<id>) must be named by its id too, or a tracking server refuses the source
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    return client.create_model_version(name, model_uri, run_id=run_id, tags={"run_id": run_id, **tags},
+                                       model_id=model_id)
 
 
 def promote(client: MlflowClient, name: str, version: str) -> dict[str, str]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 
 from ottimo.config import Params, load_params
 from ottimo.tracking import connect, tracking_uri
@@ -33,8 +34,38 @@ def summarise(root: Path, params: Params, data: DataVersion, run_id: str, evalua
     rows = [{"family": e.family, "version": v, **e.metrics, "verdict": decision.verdicts[e.family]}
             for e, v in zip(evaluated, versions, strict=True)]
     ui = f"mlflow ui --backend-store-uri {tracking_uri(root, params.mlflow)} --host 127.0.0.1 --port 5000"
+    publish_links(root, params, run_id, rows, decision, aliases)
     return PipelineSummary(data.revision, data.reproduced, run_id, rows, decision.version, decision.reasons, aliases,
                            ui)
+
+
+def publish_links(root: Path, params: Params, run_id: str, rows: list[dict], decision: Decision,
+                  aliases: dict[str, str]) -> None:
+    """A markdown artifact on the Prefect flow run: its MLflow run, the registered versions, the gate verdict.
+    Links when MLflow is a server (http); the run id and store otherwise."""
+    uri = tracking_uri(root, params.mlflow)
+    _, exp = connect(root, params.mlflow)
+    name = params.mlflow.registered_model
+    web = uri.rstrip("/") if uri.startswith("http") else None
+
+    def link(text: str, path: str) -> str:
+        return f"[{text}]({web}/#/{path})" if web else f"`{text}`"
+
+    def version(v: str) -> str:
+        return link(f"v{v}", f"models/{name}/versions/{v}")
+
+    lines = [f"# Training pipeline: champion is {name} {version(decision.version)}",
+             "", f"MLflow run: {link(run_id, f'experiments/{exp}/runs/{run_id}')}"
+             + ("" if web else f" in `{uri}`"), "",
+             "| family | version | accuracy | p95 ms | size MB | gate |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['family']} | {version(str(r['version']))} | "
+              f"{r['accuracy']:.4f} | {r['p95_ms']:.3f} | {r['size_mb']:.3f} | {r['verdict']} |" for r in rows]
+    lines += ["", f"**Gate: {'PASS' if decision.passed else 'FAIL'}** ({decision.family} v{decision.version})", ""]
+    lines += [f"- {reason}" for reason in decision.reasons]
+    lines += ["", "Aliases: " + ", ".join(f"`{a}` → v{v}" for a, v in sorted(aliases.items())),
+              "", f"Registry: {link(name, f'models/{name}')}"]
+    create_markdown_artifact(markdown="\n".join(lines), key="pipeline-summary",
+                             description=f"MLflow run, registered versions and gate verdict of {name}")
 
 
 def fail_open_mlflow_runs(flow, flow_run, state) -> None:

@@ -19,6 +19,18 @@ from ottimo.train import fit
 from tasks.data import DataVersion
 
 FLOW_RUN_TAG = "prefect.flow_run_id"
+FLOW_RUN_URL_TAG = "prefect.flow_run_url"
+
+
+def flow_run_url() -> str | None:
+    """The Prefect UI page of the current flow run when a Prefect server is used (PREFECT_UI_URL, derived from
+    PREFECT_API_URL); None on the ephemeral API, which has no UI to link to."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if not settings.api.url or not settings.ui_url:
+        return None
+    return f"{settings.ui_url.rstrip('/')}/runs/flow-run/{runtime.flow_run.id}"
 
 
 @dataclass(frozen=True)
@@ -42,10 +54,12 @@ def work_dir(root: Path, run_id: str) -> Path:
 
 @task
 def start_pipeline_run(root: Path, params: Params, data: DataVersion) -> str:
-    """Open the parent MLflow run: params, data revision, dataset input, Prefect flow-run id."""
+    """Open the parent MLflow run: params, data revision, dataset input, Prefect flow-run id (and its UI page)."""
     client, exp = connect(root, params.mlflow)
+    url = flow_run_url()
     run = client.create_run(exp, run_name="pipeline", tags={
-        FLOW_RUN_TAG: str(runtime.flow_run.id), "data.revision": data.revision, "ottimo.kind": "pipeline"})
+        FLOW_RUN_TAG: str(runtime.flow_run.id), "data.revision": data.revision, "ottimo.kind": "pipeline",
+        **({FLOW_RUN_URL_TAG: url} if url else {})})
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in flatten(
         params.model_dump()).items()])
     train = pd.read_parquet(Path(data.prepared) / "train.parquet")

@@ -61,3 +61,33 @@ def test_cli_stops_before_any_work_on_invalid_config(project):
     assert result.exit_code == 2
     assert "train.max_epochs" in result.output and "greater than or equal to 1" in result.output
     assert not (project / "mlruns").exists() and not (project / ".dvc").exists() and not (project / "data").exists()
+
+
+def test_flow_run_overrides_are_validated_and_none_keeps_the_file():
+    base = parse_params({})
+    same = base.overridden({"train": {"max_epochs": None, "candidates": None}, "gate": {"min_accuracy": None}})
+    assert same == base
+    changed = base.overridden({"train": {"max_epochs": 3, "candidates": ["mlp"]}, "tune": {"enabled": True}})
+    assert (changed.train.max_epochs, changed.train.candidates, changed.tune.enabled) == (3, ["mlp"], True)
+    assert changed.train.patience == base.train.patience
+    with pytest.raises(ConfigError, match="train.max_epochs: got 0"):
+        base.overridden({"train": {"max_epochs": 0}})
+
+
+def test_deploy_section_has_a_nightly_schedule_and_loopback_only():
+    p = parse_params({})
+    assert (p.deploy.training_cron, p.deploy.host, p.deploy.prefect_port, p.deploy.mlflow_port) == (
+        "0 2 * * *", "127.0.0.1", 4200, 5000)
+    with pytest.raises(ConfigError, match="deploy.host"):
+        parse_params({"deploy": {"host": "0.0.0.0"}})
+
+
+def test_training_flow_shows_typed_parameters_with_descriptions():
+    from flows.pipeline import training_pipeline
+
+    props = training_pipeline.parameters.model_dump()["properties"]
+    assert props["candidates"]["anyOf"][0]["items"]["enum"] == ["mlp", "transformer"]
+    assert props["max_epochs"]["anyOf"][0]["type"] == "integer"
+    assert props["min_accuracy"]["anyOf"][0]["type"] == "number"
+    assert props["tune_enabled"]["anyOf"][0]["type"] == "boolean"
+    assert all(props[k]["description"] for k in ("max_epochs", "min_accuracy", "tune_enabled", "candidates"))

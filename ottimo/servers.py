@@ -1,0 +1,192 @@
+"""`make up` / `make down`: a Prefect server, an MLflow server and the deployments' serve process, on 127.0.0.1.
+
+Each process runs in its own session; its pid goes to `.run/<name>.pid` and its output to `.run/<name>.log`.
+`down` signals exactly those process groups (the servers' own workers included) and keeps every data file:
+Prefect's database under `.prefect/`, MLflow's under `mlruns/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from ottimo.config import load_params
+
+CODE = Path(__file__).resolve().parents[1]  # where flows/ lives: the serve process runs from here
+ORDER = ("prefect", "mlflow", "serve")
+QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
+         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    host: str
+    prefect_port: int
+    mlflow_port: int
+
+    @property
+    def prefect_ui(self) -> str:
+        return f"http://{self.host}:{self.prefect_port}"
+
+    @property
+    def prefect_api(self) -> str:
+        return f"{self.prefect_ui}/api"
+
+    @property
+    def mlflow_ui(self) -> str:
+        return f"http://{self.host}:{self.mlflow_port}"
+
+
+def endpoints(root: Path, params_file: str = "params.yaml") -> Endpoints:
+    """Host and ports from params.yaml's `deploy:`, the ports overridden by OTTIMO_PREFECT_PORT / OTTIMO_MLFLOW_PORT."""
+    cfg = load_params(root / params_file).deploy
+    return Endpoints(cfg.host, int(os.environ.get("OTTIMO_PREFECT_PORT") or cfg.prefect_port),
+                     int(os.environ.get("OTTIMO_MLFLOW_PORT") or cfg.mlflow_port))
+
+
+def environment(root: Path, ep: Endpoints) -> dict[str, str]:
+    """What every started process sees: telemetry off, Prefect's home in the project, the servers' URLs."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    return env | QUIET | {
+        "PREFECT_HOME": str(root / ".prefect"),
+        "PREFECT_API_URL": ep.prefect_api,
+        "PREFECT_UI_URL": ep.prefect_ui,
+        "OTTIMO_TRACKING_URI": ep.mlflow_ui,
+    }
+
+
+def commands(root: Path, params_file: str, ep: Endpoints) -> dict[str, tuple[list[str], Path]]:
+    """name -> (argv, working folder)."""
+    bin_dir = Path(sys.executable).parent
+    mlruns = root / "mlruns"
+    allowed = ",".join(f"{h}:{ep.mlflow_port}" for h in (ep.host, "localhost", "127.0.0.1"))
+    return {
+        "prefect": ([str(bin_dir / "prefect"), "server", "start", "--host", ep.host, "--port", str(ep.prefect_port)],
+                    root),
+        "mlflow": ([str(bin_dir / "mlflow"), "server", "--host", ep.host, "--port", str(ep.mlflow_port),
+                    "--workers", "1", "--backend-store-uri", f"sqlite:///{mlruns / 'mlflow.db'}",
+                    "--serve-artifacts", "--artifacts-destination", str(mlruns / "artifacts"),
+                    "--allowed-hosts", allowed, "--cors-allowed-origins", ep.mlflow_ui], root),
+        "serve": ([sys.executable, "-m", "flows.serve", "--project-dir", str(root), "--params", params_file], CODE),
+    }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pid(run_dir: Path, name: str) -> int | None:
+    f = run_dir / f"{name}.pid"
+    if not f.is_file():
+        return None
+    pid = int(f.read_text().strip())
+    return pid if _alive(pid) else None
+
+
+def _get(url: str, body: dict | None = None) -> object | None:
+    """JSON from url (POST when body is given; True for a 2xx that is not JSON), None while it is not answering."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            raw = resp.read()
+    except OSError:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return True
+
+
+def ready(name: str, ep: Endpoints) -> bool:
+    if name == "prefect":
+        return _get(f"{ep.prefect_api}/health") is not None
+    if name == "mlflow":
+        return _get(f"{ep.mlflow_ui}/health") is not None
+    deployments = _get(f"{ep.prefect_api}/deployments/filter", {"limit": 10})
+    return isinstance(deployments, list) and len(deployments) >= 2
+
+
+def up(root: Path, params_file: str = "params.yaml", timeout: float = 180) -> Endpoints:
+    """Start whatever of the three is not running yet, each after the one before answers."""
+    root = root.resolve()
+    ep = endpoints(root, params_file)
+    run_dir = root / ".run"
+    run_dir.mkdir(exist_ok=True)
+    (root / "mlruns" / "artifacts").mkdir(parents=True, exist_ok=True)
+    env = environment(root, ep)
+    for name, (argv, cwd) in commands(root, params_file, ep).items():
+        proc = None
+        if _pid(run_dir, name) is None:
+            with open(run_dir / f"{name}.log", "ab") as log:
+                proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+            (run_dir / f"{name}.pid").write_text(str(proc.pid))
+        deadline = time.monotonic() + timeout
+        while not ready(name, ep):
+            if (proc.poll() is not None) if proc else _pid(run_dir, name) is None:
+                raise RuntimeError(f"{name} exited while starting; see {run_dir / name}.log")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} did not answer within {timeout:.0f} s; see {run_dir / name}.log")
+            time.sleep(1)
+    return ep
+
+
+def down(root: Path, grace: float = 20) -> list[str]:
+    """Stop the processes named by .run/*.pid (their whole process groups), newest first; keep all data."""
+    run_dir = root.resolve() / ".run"
+    stopped = []
+    for name in reversed(ORDER):
+        pid = _pid(run_dir, name)
+        if pid is not None:
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + grace
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.3)
+                try:
+                    os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child (tests)
+                except ChildProcessError:
+                    pass
+            if _alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+            stopped.append(name)
+        (run_dir / f"{name}.pid").unlink(missing_ok=True)
+    return stopped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("--project-dir", default=".")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    root = Path(args.project_dir)
+    if args.action == "down":
+        stopped = down(root)
+        print(f"stopped: {', '.join(stopped) or 'nothing was running'} (data kept in .prefect/ and mlruns/)")
+        return
+    ep = up(root, args.params)
+    print(f"Prefect UI  {ep.prefect_ui}   (deployments: {ep.prefect_ui}/deployments)\n"
+          f"MLflow UI   {ep.mlflow_ui}   (registry: {ep.mlflow_ui}/#/models)\n"
+          f"logs and pids in {root.resolve() / '.run'}; stop with `make down`")
+
+
+if __name__ == "__main__":
+    main()

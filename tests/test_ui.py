@@ -1,0 +1,159 @@
+"""System test in a real browser: `ottimo.servers` starts Prefect, MLflow and the deployments on free ports in a
+temporary project; headless Chromium runs the training deployment from the Prefect UI and finds the new champion
+in the MLflow UI. Screenshots and the servers' logs go to test-output/ui/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ottimo import servers
+from tests.conftest import REPO, write_project
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+OUT = REPO / "test-output" / "ui"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--window-size=1400,1000"]
+RUN_TIMEOUT = 360  # seconds for the flow run started from the UI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api(ep: servers.Endpoints, path: str, body: dict | None = None):
+    req = urllib.request.Request(f"{ep.prefect_api}{path}", data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.fixture
+def stack(tmp_path: Path):
+    """The three processes of `make up` for a tiny project (one MLP, a few epochs, no tuning); always stopped."""
+    ports = {"prefect_port": free_port(), "mlflow_port": free_port()}
+    root = write_project(tmp_path / "project", {"train": {"candidates": ["mlp"]}, "deploy": ports})
+    OUT.mkdir(parents=True, exist_ok=True)
+    try:
+        yield root, servers.up(root, timeout=120)
+    finally:
+        stopped = servers.down(root)
+        for log in (root / ".run").glob("*.log"):
+            shutil.copy(log, OUT / log.name)
+        assert not list((root / ".run").glob("*.pid")), f"pid files left after stopping {stopped}"
+
+
+@pytest.fixture
+def browser(tmp_path: Path):
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("needs Debian's chromium and chromium-driver (`make test` installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in [*FLAGS, f"--user-data-dir={tmp_path / 'chromium'}"]:
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    driver.implicitly_wait(0)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_text(driver, text: str, shot: str, timeout: float = 60) -> str:
+    """Wait until the page's text contains `text`; screenshot to test-output/ui/<shot>.png either way."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout
+    body = ""
+    while time.monotonic() < deadline:
+        body = driver.find_element(By.TAG_NAME, "body").text
+        if text in body:
+            break
+        time.sleep(0.5)
+    time.sleep(0.5)
+    driver.save_screenshot(str(OUT / f"{shot}.png"))
+    assert text in body, f"{text!r} not on {driver.current_url} after {timeout:.0f} s (see {OUT / shot}.png)"
+    return body
+
+
+def click(driver, text: str, shot: str, timeout: float = 30) -> None:
+    """Click the visible button or menu item whose text is `text`."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for el in driver.find_elements(By.XPATH, f"//*[self::button or @role='menuitem' or self::a]"
+                                                 f"[normalize-space(.)='{text}']"):
+            if el.is_displayed():
+                el.click()
+                time.sleep(0.5)
+                driver.save_screenshot(str(OUT / f"{shot}.png"))
+                return
+        time.sleep(0.5)
+    driver.save_screenshot(str(OUT / f"{shot}.png"))
+    raise AssertionError(f"no visible {text!r} on {driver.current_url} (see {OUT / shot}.png)")
+
+
+@pytest.mark.timeout(900)
+def test_run_from_prefect_ui_promotes_in_mlflow_ui(stack, browser):
+    root, ep = stack
+
+    # the deployments page lists the nightly training deployment with its schedule
+    browser.get(f"{ep.prefect_ui}/deployments")
+    body = wait_text(browser, "nightly", "1-deployments")
+    assert "At 02:00 AM every day" in body, body  # the cron "0 2 * * *" from params.yaml, as the UI words it
+    deployment = api(ep, "/deployments/name/training-pipeline/nightly")
+    assert deployment["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+
+    # its page: Run → Quick run
+    browser.get(f"{ep.prefect_ui}/deployments/deployment/{deployment['id']}")
+    wait_text(browser, "training-pipeline", "2-deployment")
+    click(browser, "Run", "3-run-menu")
+    click(browser, "Quick run", "4-quick-run")
+
+    # the flow run it created reaches Completed
+    deadline = time.monotonic() + RUN_TIMEOUT
+    runs: list = []
+    while time.monotonic() < deadline:
+        runs = [r for r in api(ep, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}})
+                if not r["auto_scheduled"]]  # not the nightly runs the scheduler plans ahead
+        if runs and runs[0]["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            break
+        time.sleep(3)
+    assert runs, "Quick run created no flow run"
+    run = runs[0]
+    browser.get(f"{ep.prefect_ui}/runs/flow-run/{run['id']}")
+    wait_text(browser, "Completed" if run["state_type"] == "COMPLETED" else run["state_name"] or "", "5-flow-run")
+    assert run["state_type"] == "COMPLETED", f"flow run {run['name']} ended {run['state_name']}: see serve.log"
+
+    # the MLflow registry shows the champion alias on the version the run registered
+    browser.get(f"{ep.mlflow_ui}/#/models/ottimo-classifier")
+    body = wait_text(browser, "champion", "6-mlflow-registry")
+    assert "Version 1" in body, body
+
+    # cross-links: the MLflow run names the Prefect flow run and its UI page; the flow run links back
+    from mlflow import MlflowClient
+
+    client = MlflowClient(ep.mlflow_ui, ep.mlflow_ui)
+    champion = client.get_model_version_by_alias("ottimo-classifier", "champion")
+    parent = client.get_run(client.get_run(champion.run_id).data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["prefect.flow_run_id"] == run["id"]
+    assert parent.data.tags["prefect.flow_run_url"] == f"{ep.prefect_ui}/runs/flow-run/{run['id']}"
+    artifact = api(ep, "/artifacts/filter", {"artifacts": {"key": {"any_": ["pipeline-summary"]}}})[0]
+    assert artifact["flow_run_id"] == run["id"]
+    assert f"{ep.mlflow_ui}/#/models/ottimo-classifier/versions/1" in artifact["data"]
+    assert f"runs/{parent.info.run_id}" in artifact["data"] and "**Gate: PASS**" in artifact["data"]
