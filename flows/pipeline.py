@@ -40,7 +40,7 @@ def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml", 
     data = prepare_data(root, params)
     push_data(root, params)
     run_id = start_pipeline_run(root, params, data)
-    tuned = tune_stage(str(root), params_file, data, run_id) if params.tune.enabled else {}
+    tuned = tune_stage(str(root), params_file, params, data, run_id) if params.tune.enabled else {}
 
     # one after another: torch's global RNG is shared by threads, and seeded runs must reproduce
     candidates = [train_candidate(root, params, family, data, run_id, tuned.get(family))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from ottimo.config import load_params
+from ottimo.config import Params, load_params
 from ottimo.tune import deadline
 from tasks.data import DataVersion, prepare_data, validate_raw
 from tasks.summary import fail_open_mlflow_runs
@@ -15,11 +15,12 @@ from tasks.tune import TuneResult, close_study, open_study, run_trials, task_run
 
 @flow(name="tuning", on_failure=[fail_open_mlflow_runs])
 def tuning(project_dir: str = ".", params_file: str = "params.yaml", data: DataVersion | None = None,
-           parent_run_id: str | None = None) -> dict[str, TuneResult]:
+           parent_run_id: str | None = None, params: Params | None = None) -> dict[str, TuneResult]:
     """Tune every family in train.candidates and return the configuration chosen for each. Run alone it
-    validates and versions the data first; inside the training pipeline it gets them from it."""
+    validates and versions the data first; inside the training pipeline it gets them, and the pipeline's params
+    with its run's overrides applied, from it."""
     root = Path(project_dir).resolve()
-    params = load_params(root / params_file)
+    params = params or load_params(root / params_file)
     if data is None:
         validate_raw(root, params)
         data = prepare_data(root, params)
@@ -39,7 +40,9 @@ def with_runner(project_dir: str, params_file: str = "params.yaml"):
     return tuning.with_options(task_runner=task_runner(params.tune))
 
 
-def tune_stage(project_dir: str, params_file: str, data: DataVersion, parent_run_id: str) -> dict[str, dict]:
+def tune_stage(project_dir: str, params_file: str, params: Params, data: DataVersion,
+               parent_run_id: str) -> dict[str, dict]:
     """The tuning flow as a stage of the training pipeline: {family: training overrides of the chosen trial}."""
-    results = with_runner(project_dir, params_file)(project_dir, params_file, data, parent_run_id)
+    flow_ = tuning.with_options(task_runner=task_runner(params.tune))
+    results = flow_(project_dir, params_file, data, parent_run_id, params)
     return {family: r.overrides for family, r in results.items()}
