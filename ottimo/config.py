@@ -328,6 +328,74 @@ class DeployCfg(Strict):
     tuning_name: str = "manual"  # deployment tuning/<tuning_name>, no schedule
 
 
+class PruneCfg(Strict):
+    """Pruning variants of each base model, each fine-tuned for `finetune_epochs` at `lr`."""
+
+    unstructured: list[float] = Field(default_factory=lambda: [0.5, 0.8])  # global magnitude sparsities
+    structured: list[float] = Field(default_factory=lambda: [0.5])  # fraction of hidden / FF neurons removed
+    finetune_epochs: int = Field(10, ge=0)
+    lr: float = Field(0.001, gt=0, le=1)
+
+    @field_validator("unstructured", "structured")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < x < 1 for x in v):
+            raise ValueError("every fraction must be strictly between 0 and 1")
+        return v
+
+
+class QuantizeCfg(Strict):
+    """onnxruntime.quantization variants: INT8 dynamic, INT8 static (QDQ, calibrated on train rows)."""
+
+    methods: list[Literal["dynamic", "static"]] = Field(default_factory=lambda: ["dynamic", "static"])
+    per_channel: bool = False
+    reduce_range: bool = False  # 7-bit weights: for CPUs without VNNI, where 8-bit can saturate
+    calibration_rows: int = Field(256, ge=8)  # seeded sample of the train split for static calibration
+    after_structured: bool = True  # also quantize every structurally pruned model (prune → quantize chains)
+    min_agreement: float = Field(0.97, gt=0, le=1)  # share of test predictions equal to the FP32 model's
+
+
+class DistillCfg(Strict):
+    """A smaller student trained on the teacher's temperature-softened logits plus the hard labels."""
+
+    enabled: bool = True
+    student: Family = "mlp"
+    mlp: MlpCfg = MlpCfg(hidden=[64], dropout=0.0)  # the student's architecture (its optimizer and lr used)
+    transformer: TransformerCfg = TransformerCfg(d_model=16, heads=2, layers=1, ff_dim=32, dropout=0.0)
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1)  # weight of the soft (KL) term; 1 - alpha on cross-entropy
+    epochs: int = Field(40, ge=1)
+
+
+class SelectCfg(Strict):
+    """Which candidate (trained or compressed) goes to the gate."""
+
+    max_drop_vs_teacher: float = Field(1.0, ge=0, le=100)  # accuracy points below the FP32 teacher in onnxruntime
+    min_accuracy: float = Field(0.9, ge=0, le=1)  # absolute floor
+    objective: Literal["p95_ms", "p50_ms", "size_mb", "throughput_rps", "accuracy"] = "p95_ms"
+
+
+class CompressCfg(Strict):
+    """The compression stage: variants of the teacher (and of its distilled student), measured side by side."""
+
+    enabled: bool = False
+    teacher: Family = "transformer"  # the trained family compressed; must be in train.candidates
+    bases: list[Literal["teacher", "student"]] = Field(default_factory=lambda: ["teacher", "student"], min_length=1)
+    prune: PruneCfg = PruneCfg()
+    quantize: QuantizeCfg = QuantizeCfg()
+    distill: DistillCfg = DistillCfg()
+    select: SelectCfg = SelectCfg()
+    n_jobs: int = Field(2, ge=1)  # variants built at once (measured one after another)
+    runner: Literal["threads", "dask"] = "threads"
+    dask_address: str | None = None
+
+    @model_validator(mode="after")
+    def _student_needs_distill(self) -> CompressCfg:
+        if "student" in self.bases and not self.distill.enabled:
+            raise ValueError("bases lists 'student' but distill.enabled is false; enable it or drop 'student'")
+        return self
+
+
 class Params(Strict):
     project: ProjectCfg = ProjectCfg()
     data: DataCfg = DataCfg()
@@ -339,6 +407,14 @@ class Params(Strict):
     gate: GateCfg = GateCfg()
     card: CardCfg = CardCfg()
     deploy: DeployCfg = DeployCfg()
+    compress: CompressCfg = CompressCfg()
+
+    @model_validator(mode="after")
+    def _teacher_is_trained(self) -> Params:
+        if self.compress.enabled and self.compress.teacher not in self.train.candidates:
+            raise ValueError(f"compress.teacher {self.compress.teacher!r} is not in train.candidates "
+                             f"{self.train.candidates}; add it there or pick another teacher")
+        return self
 
     def overridden(self, overrides: dict) -> Params:
         """This config with nested `overrides` (e.g. {"train": {"max_epochs": 3}}, from a flow run's parameters)

@@ -1,0 +1,161 @@
+"""Choosing among measured candidates: the selection policy (a pure function), the Pareto front of accuracy
+against p95 latency, and the report (PNG, markdown and HTML tables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ottimo.config import SelectCfg
+
+LOWER_IS_BETTER = {"p95_ms": True, "p50_ms": True, "size_mb": True, "throughput_rps": False, "accuracy": False}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured candidate: what it is, how it was made, and its figures in onnxruntime."""
+
+    name: str
+    technique: str  # trained | distill | prune-unstructured | prune-structured | int8-dynamic | int8-static
+    base: str  # the candidate it was made from ("" for trained models)
+    metrics: dict[str, float]  # accuracy, macro_f1, p50_ms, p95_ms, throughput_rps, size_mb
+    parameters: int = 0
+    sparsity: float = 0.0
+    run_id: str = ""
+    error: str | None = None  # why it could not be measured (e.g. quantized predictions disagree)
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Selection:
+    chosen: str | None  # None: no candidate qualifies
+    objective: str
+    reasons: dict[str, str]  # every candidate -> why it was chosen or why it lost
+
+    @property
+    def summary(self) -> str:
+        if self.chosen is None:
+            return "no candidate qualifies: " + "; ".join(f"{k}: {v}" for k, v in self.reasons.items())
+        return f"{self.chosen}: {self.reasons[self.chosen]}"
+
+
+def _disqualified(row: Row, teacher_accuracy: float, cfg: SelectCfg) -> str | None:
+    if row.error:
+        return f"failed: {row.error}"
+    acc = row.metrics["accuracy"]
+    if acc < cfg.min_accuracy:
+        return f"accuracy {acc:.4f} below the floor {cfg.min_accuracy:.4f}"
+    drop = (teacher_accuracy - acc) * 100
+    if drop > cfg.max_drop_vs_teacher + 1e-9:
+        return (f"accuracy {acc:.4f} is {drop:.2f} points below the teacher's {teacher_accuracy:.4f} "
+                f"(max drop {cfg.max_drop_vs_teacher:.2f})")
+    return None
+
+
+def select(rows: list[Row], teacher_accuracy: float, cfg: SelectCfg) -> Selection:
+    """Among rows within `max_drop_vs_teacher` points of the teacher and at or above `min_accuracy`, the best by
+    `objective` (ties: higher accuracy, then smaller file, then name). Every row gets its reason."""
+    obj, low = cfg.objective, LOWER_IS_BETTER[cfg.objective]
+    out = {r.name: _disqualified(r, teacher_accuracy, cfg) for r in rows}
+    ok = [r for r in rows if out[r.name] is None]
+    if not ok:
+        return Selection(None, obj, {k: str(v) for k, v in out.items()})
+
+    def key(r: Row) -> tuple:
+        v = r.metrics[obj]
+        return (v if low else -v, -r.metrics["accuracy"], r.metrics["size_mb"], r.name)
+
+    best = min(ok, key=key)
+    b = best.metrics[obj]
+    reasons = {}
+    for r in rows:
+        if r is best:
+            reasons[r.name] = (f"chosen: best {obj} {b:.4g} among {len(ok)} qualifying of {len(rows)} "
+                               f"(accuracy {r.metrics['accuracy']:.4f}, teacher {teacher_accuracy:.4f})")
+        elif out[r.name] is not None:
+            reasons[r.name] = out[r.name]
+        else:
+            v = r.metrics[obj]
+            rel = "tied on" if v == b else "worse"
+            reasons[r.name] = f"qualifies but {rel} {obj}: {v:.4g} vs {b:.4g} of {best.name}"
+    return Selection(best.name, obj, reasons)
+
+
+def pareto_front(rows: list[Row]) -> list[str]:
+    """Names of rows no other row beats on both accuracy (higher) and p95 latency (lower)."""
+    good = [r for r in rows if not r.error]
+
+    def dominated(r: Row) -> bool:
+        a, p = r.metrics["accuracy"], r.metrics["p95_ms"]
+        return any(o.metrics["accuracy"] >= a and o.metrics["p95_ms"] <= p
+                   and (o.metrics["accuracy"] > a or o.metrics["p95_ms"] < p) for o in good)
+
+    return [r.name for r in good if not dominated(r)]
+
+
+def table(rows: list[Row], selection: Selection) -> pd.DataFrame:
+    front = set(pareto_front(rows))
+    recs = []
+    for r in rows:
+        m = r.metrics
+        recs.append({"candidate": r.name, "technique": r.technique, "base": r.base or "-",
+                     "accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1"), "p50_ms": m.get("p50_ms"),
+                     "p95_ms": m.get("p95_ms"), "rows_per_s_b64": m.get("throughput_rps"),
+                     "size_kb": m["size_mb"] * 1e3 if "size_mb" in m else None, "parameters": r.parameters,
+                     "sparsity": r.sparsity, "pareto": "yes" if r.name in front else "",
+                     "selection": selection.reasons.get(r.name, "")})
+    return pd.DataFrame(recs)
+
+
+def markdown(rows: list[Row], selection: Selection, title: str) -> str:
+    df = table(rows, selection)
+    head = ["candidate", "technique", "accuracy", "p50 ms", "p95 ms", "rows/s @64", "size kB", "params",
+            "sparsity", "Pareto", "selection"]
+    way = "lowest" if LOWER_IS_BETTER[selection.objective] else "highest"
+    lines = [f"# {title}", "", f"**Selected: {selection.chosen or 'none'}** (objective: {way} {selection.objective})",
+             ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+
+    def f(v, fmt: str) -> str:
+        return "-" if v is None or v != v else format(v, fmt)
+
+    for _, r in df.iterrows():
+        lines.append(f"| {r.candidate} | {r.technique} | {f(r.accuracy, '.4f')} | {f(r.p50_ms, '.4f')} | "
+                     f"{f(r.p95_ms, '.4f')} | {f(r.rows_per_s_b64, ',.0f')} | {f(r.size_kb, '.1f')} | "
+                     f"{r.parameters:,} | {r.sparsity:.2f} | {r.pareto} | {r.selection} |")
+    return "\n".join(lines) + "\n"
+
+
+def html(rows: list[Row], selection: Selection, title: str) -> str:
+    body = table(rows, selection).to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
+    return f"<html><head><meta charset='utf-8'><title>{title}</title></head><body><h1>{title}</h1>" \
+           f"<p>Selected: <b>{selection.chosen or 'none'}</b> (objective {selection.objective})</p>{body}</body></html>"
+
+
+def pareto_png(rows: list[Row], selection: Selection, path: Path) -> Path:
+    """Accuracy against p95 latency at batch 1; marker area proportional to file size; the front joined."""
+    good = [r for r in rows if not r.error]
+    fig = Figure(figsize=(8, 5.5))
+    ax = fig.subplots()
+    biggest = max(r.metrics["size_mb"] for r in good) if good else 1.0
+    for r in good:
+        chosen = r.name == selection.chosen
+        ax.scatter(r.metrics["p95_ms"], r.metrics["accuracy"] * 100, s=30 + 600 * r.metrics["size_mb"] / biggest,
+                   alpha=0.6, edgecolors="red" if chosen else "black", linewidths=2.5 if chosen else 0.5)
+        ax.annotate(r.name, (r.metrics["p95_ms"], r.metrics["accuracy"] * 100), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    front = sorted((r for r in good if r.name in set(pareto_front(rows))), key=lambda r: r.metrics["p95_ms"])
+    ax.plot([r.metrics["p95_ms"] for r in front], [r.metrics["accuracy"] * 100 for r in front], "k--", lw=0.8,
+            label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("p95 latency at batch 1 (ms, log scale, onnxruntime)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Compression candidates (marker size = file size); selected: {selection.chosen or 'none'}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
