@@ -1,4 +1,4 @@
-"""The training pipeline: validate → version data → tune → train → export → evaluate → model card → gate → promote."""
+"""The training pipeline: validate → version data → tune → train → export → evaluate → compress → card → gate."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Literal
 
 from prefect import flow
 
+from flows.compress import compress_stage
 from flows.tune import tune_stage
 from ottimo.config import load_params
 from tasks.card import model_card
@@ -47,6 +48,8 @@ def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml", 
                   for family in params.train.candidates]
     exported = [export_candidate(root, params, c, data) for c in candidates]
     evaluated = [evaluate_candidate(root, params, c, e, data) for c, e in zip(candidates, exported, strict=True)]
+    if params.compress.enabled:  # trained and compressed candidates compete; the chosen one goes on to the gate
+        evaluated = [compress_stage(str(root), params_file, params, candidates, exported, data, run_id)]
 
     champion_accuracy = evaluate_champion(root, params, data)
     versions = [register_candidate(root, params, e, data) for e in evaluated]

@@ -1,0 +1,66 @@
+"""The compression flow: distil, prune, quantize (built in parallel), measure one after another, report, select."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from ottimo.config import Params, load_params
+from tasks import compress as t
+from tasks.compress import Built, CompressionResult
+from tasks.data import DataVersion, prepare_data, validate_raw
+from tasks.evaluate import Evaluated, Exported
+from tasks.summary import fail_open_mlflow_runs
+from tasks.train import Candidate
+
+
+@flow(name="compression", on_failure=[fail_open_mlflow_runs])
+def compression(project_dir: str = ".", params_file: str = "params.yaml", run_id: str | None = None,
+                trained: list[Built] | None = None, data: DataVersion | None = None,
+                parent_run_id: str | None = None, params: Params | None = None) -> CompressionResult:
+    """Compress the teacher (compress.teacher) into measured candidates and choose one. Run alone (`ottimo
+    compress --run-id`) it takes the teacher from that MLflow run; inside the pipeline it gets the trained
+    models, the data and the pipeline run from it."""
+    root = Path(project_dir).resolve()
+    params = params or load_params(root / params_file)
+    cfg = params.compress
+    if trained is None:
+        validate_raw(root, params)
+        data = prepare_data(root, params)
+        teacher, parent_run_id = t.resolve_teacher(root, params, run_id, data)
+        trained = [teacher]
+    teacher = next(b for b in trained if b.family == cfg.teacher and b.technique == "trained")
+
+    student = t.distill_student.submit(root, params, teacher, data, parent_run_id) if cfg.distill.enabled else None
+    bases = [teacher if b == "teacher" else student for b in cfg.bases]
+    pruned = {(method, amount, i): t.prune_variant.submit(root, params, base, method, amount, data, parent_run_id)
+              for i, base in enumerate(bases) for method, amounts in (("unstructured", cfg.prune.unstructured),
+                                                                      ("structured", cfg.prune.structured))
+              for amount in amounts}
+    to_quantize = bases + ([f for (m, _, _), f in pruned.items() if m == "structured"]
+                           if cfg.quantize.after_structured else [])
+    quantized = [t.quantize_variant.submit(root, params, base, method, data, parent_run_id)
+                 for base in to_quantize for method in cfg.quantize.methods]
+
+    futures = ([student] if student else []) + list(pruned.values()) + quantized
+    built = trained + [f.result() for f in futures]
+    rows = t.measure_candidates(root, params, built, data)
+    selection = t.report_and_select(root, params, rows, teacher.name, parent_run_id)
+    return CompressionResult(built, rows, selection)
+
+
+def with_runner(project_dir: str, params_file: str = "params.yaml"):
+    """The compression flow with the task runner params.yaml asks for (threads, or Dask)."""
+    params = load_params(Path(project_dir).resolve() / params_file)
+    return compression.with_options(task_runner=t.task_runner(params.compress))
+
+
+def compress_stage(project_dir: str, params_file: str, params: Params, candidates: list[Candidate],
+                   exported: list[Exported], data: DataVersion, parent_run_id: str) -> Evaluated:
+    """The compression flow as a stage of the training pipeline: the trained models and their compressed
+    variants compete under compress.select; the chosen one goes on to the registry and the gate."""
+    trained = [t.from_trained(params, c, e) for c, e in zip(candidates, exported, strict=True)]
+    flow_ = compression.with_options(task_runner=t.task_runner(params.compress))
+    result = flow_(project_dir, params_file, None, trained, data, parent_run_id, params)
+    return t.as_evaluated(result.built, result.rows, result.selection.chosen)

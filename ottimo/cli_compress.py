@@ -1,0 +1,48 @@
+"""`ottimo compress --run-id RUN`: the compression stage alone on an already trained model.
+
+RUN is a pipeline run (its `compress.teacher` model is compressed) or a trained candidate's run. Candidates are
+nested under the pipeline run in MLflow, with the Pareto report; nothing is registered or promoted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+PROJECT = typer.Option(Path("."), "--project-dir", "-C", help="Project folder (holds params.yaml, dvc.yaml, data/).")
+PARAMS = typer.Option("params.yaml", "--params", "-p", help="Config file, relative to the project folder.")
+RUN_ID = typer.Option(..., "--run-id", "-r", help="MLflow run id of a pipeline run or of a trained candidate.")
+
+
+def compress(run_id: str = RUN_ID, project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
+    """Compress a trained model (settings under `compress:`): distil, prune, quantize, measure side by side in
+    onnxruntime, write the Pareto report and the choice to MLflow. Registers nothing."""
+    from ottimo.cli import _params_or_exit  # the main app; it imports this module at load time
+
+    root = project_dir.resolve()
+    _params_or_exit(root, params_file)
+    from flows.compress import with_runner
+
+    state = with_runner(str(root), params_file)(project_dir=str(root), params_file=params_file, run_id=run_id,
+                                                 return_state=True)
+    if not state.is_completed():
+        console.print(f"\n[red bold]Compression {state.name}:[/red bold] {state.message}")
+        raise typer.Exit(1)
+    result = state.result()
+    table = Table(title=f"Compression candidates (objective: {result.selection.objective})")
+    for col in ("candidate", "technique", "accuracy", "p50 ms", "p95 ms", "rows/s @64", "size kB", "params"):
+        table.add_column(col)
+    for r in result.rows:
+        m = r.metrics
+        table.add_row(("* " if r.name == result.selection.chosen else "") + r.name, r.technique,
+                      f"{m['accuracy']:.4f}", f"{m['p50_ms']:.4f}", f"{m['p95_ms']:.4f}",
+                      f"{m['throughput_rps']:,.0f}", f"{m['size_mb'] * 1e3:.1f}", f"{r.parameters:,}")
+    console.print(table)
+    for name, reason in result.selection.reasons.items():
+        console.print(f"- {name}: {reason}")
+    console.print("The Pareto plot and tables are artifacts `compression/` of the pipeline run in MLflow.")

@@ -1,0 +1,322 @@
+"""Compression tasks: distil a student, prune and quantize variants (built in parallel), measure them one after
+another in this process, report them side by side and choose the one that goes to the gate.
+
+Tasks pass `Built` records (paths, ids, the TrainCfg patch that rebuilds a checkpoint), never live models.
+Exports and quantizer calls hold one process-wide lock: both redirect stdout and the dynamo exporter is not
+made for concurrent tracing; fine-tuning and distillation run concurrently.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+import torch
+import yaml
+from mlflow.artifacts import download_artifacts
+from mlflow.entities import Metric, Param
+from mlflow.models import infer_signature
+from prefect import get_run_logger, runtime, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from ottimo import compress, pareto, quantize
+from ottimo.config import CompressCfg, Params
+from ottimo.data import Splits, load_splits
+from ottimo.export import export_onnx, parity_check, sha256, verify_sha256
+from ottimo.gate import GateFailed
+from ottimo.measure import measure, predict, session
+from ottimo.models import build_model, count_parameters
+from ottimo.tracking import connect, flatten
+from tasks.data import DataVersion
+from tasks.evaluate import Evaluated, Exported
+from tasks.train import FLOW_RUN_TAG, Candidate, work_dir
+
+_EXCLUSIVE = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Built:
+    """A candidate ready to measure: its ONNX file, and for PyTorch-made ones the checkpoint that later
+    techniques (prune → quantize) start from."""
+
+    name: str
+    technique: str  # trained | distill | prune-unstructured | prune-structured | int8-dynamic | int8-static
+    base: str
+    family: str
+    run_id: str  # its MLflow run (a trained model's own run)
+    onnx_path: str
+    sha256: str
+    model_uri: str
+    n_features: int
+    n_classes: int
+    checkpoint: str | None = None  # state_dict, loaded with weights_only=True
+    arch: dict = field(default_factory=dict)  # TrainCfg patch {family: {...}} rebuilding the checkpoint's model
+    parameters: int = 0
+    sparsity: float = 0.0
+    settings: dict = field(default_factory=dict)
+    error: str | None = None  # e.g. quantized predictions that disagree with the FP32 model
+
+
+def task_runner(cfg: CompressCfg) -> TaskRunner:
+    """n_jobs threads, or Dask (the scheduler at dask_address, else a LocalCluster of n_jobs processes)."""
+    if cfg.runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=cfg.n_jobs)
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.dask_address:
+        return DaskTaskRunner(address=cfg.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.n_jobs, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+def load_model(b: Built, params: Params) -> torch.nn.Sequential:
+    model = build_model(b.family, b.n_features, b.n_classes, params.train.patched(b.arch))
+    model.load_state_dict(torch.load(b.checkpoint, weights_only=True))
+    return model.eval()
+
+
+def _open_run(root: Path, params: Params, parent_run_id: str, name: str, technique: str, base: Built,
+              settings: dict, data: DataVersion) -> str:
+    client, exp = connect(root, params.mlflow)
+    run = client.create_run(exp, run_name=name, tags={
+        "mlflow.parentRunId": parent_run_id, FLOW_RUN_TAG: str(runtime.flow_run.id), "ottimo.kind": "compressed",
+        "data.revision": data.revision, "model.family": base.family, "compress.technique": technique,
+        "compress.base": base.name, "teacher": params.compress.teacher})
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten(
+        {"technique": technique, "base": base.name, **settings}).items()])
+    return run.info.run_id
+
+
+def _log_onnx(root: Path, params: Params, run_id: str, path: Path, X: np.ndarray) -> tuple[str, str]:
+    """Log the ONNX file as the run's MLflow model; return (model URI, sha256)."""
+    example = X[:2]
+    info = mlflow.onnx.log_model(
+        onnx.load(str(path)), name="model", run_id=run_id, save_as_external_data=False,
+        onnx_execution_providers=["CPUExecutionProvider"], input_example=example,
+        signature=infer_signature(example, session(path).run(None, {"features": example})[0]))
+    digest = sha256(path)
+    connect(root, params.mlflow)[0].set_tag(run_id, "onnx.sha256", digest)
+    return info.model_uri, digest
+
+
+def _finish_torch(root: Path, params: Params, model: torch.nn.Module, name: str, technique: str, base: Built,
+                  arch: dict, settings: dict, splits: Splits, data: DataVersion, parent_run_id: str) -> Built:
+    """Checkpoint, ONNX export with parity check, MLflow run with the model: a PyTorch-made candidate."""
+    run_id = _open_run(root, params, parent_run_id, name, technique, base, settings, data)
+    out = work_dir(root, run_id)
+    torch.save(model.state_dict(), out / "checkpoint.pt")
+    with _EXCLUSIVE:
+        path = export_onnx(model, base.n_features, out / "model.onnx")
+        diff = parity_check(model, path, splits.X_test, params.evaluate.parity_atol)
+        uri, digest = _log_onnx(root, params, run_id, path, splits.X_test)
+    client = connect(root, params.mlflow)[0]
+    client.log_metric(run_id, "parity_max_abs_diff", diff)
+    client.log_artifact(run_id, str(out / "checkpoint.pt"))
+    return Built(name, technique, base.name, base.family, run_id, str(path), digest, uri, base.n_features,
+                 base.n_classes, str(out / "checkpoint.pt"), arch, count_parameters(model), compress.sparsity(model),
+                 settings)
+
+
+def _tune_spec(params: Params, epochs: int, lr: float) -> compress.TuneSpec:
+    return compress.TuneSpec(epochs=epochs, lr=lr, batch_size=params.train.batch_size, seed=params.project.seed)
+
+
+@task
+def distill_student(root: Path, params: Params, teacher: Built, data: DataVersion, parent_run_id: str) -> Built:
+    """Train the configured student on the teacher's temperature-softened logits plus the hard labels."""
+    cfg = params.compress.distill
+    splits = load_splits(Path(data.prepared))
+    arch = {cfg.student: getattr(cfg, cfg.student).model_dump()}
+    lr = arch[cfg.student]["lr"]
+    student = compress.distill(load_model(teacher, params), splits, cfg.student, params.train.patched(arch),
+                               _tune_spec(params, cfg.epochs, lr), cfg.temperature, cfg.alpha)
+    name = f"student-{cfg.student}"
+    settings = {"temperature": cfg.temperature, "alpha": cfg.alpha, "epochs": cfg.epochs, "student": arch}
+    built = _finish_torch(root, params, student, name, "distill", teacher, arch, settings, splits, data,
+                          parent_run_id)
+    get_run_logger().info("%s distilled from %s: val acc %.4f, %d parameters (teacher %d)", name, teacher.name,
+                          compress.accuracy(student, splits.X_val, splits.y_val), built.parameters,
+                          teacher.parameters)
+    return replace(built, family=cfg.student)
+
+
+@task
+def prune_variant(root: Path, params: Params, base: Built, method: str, amount: float, data: DataVersion,
+                  parent_run_id: str) -> Built:
+    """Unstructured global magnitude pruning (zeros) or structured neuron pruning (smaller matrices) of `base`,
+    then `prune.finetune_epochs` of fine-tuning."""
+    cfg = params.compress.prune
+    splits = load_splits(Path(data.prepared))
+    model = load_model(base, params)
+    if method == "unstructured":
+        model = compress.magnitude_prune(copy.deepcopy(model), amount)
+        arch, tag = base.arch, "u"
+    else:
+        model, patch = compress.structured_prune(model, amount)
+        arch, tag = {base.family: {**base.arch.get(base.family, {}), **patch[base.family]}}, "s"
+    compress.make_permanent(compress.finetune(model, splits, _tune_spec(params, cfg.finetune_epochs, cfg.lr)))
+    name = f"{base.name}+prune-{tag}{round(amount * 100)}"
+    settings = {"method": method, "amount": amount, "finetune_epochs": cfg.finetune_epochs, "lr": cfg.lr}
+    built = _finish_torch(root, params, model, name, f"prune-{method}", base, arch, settings, splits, data,
+                          parent_run_id)
+    get_run_logger().info("%s: sparsity %.2f, %d parameters (base %d), %.1f kB ONNX", name, built.sparsity,
+                          built.parameters, base.parameters, Path(built.onnx_path).stat().st_size / 1e3)
+    return built
+
+
+@task
+def quantize_variant(root: Path, params: Params, base: Built, method: str, data: DataVersion,
+                     parent_run_id: str) -> Built:
+    """INT8 dynamic or static (QDQ, calibrated on a seeded train sample) with onnxruntime.quantization; its
+    test predictions must agree with the FP32 file's on at least `quantize.min_agreement` of the rows."""
+    cfg = params.compress.quantize
+    splits = load_splits(Path(data.prepared))
+    name = f"{base.name}+int8-{method}"
+    settings = {"method": method, "per_channel": cfg.per_channel, "reduce_range": cfg.reduce_range,
+                "calibration_rows": cfg.calibration_rows if method == "static" else 0, "format": "QDQ"
+                if method == "static" else "QOperator"}
+    run_id = _open_run(root, params, parent_run_id, name, f"int8-{method}", base, settings, data)
+    dst = work_dir(root, run_id) / "model.onnx"
+    with _EXCLUSIVE:
+        if method == "dynamic":
+            quantize.dynamic_int8(Path(base.onnx_path), dst, cfg.per_channel, cfg.reduce_range)
+        else:
+            rng = np.random.default_rng(params.project.seed)
+            rows = rng.choice(len(splits.X_train), min(cfg.calibration_rows, len(splits.X_train)), replace=False)
+            quantize.static_int8(Path(base.onnx_path), dst, splits.X_train[rows], cfg.per_channel, cfg.reduce_range)
+        uri, digest = _log_onnx(root, params, run_id, dst, splits.X_test)
+    agreement = float((predict(session(dst), splits.X_test) == predict(session(Path(base.onnx_path)),
+                                                                        splits.X_test)).mean())
+    client = connect(root, params.mlflow)[0]
+    client.log_batch(run_id, metrics=[Metric("agreement_with_fp32", agreement, 0, 0),
+                                      Metric("integer_ops", quantize.integer_ops(dst), 0, 0)])
+    error = None if agreement >= cfg.min_agreement else (
+        f"predictions agree with the FP32 model on {agreement:.1%} of test rows (< min_agreement "
+        f"{cfg.min_agreement:.1%})")
+    get_run_logger().info("%s: %.1f kB (FP32 %.1f kB), agreement with FP32 %.4f", name, dst.stat().st_size / 1e3,
+                          Path(base.onnx_path).stat().st_size / 1e3, agreement)
+    return Built(name, f"int8-{method}", base.name, base.family, run_id, str(dst), digest, uri, base.n_features,
+                 base.n_classes, None, {}, base.parameters, base.sparsity, settings, error)
+
+
+@task
+def measure_candidates(root: Path, params: Params, built: list[Built], data: DataVersion) -> list[pareto.Row]:
+    """Every candidate measured one after another in this process with the same onnxruntime settings (sha256
+    checked first); figures logged to the compressed candidates' runs, which are then closed."""
+    log = get_run_logger()
+    client, _ = connect(root, params.mlflow)
+    splits = load_splits(Path(data.prepared))
+    rows = []
+    for b in built:
+        path = verify_sha256(Path(b.onnx_path), b.sha256)
+        metrics, _ = measure(path, splits.X_test, splits.y_test, params.evaluate)
+        m = metrics.as_dict()
+        rows.append(pareto.Row(b.name, b.technique, b.base, m, b.parameters, b.sparsity, b.run_id, b.error,
+                               b.settings))
+        log.info("%-40s acc %.4f p50 %.4f ms p95 %.4f ms %9.0f rows/s %7.1f kB %7d params sparsity %.2f%s", b.name,
+                 m["accuracy"], m["p50_ms"], m["p95_ms"], m["throughput_rps"], m["size_mb"] * 1e3, b.parameters,
+                 b.sparsity, f" ({b.error})" if b.error else "")
+        if b.technique != "trained":  # a trained model's run already has the pipeline's test figures
+            client.log_batch(b.run_id, metrics=[Metric(f"test_{k}", v, 0, 0) for k, v in m.items()] + [
+                Metric("parameters", b.parameters, 0, 0), Metric("sparsity", b.sparsity, 0, 0)])
+            client.set_terminated(b.run_id, "FINISHED")
+    return rows
+
+
+@task
+def report_and_select(root: Path, params: Params, rows: list[pareto.Row], teacher: str,
+                      parent_run_id: str) -> pareto.Selection:
+    """Selection policy against the FP32 teacher; Pareto PNG, markdown and HTML tables on the parent run and as
+    a Prefect artifact; the choice and every loser's reason written to the runs. No candidate qualifying
+    raises GateFailed (the flow run fails, nothing is registered)."""
+    client, _ = connect(root, params.mlflow)
+    by_name = {r.name: r for r in rows}
+    selection = pareto.select(rows, by_name[teacher].metrics["accuracy"], params.compress.select)
+    out = work_dir(root, parent_run_id) / "compression"
+    out.mkdir(exist_ok=True)
+    title = f"Compression of {teacher}: {len(rows)} candidates"
+    md = pareto.markdown(rows, selection, title)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(pareto.html(rows, selection, title))
+    pareto.pareto_png(rows, selection, out / "pareto.png")
+    client.log_artifacts(parent_run_id, str(out), "compression")
+    create_markdown_artifact(markdown=md, key="compression-report", description=title)
+    for r in rows:
+        client.set_tag(r.run_id, "compress.selection", selection.reasons[r.name][:5000])
+    client.set_tag(parent_run_id, "compress.selected", selection.chosen or "none")
+    client.set_tag(parent_run_id, "compress.reasons", "; ".join(f"{k}: {v}" for k, v in
+                                                                selection.reasons.items())[:5000])
+    get_run_logger().info("compression: %s", selection.summary)
+    if selection.chosen is None:
+        client.set_tag(parent_run_id, "gate.verdict", "failed")
+        client.set_tag(parent_run_id, "gate.reasons", selection.summary[:5000])
+        raise GateFailed(f"gate failed: {selection.summary}. champion unchanged. Relax compress.select "
+                         "(max_drop_vs_teacher, min_accuracy) in params.yaml or the compression settings.")
+    return selection
+
+
+def as_evaluated(built: list[Built], rows: list[pareto.Row], chosen: str) -> Evaluated:
+    """The chosen candidate as the gate and registry take it: its model URI, sha256 and measured figures."""
+    b = next(x for x in built if x.name == chosen)
+    r = next(x for x in rows if x.name == chosen)
+    return Evaluated(b.name, b.run_id, b.model_uri, b.sha256, b.parameters, dict(r.metrics))
+
+
+@dataclass(frozen=True)
+class CompressionResult:
+    built: list[Built]
+    rows: list[pareto.Row]
+    selection: pareto.Selection
+
+
+def from_trained(params: Params, cand: Candidate, exp: Exported) -> Built:
+    """A trained candidate (its checkpoint and ONNX file) as the starting point of compression."""
+    arch = {cand.family: getattr(params.train.patched(cand.overrides), cand.family).model_dump()}
+    return Built(cand.family, "trained", "", cand.family, cand.run_id, exp.onnx_path, exp.sha256, exp.model_uri,
+                 cand.n_features, cand.n_classes, cand.checkpoint, arch, cand.parameters)
+
+
+@task
+def resolve_teacher(root: Path, params: Params, run_id: str, data: DataVersion) -> tuple[Built, str]:
+    """`ottimo compress --run-id`: the teacher (compress.teacher's training run under a pipeline run, or the
+    training run itself) rebuilt from its logged checkpoint and params, exported again; and its pipeline run."""
+    client, exp = connect(root, params.mlflow)
+    run = client.get_run(run_id)
+    kind = run.data.tags.get("ottimo.kind")
+    if kind == "pipeline":
+        family = params.compress.teacher
+        found = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`ottimo.kind` = "
+                                   f"'candidate' and tags.`model.family` = '{family}'", order_by=["start_time DESC"])
+        if not found:
+            raise ValueError(f"pipeline run {run_id} has no trained {family!r} model; set compress.teacher to a "
+                             "family it trained, or pass that training run's id")
+        run, parent = found[0], run_id
+    elif kind == "candidate":
+        parent = run.data.tags.get("mlflow.parentRunId", run_id)
+    else:
+        raise ValueError(f"run {run_id} is a {kind!r} run; pass a pipeline run or a trained candidate's run "
+                         "(ottimo.kind 'pipeline' or 'candidate')")
+    rev = run.data.tags.get("data.revision")
+    if rev != data.revision:
+        raise ValueError(f"run {run.info.run_id} was trained on data revision {str(rev)[:12]}, the project's data "
+                         f"is at {data.revision[:12]}; check that data out (git + dvc checkout) and run again")
+    family = run.data.tags["model.family"]
+    cfg_cls = type(getattr(params.train, family))
+    arch = {family: {k: yaml.safe_load(v) for k, v in run.data.params.items() if k in cfg_cls.model_fields}}
+    out = work_dir(root, run.info.run_id)
+    ckpt = Path(download_artifacts(run_id=run.info.run_id, artifact_path="checkpoint.pt", dst_path=str(out)))
+    splits = load_splits(Path(data.prepared))
+    n_features, n_classes = splits.X_train.shape[1], len(splits.labels)
+    model = build_model(family, n_features, n_classes, params.train.patched(arch))
+    model.load_state_dict(torch.load(ckpt, weights_only=True))
+    path = export_onnx(model.eval(), n_features, out / "model.onnx")
+    parity_check(model, path, splits.X_test, params.evaluate.parity_atol)
+    uri = f"runs:/{run.info.run_id}/model"
+    return Built(family, "trained", "", family, run.info.run_id, str(path), sha256(path), uri, n_features,
+                 n_classes, str(ckpt), arch, count_parameters(model)), parent
