@@ -25,7 +25,8 @@ def compression(project_dir: str = ".", params_file: str = "params.yaml", run_id
     root = Path(project_dir).resolve()
     params = params or load_params(root / params_file)
     cfg = params.compress
-    if trained is None:
+    alone = trained is None
+    if alone:
         validate_raw(root, params)
         data = prepare_data(root, params)
         teacher, parent_run_id = t.resolve_teacher(root, params, run_id, data)
@@ -46,7 +47,7 @@ def compression(project_dir: str = ".", params_file: str = "params.yaml", run_id
     futures = ([student] if student else []) + list(pruned.values()) + quantized
     built = trained + [f.result() for f in futures]
     rows = t.measure_candidates(root, params, built, data)
-    selection = t.report_and_select(root, params, rows, teacher.name, parent_run_id)
+    selection = t.report_and_select(root, params, rows, teacher.name, parent_run_id, gate=not alone)
     return CompressionResult(built, rows, selection)
 
 

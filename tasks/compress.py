@@ -231,10 +231,11 @@ def measure_candidates(root: Path, params: Params, built: list[Built], data: Dat
 
 @task
 def report_and_select(root: Path, params: Params, rows: list[pareto.Row], teacher: str,
-                      parent_run_id: str) -> pareto.Selection:
+                      parent_run_id: str, gate: bool = True) -> pareto.Selection:
     """Selection policy against the FP32 teacher; Pareto PNG, markdown and HTML tables on the parent run and as
     a Prefect artifact; the choice and every loser's reason written to the runs. No candidate qualifying
-    raises GateFailed (the flow run fails, nothing is registered)."""
+    raises GateFailed (the flow run fails, nothing is registered); with `gate` the pipeline run's gate tags
+    say so (run alone, the pipeline run's earlier verdict is left as it was)."""
     client, _ = connect(root, params.mlflow)
     by_name = {r.name: r for r in rows}
     selection = pareto.select(rows, by_name[teacher].metrics["accuracy"], params.compress.select)
@@ -254,8 +255,9 @@ def report_and_select(root: Path, params: Params, rows: list[pareto.Row], teache
                                                                 selection.reasons.items())[:5000])
     get_run_logger().info("compression: %s", selection.summary)
     if selection.chosen is None:
-        client.set_tag(parent_run_id, "gate.verdict", "failed")
-        client.set_tag(parent_run_id, "gate.reasons", selection.summary[:5000])
+        if gate:
+            client.set_tag(parent_run_id, "gate.verdict", "failed")
+            client.set_tag(parent_run_id, "gate.reasons", selection.summary[:5000])
         raise GateFailed(f"gate failed: {selection.summary}. champion unchanged. Relax compress.select "
                          "(max_drop_vs_teacher, min_accuracy) in params.yaml or the compression settings.")
     return selection

@@ -1,0 +1,224 @@
+"""Compression: pruning reaches its sparsity, structured pruning really shrinks, quantized graphs hold integer ops
+and keep their accuracy, distillation uses the teacher's soft targets, the selection policy's truth table, and
+the pipeline promoting a compressed candidate (then `ottimo compress` alone, passing and failing)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import write_project
+from typer.testing import CliRunner
+
+from ottimo import compress, pareto, quantize, registry
+from ottimo.config import ConfigError, Params, SelectCfg, parse_params
+from ottimo.data import Splits, builtin_frame, split_frame
+from ottimo.export import export_onnx
+from ottimo.measure import predict, session
+from ottimo.models import build_model, count_parameters
+from ottimo.train import fit
+
+TINY_TRAIN = {"max_epochs": 15, "patience": 4, "mlp": {"hidden": [32]},
+              "transformer": {"d_model": 16, "heads": 2, "layers": 1, "ff_dim": 32}}
+
+
+@pytest.fixture(scope="module")
+def splits() -> Splits:
+    torch.set_num_threads(1)
+    params = Params()
+    parts = split_frame(builtin_frame("digits"), params.data)
+    X = {k: v.drop(columns="target").to_numpy(np.float32) for k, v in parts.items()}
+    y = {k: v["target"].to_numpy(np.int64) for k, v in parts.items()}
+    return Splits(X["train"], y["train"], X["val"], y["val"], X["test"], y["test"], list(parts["train"].columns[:-1]),
+                  list(range(10)))
+
+
+@pytest.fixture(scope="module")
+def trained(splits) -> dict:
+    cfg = Params().train.patched(TINY_TRAIN)
+    return {f: fit(f, splits, cfg, seed=0).model for f in ("mlp", "transformer")} | {"cfg": cfg}
+
+
+def test_global_magnitude_pruning_reaches_target_sparsity_after_finetuning(trained, splits):
+    model = compress.magnitude_prune(copy.deepcopy(trained["transformer"]), 0.6)
+    assert compress.sparsity(model) == pytest.approx(0.6, abs=0.005)
+    compress.finetune(model, splits, compress.TuneSpec(epochs=6, lr=2e-3))
+    compress.make_permanent(model)
+    assert compress.sparsity(model) == pytest.approx(0.6, abs=0.005)  # fine-tuning kept the pruned weights at zero
+    assert not any(k.endswith(("_orig", "_mask")) for k in model.state_dict())
+    dense = compress.accuracy(trained["transformer"], splits.X_test, splits.y_test)
+    assert compress.accuracy(model, splits.X_test, splits.y_test) >= dense - 0.05, dense
+
+
+@pytest.mark.parametrize("family", ["mlp", "transformer"])
+def test_structured_pruning_shrinks_parameters_and_onnx_file(family, trained, splits, tmp_path):
+    dense = trained[family]
+    small, arch = compress.structured_prune(dense, 0.5)
+    assert count_parameters(small) < 0.85 * count_parameters(dense)
+    assert compress.sparsity(small) == 0.0  # removed, not zeroed
+    rebuilt = build_model(family, 64, 10, trained["cfg"].patched(arch))  # the patch rebuilds the architecture
+    rebuilt.load_state_dict(small.state_dict())
+    if family == "mlp":  # the file too (exports take seconds; the pipeline test measures the transformer's)
+        a = export_onnx(dense, 64, tmp_path / "dense.onnx").stat().st_size
+        b = export_onnx(small, 64, tmp_path / "small.onnx").stat().st_size
+        assert a - b >= 4 * 0.9 * (count_parameters(dense) - count_parameters(small)), (a, b)  # FP32 bytes removed
+    compress.finetune(small, splits, compress.TuneSpec(epochs=2, lr=1e-3))
+    dense_acc = compress.accuracy(dense, splits.X_test, splits.y_test)
+    assert compress.accuracy(small, splits.X_test, splits.y_test) >= dense_acc - 0.05, dense_acc
+
+
+def test_quantized_graphs_hold_integer_ops_and_keep_accuracy(trained, splits, tmp_path):
+    src = export_onnx(trained["mlp"], 64, tmp_path / "fp32.onnx")
+    dyn = quantize.dynamic_int8(src, tmp_path / "dyn.onnx")
+    static = quantize.static_int8(src, tmp_path / "static.onnx", splits.X_train[:128], per_channel=True)
+    assert quantize.op_counts(dyn)["MatMulInteger"] >= 2 and quantize.op_counts(src)["MatMulInteger"] == 0
+    ops = quantize.op_counts(static)
+    assert ops["QuantizeLinear"] >= 2 and ops["DequantizeLinear"] >= 2 and quantize.integer_ops(src) == 0
+
+    def acc(path: Path) -> float:
+        return float((predict(session(path), splits.X_test) == splits.y_test).mean())
+
+    for path in (dyn, static):
+        assert path.stat().st_size < 0.75 * src.stat().st_size  # INT8 weights (plus scales and graph overhead)
+        assert acc(path) >= acc(src) - 0.02
+
+
+def test_distillation_loss_uses_the_teachers_soft_targets():
+    gen = torch.Generator().manual_seed(0)
+    student, teacher, other = (torch.randn(16, 10, generator=gen) for _ in range(3))
+    y = torch.randint(0, 10, (16,), generator=gen)
+    base = compress.distillation_loss(student, teacher, y, temperature=4.0, alpha=0.7)
+    assert compress.distillation_loss(student, teacher, y, 1.0, 0.7) != pytest.approx(base.item())
+    assert compress.distillation_loss(student, other, y, 4.0, 0.7) != pytest.approx(base.item())
+    # the student matching the teacher leaves only the hard-label term
+    same = compress.distillation_loss(teacher, teacher, y, 4.0, 0.7)
+    assert same.item() == pytest.approx(0.3 * torch.nn.functional.cross_entropy(teacher, y).item(), rel=1e-5)
+    # alpha 0: plain cross-entropy, whatever the teacher says
+    assert compress.distillation_loss(student, other, y, 4.0, 0.0).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(student, y).item())
+
+
+def test_distilled_student_reaches_the_accuracy_floor(trained, splits):
+    cfg = trained["cfg"].patched({"mlp": {"hidden": [32], "dropout": 0.0}})
+    student = compress.distill(trained["transformer"], splits, "mlp", cfg, compress.TuneSpec(epochs=15, lr=3e-3),
+                               temperature=4.0, alpha=0.7)
+    assert count_parameters(student) < count_parameters(trained["transformer"])
+    assert compress.accuracy(student, splits.X_test, splits.y_test) >= 0.9
+
+
+def row(name: str, acc: float, p95: float, size: float = 0.1, error: str | None = None) -> pareto.Row:
+    return pareto.Row(name, "x", "", {"accuracy": acc, "macro_f1": acc, "p50_ms": p95 / 2, "p95_ms": p95,
+                                      "throughput_rps": 1 / p95, "size_mb": size}, error=error)
+
+
+@pytest.mark.parametrize(("rows", "cfg", "chosen"), [
+    # fastest within the allowed drop wins
+    ([row("t", 0.97, 0.10), row("fast", 0.965, 0.01), row("faster-but-worse", 0.95, 0.005)], {}, "fast"),
+    # a drop exactly at the limit qualifies; one beyond it does not
+    ([row("t", 0.97, 0.10), row("edge", 0.96, 0.02)], {"max_drop_vs_teacher": 1.0}, "edge"),
+    ([row("t", 0.97, 0.10), row("edge", 0.96, 0.02)], {"max_drop_vs_teacher": 0.5}, "t"),
+    # the absolute floor applies even to the teacher
+    ([row("t", 0.85, 0.10), row("s", 0.85, 0.01)], {"min_accuracy": 0.9}, None),
+    # a candidate that failed (e.g. quantized predictions disagree) never wins
+    ([row("t", 0.97, 0.10), row("broken", 0.97, 0.01, error="agreement 80%")], {}, "t"),
+    # other objectives; ties broken by accuracy
+    ([row("t", 0.97, 0.10, 0.3), row("small", 0.97, 0.2, 0.05)], {"objective": "size_mb"}, "small"),
+    ([row("t", 0.97, 0.10), row("s", 0.975, 0.01)], {"objective": "accuracy"}, "s"),
+    ([row("a", 0.97, 0.01), row("b", 0.98, 0.01)], {}, "b"),
+])
+def test_selection_policy_truth_table(rows, cfg, chosen):
+    sel = pareto.select(rows, teacher_accuracy=rows[0].metrics["accuracy"], cfg=SelectCfg(**cfg))
+    assert sel.chosen == chosen
+    assert set(sel.reasons) == {r.name for r in rows}  # every candidate has its reason
+    if chosen is None:
+        assert sel.summary.startswith("no candidate qualifies") and "below the floor" in sel.summary
+    else:
+        assert sel.reasons[chosen].startswith("chosen")
+
+
+def test_reasons_and_pareto_front():
+    rows = [row("t", 0.97, 0.10), row("fast", 0.965, 0.01), row("worse", 0.95, 0.005), row("slow", 0.96, 0.2)]
+    sel = pareto.select(rows, 0.97, SelectCfg())
+    assert "2.00 points below the teacher" in sel.reasons["worse"]
+    assert "qualifies but worse p95_ms" in sel.reasons["t"]
+    assert pareto.pareto_front(rows) == ["t", "fast", "worse"]  # "slow" is beaten by t on both axes
+
+
+def test_config_checks_the_teacher_and_the_student():
+    with pytest.raises(ConfigError, match="compress.teacher 'transformer' is not in train.candidates"):
+        parse_params({"train": {"candidates": ["mlp"]}, "compress": {"enabled": True}})
+    with pytest.raises(ConfigError, match="distill.enabled is false"):
+        parse_params({"compress": {"distill": {"enabled": False}}})
+
+
+COMPRESS_TINY = {"enabled": True, "bases": ["student"],
+                 "prune": {"unstructured": [], "structured": [0.5], "finetune_epochs": 2},
+                 "quantize": {"methods": ["static"], "calibration_rows": 64},
+                 "distill": {"epochs": 10, "mlp": {"hidden": [32]}},
+                 "select": {"max_drop_vs_teacher": 3.0}}
+
+
+def test_pipeline_promotes_the_selected_compressed_candidate(tmp_path, prefect_harness):
+    from flows.pipeline import training_pipeline
+    from ottimo.cli import app
+    from ottimo.config import load_params
+    from ottimo.tracking import connect
+
+    project = write_project(tmp_path / "project", {"train": {"candidates": ["transformer"]},
+                                                   "compress": COMPRESS_TINY})
+    params = load_params(project / "params.yaml")
+    state = training_pipeline(project_dir=str(project), return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    client, exp = connect(project, params.mlflow)
+    parent = client.get_run(summary.run_id)
+    chosen = parent.data.tags["compress.selected"]
+    names = {"transformer", "student-mlp", "student-mlp+prune-s50", "student-mlp+int8-static",
+             "student-mlp+prune-s50+int8-static"}
+    assert chosen in names - {"transformer"}  # the teacher in ORT is slower than every distilled MLP
+    runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{summary.run_id}' and "
+                                     "tags.`ottimo.kind` = 'compressed'")
+    assert {r.info.run_name for r in runs} == names - {"transformer"}
+    for r in runs:  # each candidate: figures, technique settings, its ONNX model, the selection's reason
+        assert r.info.status == "FINISHED" and {"test_accuracy", "test_p95_ms", "parameters"} <= set(r.data.metrics)
+        assert r.data.params["technique"] and r.data.tags["compress.selection"]
+        assert "model.onnx" in [a.path for a in client.list_artifacts(r.info.run_id, "")] or r.outputs.model_outputs
+    assert {"compression/pareto.png", "compression/report.md", "compression/report.html"} <= {
+        a.path for a in client.list_artifacts(summary.run_id, "compression")}
+    assert [c["family"] for c in summary.candidates] == [chosen]  # only the contender is registered and gated
+    mv = registry.alias_version(client, params.mlflow.registered_model, "champion")
+    assert mv.tags["family"] == chosen and mv.tags["gate_verdict"] == "passed"
+    assert client.get_run(mv.run_id).data.tags["compress.base"]
+    from prefect.artifacts import Artifact
+
+    assert f"**Selected: {chosen}**" in Artifact.get("compression-report").data
+    structured = next(r for r in runs if r.info.run_name == "student-mlp+prune-s50")
+    student = next(r for r in runs if r.info.run_name == "student-mlp")
+    assert structured.data.metrics["parameters"] < student.data.metrics["parameters"]
+    assert structured.data.metrics["test_size_mb"] < student.data.metrics["test_size_mb"]
+
+    # the stage alone on the pipeline run: the teacher and its dynamic INT8 variant, nested under the same run
+    alone = {"bases": ["teacher"], "distill": {"enabled": False}, "prune": {"unstructured": [], "structured": []},
+             "quantize": {"methods": ["dynamic"]}, "select": {"max_drop_vs_teacher": 100.0, "min_accuracy": 0.0}}
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["compress"] |= alone
+    (project / "alone.yaml").write_text(yaml.safe_dump(raw))
+    cli = CliRunner().invoke(app, ["compress", "--run-id", summary.run_id, "-C", str(project), "-p", "alone.yaml"])
+    assert cli.exit_code == 0, cli.output
+    assert "transformer+int8-dynamic" in cli.output and "chosen" in cli.output
+    dyn = client.search_runs([exp], "attributes.run_name = 'transformer+int8-dynamic'")[0]
+    assert dyn.data.tags["mlflow.parentRunId"] == summary.run_id and dyn.data.metrics["integer_ops"] > 0
+
+    # nothing qualifies: the gate fails with the reason; the registry is left as it was
+    raw["compress"]["select"] = {"min_accuracy": 1.0}
+    (project / "strict.yaml").write_text(yaml.safe_dump(raw))
+    before = registry.aliases(client, params.mlflow.registered_model)
+    cli = CliRunner().invoke(app, ["compress", "--run-id", summary.run_id, "-C", str(project), "-p", "strict.yaml"])
+    assert cli.exit_code == 1
+    assert "gate failed: no candidate qualifies" in cli.output and "below the floor 1.0000" in cli.output
+    assert registry.aliases(client, params.mlflow.registered_model) == before
+    assert client.get_run(summary.run_id).data.tags["gate.verdict"] == "passed"  # the pipeline's verdict stands
