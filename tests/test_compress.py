@@ -18,6 +18,7 @@ from ottimo import compress, pareto, quantize, registry
 from ottimo.config import ConfigError, Params, SelectCfg, parse_params
 from ottimo.data import Splits, builtin_frame, split_frame
 from ottimo.export import export_onnx
+from ottimo.gate import GateFailed
 from ottimo.measure import predict, session
 from ottimo.models import build_model, count_parameters
 from ottimo.train import fit
@@ -159,17 +160,21 @@ COMPRESS_TINY = {"enabled": True, "bases": ["student"],
                  "prune": {"unstructured": [], "structured": [0.5], "finetune_epochs": 2},
                  "quantize": {"methods": ["static"], "calibration_rows": 64},
                  "distill": {"epochs": 10, "mlp": {"hidden": [32]}},
-                 "select": {"max_drop_vs_teacher": 3.0}}
+                 "select": {"max_drop_vs_teacher": 3.0, "min_accuracy": 0.5}}
 
 
 def test_pipeline_promotes_the_selected_compressed_candidate(tmp_path, prefect_harness):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
+    from prefect.client.schemas.sorting import ArtifactSort
+
     from flows.pipeline import training_pipeline
     from ottimo.cli import app
     from ottimo.config import load_params
     from ottimo.tracking import connect
 
-    project = write_project(tmp_path / "project", {"train": {"candidates": ["transformer"]},
-                                                   "compress": COMPRESS_TINY})
+    project = write_project(tmp_path / "project", {"train": {"candidates": ["transformer"], "max_epochs": 8},
+                                                   "compress": COMPRESS_TINY, "gate": {"min_accuracy": 0.5}})
     params = load_params(project / "params.yaml")
     state = training_pipeline(project_dir=str(project), return_state=True)
     assert state.is_completed(), state.message
@@ -193,9 +198,12 @@ def test_pipeline_promotes_the_selected_compressed_candidate(tmp_path, prefect_h
     mv = registry.alias_version(client, params.mlflow.registered_model, "champion")
     assert mv.tags["family"] == chosen and mv.tags["gate_verdict"] == "passed"
     assert client.get_run(mv.run_id).data.tags["compress.base"]
-    from prefect.artifacts import Artifact
-
-    assert f"**Selected: {chosen}**" in Artifact.get("compression-report").data
+    with get_client(sync_client=True) as prefect:  # every filter given: the 3.8 client sends None otherwise (422)
+        published = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["compression-report"])),
+            flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(), limit=10, offset=0,
+            sort=ArtifactSort.KEY_ASC)
+    assert len(published) == 1 and f"**Selected: {chosen}**" in published[0].data
     structured = next(r for r in runs if r.info.run_name == "student-mlp+prune-s50")
     student = next(r for r in runs if r.info.run_name == "student-mlp")
     assert structured.data.metrics["parameters"] < student.data.metrics["parameters"]
@@ -203,22 +211,29 @@ def test_pipeline_promotes_the_selected_compressed_candidate(tmp_path, prefect_h
 
     # the stage alone on the pipeline run: the teacher and its dynamic INT8 variant, nested under the same run
     alone = {"bases": ["teacher"], "distill": {"enabled": False}, "prune": {"unstructured": [], "structured": []},
-             "quantize": {"methods": ["dynamic"]}, "select": {"max_drop_vs_teacher": 100.0, "min_accuracy": 0.0}}
+             "quantize": {"methods": ["dynamic"], "min_agreement": 0.5},
+             "select": {"max_drop_vs_teacher": 100.0, "min_accuracy": 0.0}}
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["compress"] |= alone
     (project / "alone.yaml").write_text(yaml.safe_dump(raw))
     cli = CliRunner().invoke(app, ["compress", "--run-id", summary.run_id, "-C", str(project), "-p", "alone.yaml"])
     assert cli.exit_code == 0, cli.output
-    assert "transformer+int8-dynamic" in cli.output and "chosen" in cli.output
+    out = " ".join(cli.output.split())  # rich wraps long lines
+    assert "transformer+int8-dynamic:" in out and "chosen: best p95_ms" in out
     dyn = client.search_runs([exp], "attributes.run_name = 'transformer+int8-dynamic'")[0]
     assert dyn.data.tags["mlflow.parentRunId"] == summary.run_id and dyn.data.metrics["integer_ops"] > 0
 
-    # nothing qualifies: the gate fails with the reason; the registry is left as it was
-    raw["compress"]["select"] = {"min_accuracy": 1.0}
-    (project / "strict.yaml").write_text(yaml.safe_dump(raw))
-    before = registry.aliases(client, params.mlflow.registered_model)
-    cli = CliRunner().invoke(app, ["compress", "--run-id", summary.run_id, "-C", str(project), "-p", "strict.yaml"])
-    assert cli.exit_code == 1
-    assert "gate failed: no candidate qualifies" in cli.output and "below the floor 1.0000" in cli.output
-    assert registry.aliases(client, params.mlflow.registered_model) == before
-    assert client.get_run(summary.run_id).data.tags["gate.verdict"] == "passed"  # the pipeline's verdict stands
+    # nothing qualifies: the gate fails with every candidate's reason, and the pipeline run says so
+    from tasks.compress import report_and_select
+
+    parent = client.create_run(exp, run_name="pipeline").info.run_id
+    rows = [pareto.Row(r.name, r.technique, r.base, r.metrics, run_id=client.create_run(exp).info.run_id)
+            for r in [row("transformer", 0.93, 0.08), row("student-mlp", 0.95, 0.01)]]
+    strict = params.model_copy(update={"compress": params.compress.model_copy(update={
+        "select": SelectCfg(min_accuracy=0.99)})})
+    with pytest.raises(GateFailed, match=r"gate failed: no candidate qualifies: transformer: accuracy 0.9300 below "
+                                         r"the floor 0.9900; student-mlp: accuracy 0.9500 below"):
+        report_and_select(project, strict, rows, "transformer", parent)
+    tags = client.get_run(parent).data.tags
+    assert tags["gate.verdict"] == "failed" and "no candidate qualifies" in tags["gate.reasons"]
+    assert tags["compress.selected"] == "none"
