@@ -1,0 +1,168 @@
+"""What compression buys: every candidate of params.yaml's `compress:` section against the FP32 teacher.
+
+On the default data (prepared into a temporary folder), the teacher (`compress.teacher`, trained with params.yaml's
+settings) is distilled, pruned and quantized exactly as the pipeline's compression stage does (ottimo.compress,
+ottimo.quantize), then every candidate is measured one after another in this process with `evaluate:`'s
+settings (warm-up, runs, `evaluate.threads` onnxruntime threads; torch on as many threads). The teacher is
+also timed in PyTorch eager at batch 1. Printed: per candidate accuracy, p50/p95 at batch 1, rows/s at batch 64,
+size, the ratios against the teacher in onnxruntime FP32 and in PyTorch eager, notes where a technique does not
+pay on this CPU, and whether the selected candidate meets the goals (>= 10x faster than eager at p50,
+>= 3x faster than onnxruntime FP32 at p50, >= 4x smaller, accuracy drop <= 1.0 point).
+
+    .venv/bin/python bench/compression.py
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ottimo import compress, pareto, quantize
+from ottimo.config import Params, load_params
+from ottimo.data import Splits, load_splits, materialise_raw, prepare
+from ottimo.export import export_onnx
+from ottimo.measure import measure
+from ottimo.models import count_parameters
+from ottimo.train import fit
+
+REPO = Path(__file__).resolve().parent.parent
+GOALS = {"eager": 10.0, "ort": 3.0, "smaller": 4.0, "drop": 1.0}
+
+
+def eager_latency(model: torch.nn.Module, X: np.ndarray, warmup: int, runs: int) -> tuple[float, float]:
+    """p50 / p95 ms of single-row inference in PyTorch eager (inference mode), rows cycled like ottimo.measure."""
+    rows = [torch.from_numpy(X[i % len(X)][None, :]) for i in range(warmup + runs)]
+    times = []
+    with torch.inference_mode():
+        for i, row in enumerate(rows):
+            t0 = time.perf_counter_ns()
+            model(row)
+            if i >= warmup:
+                times.append(time.perf_counter_ns() - t0)
+    p50, p95 = np.percentile(times, [50, 95]) / 1e6
+    return float(p50), float(p95)
+
+
+def build(params: Params, teacher: torch.nn.Module, splits: Splits, out: Path) -> list[dict]:
+    """The candidates of `compress:`, as the compression flow makes them: [{name, technique, base, path, ...}]."""
+    cfg, n = params.compress, splits.X_train.shape[1]
+    seed, batch = params.project.seed, params.train.batch_size
+
+    def onnx_row(model, name, technique, base):
+        path = export_onnx(model, n, out / f"{name}.onnx")
+        return {"name": name, "technique": technique, "base": base, "path": path, "model": model,
+                "parameters": count_parameters(model), "sparsity": compress.sparsity(model)}
+
+    rows = [onnx_row(teacher, cfg.teacher, "trained", "")]
+    bases = [rows[0]] if "teacher" in cfg.bases else []
+    if cfg.distill.enabled:
+        d = cfg.distill
+        arch = {d.student: getattr(d, d.student).model_dump()}
+        spec = compress.TuneSpec(d.epochs, arch[d.student]["lr"], batch, seed)
+        student = compress.distill(teacher, splits, d.student, params.train.patched(arch), spec, d.temperature,
+                                   d.alpha)
+        rows.append(onnx_row(student, f"student-{d.student}", "distill", cfg.teacher))
+        bases += [rows[-1]] if "student" in cfg.bases else []
+    spec = compress.TuneSpec(cfg.prune.finetune_epochs, cfg.prune.lr, batch, seed)
+    structured = []
+    for base in bases:
+        for amount in cfg.prune.unstructured:
+            m = compress.magnitude_prune(copy.deepcopy(base["model"]), amount)
+            m = compress.make_permanent(compress.finetune(m, splits, spec))
+            rows.append(onnx_row(m, f"{base['name']}+prune-u{round(amount * 100)}", "prune-unstructured",
+                                 base["name"]))
+        for amount in cfg.prune.structured:
+            m, _ = compress.structured_prune(base["model"], amount)
+            rows.append(onnx_row(compress.finetune(m, splits, spec), f"{base['name']}+prune-s{round(amount * 100)}",
+                                 "prune-structured", base["name"]))
+            structured.append(rows[-1])
+    q = cfg.quantize
+    calib = splits.X_train[np.random.default_rng(seed).choice(len(splits.X_train),
+                                                              min(q.calibration_rows, len(splits.X_train)),
+                                                              replace=False)]
+    for base in bases + (structured if q.after_structured else []):
+        for method in q.methods:
+            dst = out / f"{base['name']}+int8-{method}.onnx"
+            if method == "dynamic":
+                quantize.dynamic_int8(base["path"], dst, q.per_channel, q.reduce_range)
+            else:
+                quantize.static_int8(base["path"], dst, calib, q.per_channel, q.reduce_range)
+            rows.append({**base, "name": dst.stem, "technique": f"int8-{method}", "base": base["name"], "path": dst})
+    return rows
+
+
+def main() -> None:
+    params = load_params(REPO / "params.yaml")
+    threads = params.evaluate.threads
+    torch.set_num_threads(threads)
+    folder = Path(tempfile.mkdtemp(prefix="ottimo-bench-compress-"))
+    try:
+        materialise_raw(folder, params.data)
+        prepare(folder, params.data, folder / "prepared")
+        splits = load_splits(folder / "prepared")
+        t0 = time.perf_counter()
+        teacher = fit(params.compress.teacher, splits, params.train, params.project.seed).model
+        print(f"teacher {params.compress.teacher} trained in {time.perf_counter() - t0:.0f} s; building candidates")
+        t0 = time.perf_counter()
+        built = build(params, teacher, splits, folder)
+        print(f"{len(built)} candidates built in {time.perf_counter() - t0:.0f} s; measuring one after another "
+              f"({threads} thread(s), {params.evaluate.warmup} warm-up + {params.evaluate.runs} runs at batch 1, "
+              f"rows/s at batch {params.evaluate.throughput_batch})\n")
+        ev = params.evaluate
+        eager50, eager95 = eager_latency(teacher.eval(), splits.X_test, ev.warmup, ev.runs)
+        rows = []
+        for b in built:
+            m, _ = measure(b["path"], splits.X_test, splits.y_test, ev)
+            rows.append(pareto.Row(b["name"], b["technique"], b["base"], m.as_dict(), b["parameters"], b["sparsity"]))
+        report(params, rows, eager50, eager95)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def report(params: Params, rows: list[pareto.Row], eager50: float, eager95: float) -> None:
+    t = rows[0].metrics
+    sel = pareto.select(rows, t["accuracy"], params.compress.select)
+    print(f"{'candidate':40} {'acc':>7} {'p50 ms':>8} {'p95 ms':>8} {'rows/s@64':>10} {'kB':>7} {'params':>7} "
+          f"{'sparse':>6} {'x ORT':>6} {'x eager':>7} {'smaller':>7}")
+    print(f"{'teacher in PyTorch eager':40} {t['accuracy']:7.4f} {eager50:8.4f} {eager95:8.4f}")
+    for r in rows:
+        m = r.metrics
+        print(f"{('* ' if r.name == sel.chosen else '') + r.name:40} {m['accuracy']:7.4f} {m['p50_ms']:8.4f} "
+              f"{m['p95_ms']:8.4f} {m['throughput_rps']:10,.0f} {m['size_mb'] * 1e3:7.1f} {r.parameters:7,} "
+              f"{r.sparsity:6.2f} {t['p50_ms'] / m['p50_ms']:6.2f} {eager50 / m['p50_ms']:7.1f} "
+              f"{t['size_mb'] / m['size_mb']:7.1f}")
+    by = {r.name: r for r in rows}
+    print("\nWhere a technique does not pay on this CPU (p50 at batch 1 against the model it was made from):")
+    for r in rows:
+        if r.base and r.technique != "distill":
+            base = by[r.base].metrics
+            ratio = base["p50_ms"] / r.metrics["p50_ms"]
+            verdict = "SLOWER" if ratio < 0.97 else ("no speed-up" if ratio < 1.03 else "faster")
+            print(f"  {r.name:40} {r.metrics['p50_ms']:.4f} vs {base['p50_ms']:.4f} ms: {ratio:.2f}x ({verdict}); "
+                  f"size {by[r.base].metrics['size_mb'] / r.metrics['size_mb']:.1f}x smaller")
+    print(f"\nSelection ({params.compress.select.objective}, max drop {params.compress.select.max_drop_vs_teacher} "
+          f"points, floor {params.compress.select.min_accuracy}): {sel.chosen}")
+    if sel.chosen is None:
+        print("  no candidate qualifies: " + sel.summary)
+        return
+    c = by[sel.chosen].metrics
+    drop = (t["accuracy"] - c["accuracy"]) * 100
+    checks = [(eager50 / c["p50_ms"] >= GOALS["eager"], f"p50 {eager50 / c['p50_ms']:.1f}x faster than eager "
+               f"(goal >= {GOALS['eager']:.0f}x)"),
+              (t["p50_ms"] / c["p50_ms"] >= GOALS["ort"], f"p50 {t['p50_ms'] / c['p50_ms']:.1f}x faster than ORT FP32 "
+               f"(goal >= {GOALS['ort']:.0f}x)"),
+              (t["size_mb"] / c["size_mb"] >= GOALS["smaller"], f"{t['size_mb'] / c['size_mb']:.1f}x smaller "
+               f"(goal >= {GOALS['smaller']:.0f}x)"),
+              (drop <= GOALS["drop"], f"accuracy drop {drop:+.2f} points (goal <= {GOALS['drop']:.1f})")]
+    for ok, text in checks:
+        print(f"  [{'met' if ok else 'MISSED'}] {text}")
+
+
+if __name__ == "__main__":
+    main()
