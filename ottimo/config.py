@@ -328,6 +328,24 @@ class DeployCfg(Strict):
     tuning_name: str = "manual"  # deployment tuning/<tuning_name>, no schedule
 
 
+class LimitsCfg(Strict):
+    """Guards on input files (training data now, scoring batches later): the size limits are checked before
+    a file is read into memory; a feature beyond +-max_abs_value is taken for corruption, not data."""
+
+    max_file_mb: float = Field(1024, gt=0)  # a bigger file is refused without being read
+    max_rows: int = Field(5_000_000, ge=1)  # from the Parquet footer, or a streamed line count of a CSV
+    max_abs_value: float | None = Field(1e9, gt=0)  # null: no bound on feature values
+    quarantine_dir: str = "data/quarantine"  # rejected files (or a note when too big to copy) with a .reason.txt
+
+    @field_validator("quarantine_dir")
+    @classmethod
+    def _inside_project(cls, v: str) -> str:
+        p = Path(v)
+        if p.is_absolute() or ".." in p.parts:
+            raise ValueError("must be a relative path inside the project (no '..', not absolute)")
+        return v
+
+
 class Params(Strict):
     project: ProjectCfg = ProjectCfg()
     data: DataCfg = DataCfg()
@@ -339,6 +357,7 @@ class Params(Strict):
     gate: GateCfg = GateCfg()
     card: CardCfg = CardCfg()
     deploy: DeployCfg = DeployCfg()
+    limits: LimitsCfg = LimitsCfg()
 
     def overridden(self, overrides: dict) -> Params:
         """This config with nested `overrides` (e.g. {"train": {"max_epochs": 3}}, from a flow run's parameters)
@@ -382,3 +401,14 @@ def load_params(path: str | Path) -> Params:
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping of sections (project, data, train, ...)")
     return parse_params(raw, str(path))
+
+
+def project_params(root: str | Path, params_file: str = "params.yaml") -> Params:
+    """load_params for a file named relative to the project (a flow parameter, a CLI option). It must stay inside
+    the project, so a run started from the UI cannot make Ottimo read (and echo) a file elsewhere."""
+    base = Path(root).resolve()
+    path = (base / params_file).resolve()
+    if not path.is_relative_to(base):
+        raise ConfigError(f"params file {params_file!r} resolves to {path}, outside the project {base}; "
+                          "name a file inside the project folder")
+    return load_params(path)
