@@ -31,6 +31,8 @@ PLANTED = "PLANTED-0b5e55ed"  # in every secret value below; must appear nowhere
 SECRET_ENV = {"OTTIMO_API_KEY": f"sk-{PLANTED}-1", "MY_SECRET_TOKEN": f"tok-{PLANTED}-2",
               "DB_PASSWORD": f"pw-{PLANTED}-3"}
 DASK_WITH_PASSWORD = f"tcp://admin:{PLANTED}@127.0.0.1:8786"
+LIGHT_CARD = {"batch_sizes": [1, 8], "seconds_per_batch_size": 0.05, "importance_rows": 50, "importance_repeats": 1,
+              "severities": [0.0, 0.4], "slices": []}
 
 
 # --- unit checks: no servers, no flows ---------------------------------------------------------------------------
@@ -107,7 +109,7 @@ class _Pickled(mlflow.pyfunc.PythonModel):
 
 
 def test_no_pickle_is_unpickled_on_the_serving_path(tmp_path):
-    mlflow.pyfunc.save_model(str(tmp_path / "pickled"), python_model=_Pickled())  # cloudpickle format
+    mlflow.pyfunc.save_model(str(tmp_path / "pickled"), python_model=_Pickled(), pip_requirements=[])  # cloudpickle
     with security.no_pickle(), pytest.raises(MlflowException, match="pickle is disallowed"):
         mlflow.pyfunc.load_model(str(tmp_path / "pickled"))
     mlflow.pyfunc.load_model(str(tmp_path / "pickled"))  # outside the block MLflow's default is back (allowed)
@@ -158,37 +160,80 @@ def _status(url: str, headers: dict | None = None, body: dict | None = None) -> 
         return err.code
 
 
-@pytest.mark.e2e
-@pytest.mark.timeout(300)
-def test_servers_listen_on_loopback_only_and_refuse_unauthenticated_requests(tmp_path, monkeypatch):
-    prefect_auth, user, password = "ops:prefect-Str0ng-pass", "ottimo", "mlflow-Str0ng-pass-42"
-    monkeypatch.setenv("PREFECT_SERVER_API_AUTH_STRING", prefect_auth)
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
-    root = write_project(tmp_path / "project", {"deploy": {"prefect_port": _free_port(),
+AUTH = {"PREFECT_SERVER_API_AUTH_STRING": "ops:prefect-Str0ng-pass", "MLFLOW_TRACKING_USERNAME": "ottimo",
+        "MLFLOW_TRACKING_PASSWORD": "mlflow-Str0ng-pass-42"}
+
+
+def _basic(credentials: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
+
+
+def _check_mlflow(ep: servers.Endpoints, monkeypatch) -> None:
+    """Anonymous -> 401; MlflowClient with MLFLOW_TRACKING_USERNAME/PASSWORD works; a wrong password fails."""
+    assert _status(f"{ep.mlflow_ui}/api/2.0/mlflow/experiments/search?max_results=1") == 401
+    client = MlflowClient(ep.mlflow_ui)
+    exp = client.create_experiment("authenticated")
+    assert client.get_experiment(exp).name == "authenticated"
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+    with pytest.raises(MlflowException, match="401|Unauthorized|credentials"):
+        MlflowClient(ep.mlflow_ui).search_experiments()
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", AUTH["MLFLOW_TRACKING_PASSWORD"])
+
+
+def _check_prefect(api: str, post) -> None:
+    """No header or a wrong string -> 401; the configured string -> 200."""
+    assert post(f"{api}/flows/filter", {}) == 401
+    assert post(f"{api}/flows/filter", _basic("ops:guess")) == 401
+    assert post(f"{api}/flows/filter", _basic(AUTH["PREFECT_SERVER_API_AUTH_STRING"])) == 200
+
+
+def _project_with_ports(tmp_path: Path) -> Path:
+    return write_project(tmp_path / "project", {"deploy": {"prefect_port": _free_port(),
                                                            "mlflow_port": _free_port()}})
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+def test_mlflow_server_with_basic_auth_listens_on_loopback_and_refuses_anonymous_requests(tmp_path, monkeypatch):
+    for key, value in AUTH.items():
+        monkeypatch.setenv(key, value)
+    root = _project_with_ports(tmp_path)
     try:
-        ep = servers.up(root, timeout=120, names=("prefect", "mlflow"))
+        ep = servers.up(root, timeout=120, names=("mlflow",))
+        assert _listening(ep.mlflow_port) == {"0100007F"}  # 127.0.0.1, and no IPv6 or wildcard socket
+        _check_mlflow(ep, monkeypatch)
+        assert (root / "mlruns" / "basic_auth.db").is_file()
+    finally:
+        servers.down(root)
+
+
+def test_prefect_server_refuses_requests_without_the_auth_string():
+    """Prefect's own API app (in process, no database needed) built with PREFECT_SERVER_API_AUTH_STRING set."""
+    from fastapi.testclient import TestClient
+    from prefect.server.api.server import create_api_app
+    from prefect.settings import PREFECT_SERVER_API_AUTH_STRING, temporary_settings
+
+    with temporary_settings({PREFECT_SERVER_API_AUTH_STRING: AUTH["PREFECT_SERVER_API_AUTH_STRING"]}):
+        http = TestClient(create_api_app(ignore_cache=True))
+    assert http.post("/flows/filter", json={}).status_code == 401
+    assert http.get("/admin/version", headers=_basic("ops:guess")).status_code == 401
+    assert http.get("/admin/version", headers=_basic(AUTH["PREFECT_SERVER_API_AUTH_STRING"])).status_code == 200
+    assert http.get("/health").status_code == 200  # probes stay open
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_make_up_with_auth_serves_both_servers_on_loopback_only(tmp_path, monkeypatch):
+    for key, value in AUTH.items():
+        monkeypatch.setenv(key, value)
+    root = _project_with_ports(tmp_path)
+    try:
+        ep = servers.up(root, timeout=150, names=("prefect", "mlflow"))
         for port in (ep.prefect_port, ep.mlflow_port):
             assert _listening(port) == {"0100007F"}, f"port {port} listens on {_listening(port)}"
-
-        # Prefect: no header or a wrong one -> 401; the configured string -> 200
-        flows = f"{ep.prefect_api}/flows/filter"
-        basic = "Basic " + base64.b64encode(prefect_auth.encode()).decode()
-        wrong = "Basic " + base64.b64encode(b"ops:guess").decode()
-        assert _status(flows, body={}) == 401
-        assert _status(flows, {"Authorization": wrong}, body={}) == 401
-        assert _status(flows, {"Authorization": basic}, body={}) == 200
-
-        # MLflow basic-auth: anonymous -> 401; the client with MLFLOW_TRACKING_USERNAME/PASSWORD works
-        assert _status(f"{ep.mlflow_ui}/api/2.0/mlflow/experiments/search?max_results=1") == 401
-        client = MlflowClient(ep.mlflow_ui)
-        exp = client.create_experiment("authenticated")
-        assert client.get_experiment(exp).name == "authenticated"
-        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
-        with pytest.raises(MlflowException, match="401|Unauthorized|credentials"):
-            MlflowClient(ep.mlflow_ui).search_experiments()
-        assert (root / "mlruns" / "basic_auth.db").is_file()
+        _check_prefect(ep.prefect_api, lambda url, headers: _status(url, headers, body={}))
+        _check_mlflow(ep, monkeypatch)
     finally:
         servers.down(root)
 
@@ -203,7 +248,8 @@ def champion(tmp_path_factory):
     from flows.pipeline import training_pipeline
 
     root = write_project(tmp_path_factory.mktemp("champion") / "project", {
-        "train": {"candidates": ["mlp"]}, "tune": {"dask_address": DASK_WITH_PASSWORD}})
+        "train": {"candidates": ["mlp"], "max_epochs": 6}, "tune": {"dask_address": DASK_WITH_PASSWORD},
+        "evaluate": {"warmup": 2, "runs": 10}, "card": LIGHT_CARD})
     with pytest.MonkeyPatch.context() as mp, prefect_test_harness(server_startup_timeout=60):
         for key, value in SECRET_ENV.items():
             mp.setenv(key, value)
