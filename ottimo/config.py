@@ -319,7 +319,7 @@ class DeployCfg(Strict):
     """`make up`: the servers on 127.0.0.1 and the deployments they serve (OTTIMO_PREFECT_PORT /
     OTTIMO_MLFLOW_PORT override the ports)."""
 
-    host: Literal["127.0.0.1", "localhost"] = "127.0.0.1"  # loopback only: the servers have no auth
+    host: Literal["127.0.0.1", "localhost"] = "127.0.0.1"  # loopback only; auth is optional (README "Security")
     prefect_port: int = Field(4200, ge=1, le=65535)
     mlflow_port: int = Field(5000, ge=1, le=65535)
     training_name: str = "nightly"  # deployment training-pipeline/<training_name>
