@@ -9,7 +9,7 @@ from prefect import flow
 
 from flows.compress import compress_stage
 from flows.tune import tune_stage
-from ottimo.config import load_params
+from ottimo.config import project_params
 from tasks.card import model_card
 from tasks.data import prepare_data, push_data, validate_raw
 from tasks.evaluate import evaluate_candidate, evaluate_champion, export_candidate
@@ -33,7 +33,7 @@ def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml", 
         candidates: Model families to train (train.candidates); empty: as in params.yaml.
     """
     root = Path(project_dir).resolve()
-    params = load_params(root / params_file).overridden({
+    params = project_params(root, params_file).overridden({
         "train": {"max_epochs": max_epochs, "candidates": candidates},
         "gate": {"min_accuracy": min_accuracy}, "tune": {"enabled": tune_enabled}})
 

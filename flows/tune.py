@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from ottimo.config import Params, load_params
+from ottimo.config import Params, load_params, project_params
 from ottimo.tune import deadline
 from tasks.data import DataVersion, prepare_data, validate_raw
 from tasks.summary import fail_open_mlflow_runs
@@ -20,7 +20,7 @@ def tuning(project_dir: str = ".", params_file: str = "params.yaml", data: DataV
     validates and versions the data first; inside the training pipeline it gets them, and the pipeline's params
     with its run's overrides applied, from it."""
     root = Path(project_dir).resolve()
-    params = params or load_params(root / params_file)
+    params = params or project_params(root, params_file)
     if data is None:
         validate_raw(root, params)
         data = prepare_data(root, params)

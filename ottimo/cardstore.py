@@ -20,7 +20,7 @@ from mlflow.artifacts import download_artifacts
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from ottimo import registry, versioning
+from ottimo import registry, security, versioning
 from ottimo.card import ModelCard, measure_card
 from ottimo.card_render import description, render
 from ottimo.config import CardCfg, Params
@@ -104,7 +104,7 @@ def build(root: Path, params: Params, client: MlflowClient, name: str, ref: str,
     cfg = cfg or params.card
     if not mv.tags.get("data_revision"):
         raise MlflowException(f"{name} v{mv.version} has no data_revision tag: its test data is unknown")
-    path, _ = registry.download_verified(client, name, str(mv.version), work / "model")
+    path, _ = security.fetch_verified(client, name, str(mv.version), work / "model")
     splits = load_splits(prepared_for(root, mv.tags["data_revision"]))
     max_p95 = float(lin["gate"]["thresholds"].get("max_p95_latency_ms", params.gate.max_p95_latency_ms))
     out = work / CARD_DIR

@@ -319,7 +319,7 @@ class DeployCfg(Strict):
     """`make up`: the servers on 127.0.0.1 and the deployments they serve (OTTIMO_PREFECT_PORT /
     OTTIMO_MLFLOW_PORT override the ports)."""
 
-    host: Literal["127.0.0.1", "localhost"] = "127.0.0.1"  # loopback only: the servers have no auth
+    host: Literal["127.0.0.1", "localhost"] = "127.0.0.1"  # loopback only; auth is optional (README "Security")
     prefect_port: int = Field(4200, ge=1, le=65535)
     mlflow_port: int = Field(5000, ge=1, le=65535)
     training_name: str = "nightly"  # deployment training-pipeline/<training_name>
@@ -396,6 +396,24 @@ class CompressCfg(Strict):
         return self
 
 
+class LimitsCfg(Strict):
+    """Guards on input files (training data now, scoring batches later): the size limits are checked before
+    a file is read into memory; a feature beyond +-max_abs_value is taken for corruption, not data."""
+
+    max_file_mb: float = Field(1024, gt=0)  # a bigger file is refused without being read
+    max_rows: int = Field(5_000_000, ge=1)  # from the Parquet footer, or a streamed line count of a CSV
+    max_abs_value: float | None = Field(1e9, gt=0)  # null: no bound on feature values
+    quarantine_dir: str = "data/quarantine"  # rejected files (or a note when too big to copy) with a .reason.txt
+
+    @field_validator("quarantine_dir")
+    @classmethod
+    def _inside_project(cls, v: str) -> str:
+        p = Path(v)
+        if p.is_absolute() or ".." in p.parts:
+            raise ValueError("must be a relative path inside the project (no '..', not absolute)")
+        return v
+
+
 class Params(Strict):
     project: ProjectCfg = ProjectCfg()
     data: DataCfg = DataCfg()
@@ -408,6 +426,7 @@ class Params(Strict):
     card: CardCfg = CardCfg()
     deploy: DeployCfg = DeployCfg()
     compress: CompressCfg = CompressCfg()
+    limits: LimitsCfg = LimitsCfg()
 
     @model_validator(mode="after")
     def _teacher_is_trained(self) -> Params:
@@ -458,3 +477,14 @@ def load_params(path: str | Path) -> Params:
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping of sections (project, data, train, ...)")
     return parse_params(raw, str(path))
+
+
+def project_params(root: str | Path, params_file: str = "params.yaml") -> Params:
+    """load_params for a file named relative to the project (a flow parameter, a CLI option). It must stay inside
+    the project, so a run started from the UI cannot make Ottimo read (and echo) a file elsewhere."""
+    base = Path(root).resolve()
+    path = (base / params_file).resolve()
+    if not path.is_relative_to(base):
+        raise ConfigError(f"params file {params_file!r} resolves to {path}, outside the project {base}; "
+                          "name a file inside the project folder")
+    return load_params(path)

@@ -17,7 +17,8 @@ from pandera.errors import SchemaErrors
 from sklearn import datasets
 from sklearn.model_selection import train_test_split
 
-from ottimo.config import DataCfg, load_params
+from ottimo.config import DataCfg, LimitsCfg, load_params
+from ottimo.intake import DataValidationError, preflight
 
 SPLITS = ("train", "val", "test", "reference")
 BUILTINS = {
@@ -25,10 +26,6 @@ BUILTINS = {
     "breast_cancer": datasets.load_breast_cancer,
     "wine": datasets.load_wine,
 }
-
-
-class DataValidationError(ValueError):
-    """A data file breaks the schema; the message names the columns and rows."""
 
 
 @dataclass(frozen=True)
@@ -54,12 +51,17 @@ def builtin_frame(name: str, target: str = "target") -> pd.DataFrame:
 def read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataValidationError(f"{path}: file not found")
+    kind = "Parquet" if path.suffix.lower() == ".parquet" else "CSV"
     try:
-        if path.suffix.lower() == ".parquet":
+        if kind == "Parquet":
             return pd.read_parquet(path)
         return pd.read_csv(path)
+    except UnicodeDecodeError as err:
+        raise DataValidationError(f"{path}: not UTF-8 text ({err}); save it as UTF-8") from None
+    except pd.errors.EmptyDataError:
+        raise DataValidationError(f"{path}: the file is empty (no header row); write the data again") from None
     except Exception as err:  # pandas and pyarrow raise many types for unreadable files
-        raise DataValidationError(f"{path}: cannot be read as {path.suffix} ({err})") from None
+        raise DataValidationError(f"{path}: cannot be read as {kind}, truncated or corrupt ({err})") from None
 
 
 def expected_columns(cfg: DataCfg, df: pd.DataFrame) -> tuple[list[str], list[int] | None]:
@@ -101,8 +103,42 @@ def _summarise(err: SchemaErrors, path: Path, limit: int = 8) -> str:
     return "\n".join(lines)
 
 
-def validate_frame(df: pd.DataFrame, cfg: DataCfg, source: Path) -> pd.DataFrame:
-    """Check a raw frame against the schema; return it with coerced dtypes or raise DataValidationError."""
+def _rows(mask: pd.Series) -> list:
+    return mask[mask].index.tolist()[:5]
+
+
+def check_target(df: pd.DataFrame, target: str, source: Path) -> None:
+    """Class labels must be integers: text ("seven") or fractions (3.5) would be cast or truncated silently."""
+    y = df[target]
+    num = pd.to_numeric(y, errors="coerce")
+    text = y.notna() & num.isna()
+    if text.any():
+        raise DataValidationError(
+            f"{source}: target {target!r} must hold integer class labels; text {y[text].tolist()[:5]} "
+            f"at rows {_rows(text)}. Encode the classes as integers (data.labels lists them)")
+    frac = num.notna() & np.isfinite(num) & (num != np.floor(num))
+    if frac.any():
+        raise DataValidationError(
+            f"{source}: target {target!r} must hold integer class labels; fractions {num[frac].tolist()[:5]} "
+            f"at rows {_rows(frac)}. A classifier cannot learn a continuous target")
+
+
+def check_bounds(df: pd.DataFrame, features: list[str], bound: float | None, source: Path) -> None:
+    """Finite values beyond ±bound (limits.max_abs_value): corrupt cells such as 1e300 or sentinels like -9e99."""
+    if bound is None:
+        return
+    over = df[features].abs() > bound
+    if over.to_numpy().any():
+        cols = [c for c in features if over[c].any()]
+        rows = _rows(over.any(axis=1))
+        raise DataValidationError(
+            f"{source}: values beyond ±{bound:g} (limits.max_abs_value) in columns {cols[:10]} at rows {rows}, "
+            f"e.g. {float(df.loc[rows[0], cols[0]]):g}; fix the file, or raise or null limits.max_abs_value")
+
+
+def validate_frame(df: pd.DataFrame, cfg: DataCfg, source: Path, limits: LimitsCfg | None = None) -> pd.DataFrame:
+    """Check a raw frame against the schema (and `limits.max_abs_value`); return it with coerced dtypes or
+    raise DataValidationError."""
     if df.columns.duplicated().any():
         dupes = sorted(set(df.columns[df.columns.duplicated()]))
         raise DataValidationError(f"{source}: duplicate column names {dupes}")
@@ -116,10 +152,18 @@ def validate_frame(df: pd.DataFrame, cfg: DataCfg, source: Path) -> pd.DataFrame
             f"{source}: columns do not match the schema: missing {missing[:10]}, unexpected {extra[:10]}"
             " (set data.features in params.yaml to the columns you want)"
         )
+    if len(df) == 0:
+        raise DataValidationError(f"{source}: no data rows, only a header; at least data.min_rows = {cfg.min_rows}")
+    if len(df) < cfg.min_rows:
+        raise DataValidationError(f"{source}: only {len(df)} rows; at least {cfg.min_rows} rows (data.min_rows) are "
+                                  "needed to split and train. Add rows or lower data.min_rows")
+    check_target(df, cfg.target, source)
     try:
-        return raw_schema(features, cfg.target, labels, cfg.min_rows).validate(df, lazy=True)
+        out = raw_schema(features, cfg.target, labels, cfg.min_rows).validate(df, lazy=True)
     except SchemaErrors as err:
         raise DataValidationError(_summarise(err, source)) from None
+    check_bounds(out, features, (limits or LimitsCfg()).max_abs_value, source)
+    return out
 
 
 def materialise_raw(root: Path, cfg: DataCfg) -> Path:
@@ -152,10 +196,17 @@ def split_frame(df: pd.DataFrame, cfg: DataCfg) -> dict[str, pd.DataFrame]:
     return {"train": train, "val": val, "test": test, "reference": reference}
 
 
-def prepare(root: Path, cfg: DataCfg, out: Path) -> dict[str, int]:
+def read_checked(root: Path, path: Path, limits: LimitsCfg) -> pd.DataFrame:
+    """The file read into a frame after every check that needs no reading (ottimo.intake.preflight)."""
+    preflight(root, path, limits)
+    return read_table(path)
+
+
+def prepare(root: Path, cfg: DataCfg, out: Path, limits: LimitsCfg | None = None) -> dict[str, int]:
     """Validate the raw file and write the splits plus schema.json to `out`; return split sizes."""
     raw = root / cfg.path
-    df = validate_frame(read_table(raw), cfg, raw)
+    limits = limits or LimitsCfg()
+    df = validate_frame(read_checked(root, raw, limits), cfg, raw, limits)
     features, labels = expected_columns(cfg, df)
     labels = sorted(labels or (int(v) for v in df[cfg.target].unique()))
     out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +238,7 @@ def main(argv: list[str]) -> int:
         return 2
     params_path = Path(argv[1]).resolve()
     params = load_params(params_path)
-    sizes = prepare(params_path.parent, params.data, params_path.parent / "data" / "prepared")
+    sizes = prepare(params_path.parent, params.data, params_path.parent / "data" / "prepared", params.limits)
     print(f"prepared {sizes}")
     return 0
 

@@ -3,13 +3,20 @@
 Each process runs in its own session; its pid goes to `.run/<name>.pid` and its output to `.run/<name>.log`.
 `down` signals exactly those process groups (the servers' own workers included) and keeps every data file:
 Prefect's database under `.prefect/`, MLflow's under `mlruns/`.
+
+Authentication is optional and comes from the environment, never from params.yaml: PREFECT_SERVER_API_AUTH_STRING
+turns on the Prefect server's basic auth (every started process calls it with the same string);
+MLFLOW_TRACKING_USERNAME + MLFLOW_TRACKING_PASSWORD start MLflow's `basic-auth` app with that user as admin
+(users in mlruns/basic_auth.db) and every started process logs in as that user.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -18,6 +25,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from ottimo import security
 from ottimo.config import load_params
 
 CODE = Path(__file__).resolve().parents[1]  # where flows/ lives: the serve process runs from here
@@ -55,16 +63,34 @@ def endpoints(root: Path, params_file: str = "params.yaml") -> Endpoints:
 def environment(root: Path, ep: Endpoints) -> dict[str, str]:
     """What every started process sees: telemetry off, Prefect's home in the project, the servers' URLs."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
-    return env | QUIET | {
+    env |= QUIET | security.auth_env(env) | {
         "PREFECT_HOME": str(root / ".prefect"),
         "PREFECT_API_URL": ep.prefect_api,
         "PREFECT_UI_URL": ep.prefect_ui,
         "OTTIMO_TRACKING_URI": ep.mlflow_ui,
+        security.NO_PICKLE: "false",  # the serve process and its flow runs never unpickle a model
     }
+    if security.mlflow_auth(env):
+        env |= {"MLFLOW_AUTH_CONFIG_PATH": str(root / ".run" / "basic_auth.ini"),
+                "MLFLOW_AUTH_ADMIN_USERNAME": env[security.MLFLOW_USER],
+                "MLFLOW_AUTH_ADMIN_PASSWORD": env[security.MLFLOW_PASSWORD]}
+        env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))  # CSRF key of this `up`
+    return env
 
 
-def commands(root: Path, params_file: str, ep: Endpoints) -> dict[str, tuple[list[str], Path]]:
-    """name -> (argv, working folder)."""
+def auth_config(root: Path) -> Path:
+    """The basic-auth app's config: users in mlruns/basic_auth.db; a user has no rights until granted some."""
+    path = root / ".run" / "basic_auth.ini"
+    path.write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                    f"database_uri = sqlite:///{root / 'mlruns' / 'basic_auth.db'}\n"
+                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return path
+
+
+def commands(root: Path, params_file: str, ep: Endpoints,
+             env: dict[str, str] | None = None) -> dict[str, tuple[list[str], Path]]:
+    """name -> (argv, working folder); MLflow with the basic-auth app when `env` (os.environ) turns auth on."""
+    auth = ["--app-name", "basic-auth"] if security.mlflow_auth(os.environ if env is None else env) else []
     bin_dir = Path(sys.executable).parent
     mlruns = root / "mlruns"
     allowed = ",".join(f"{h}:{ep.mlflow_port}" for h in (ep.host, "localhost", "127.0.0.1"))
@@ -74,7 +100,7 @@ def commands(root: Path, params_file: str, ep: Endpoints) -> dict[str, tuple[lis
         "mlflow": ([str(bin_dir / "mlflow"), "server", "--host", ep.host, "--port", str(ep.mlflow_port),
                     "--workers", "1", "--backend-store-uri", f"sqlite:///{mlruns / 'mlflow.db'}",
                     "--serve-artifacts", "--artifacts-destination", str(mlruns / "artifacts"),
-                    "--allowed-hosts", allowed, "--cors-allowed-origins", ep.mlflow_ui], root),
+                    "--allowed-hosts", allowed, "--cors-allowed-origins", ep.mlflow_ui, *auth], root),
         "serve": ([sys.executable, "-m", "flows.serve", "--project-dir", str(root), "--params", params_file], CODE),
     }
 
@@ -100,7 +126,10 @@ def _pid(run_dir: Path, name: str) -> int | None:
 def _get(url: str, body: dict | None = None) -> object | None:
     """JSON from url (POST when body is given; True for a 2xx that is not JSON), None while it is not answering."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if auth := os.environ.get(security.PREFECT_CLIENT_AUTH) or os.environ.get(security.PREFECT_SERVER_AUTH):
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    req = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
             raw = resp.read()
@@ -121,15 +150,19 @@ def ready(name: str, ep: Endpoints) -> bool:
     return isinstance(deployments, list) and len(deployments) >= 2
 
 
-def up(root: Path, params_file: str = "params.yaml", timeout: float = 180) -> Endpoints:
-    """Start whatever of the three is not running yet, each after the one before answers."""
+def up(root: Path, params_file: str = "params.yaml", timeout: float = 180, names: tuple[str, ...] = ORDER) -> Endpoints:
+    """Start whatever of `names` (all three by default) is not running yet, each after the one before answers."""
     root = root.resolve()
     ep = endpoints(root, params_file)
     run_dir = root / ".run"
     run_dir.mkdir(exist_ok=True)
     (root / "mlruns" / "artifacts").mkdir(parents=True, exist_ok=True)
     env = environment(root, ep)
-    for name, (argv, cwd) in commands(root, params_file, ep).items():
+    if security.mlflow_auth(env):
+        auth_config(root)
+    for name, (argv, cwd) in commands(root, params_file, ep, env).items():
+        if name not in names:
+            continue
         proc = None
         if _pid(run_dir, name) is None:
             with open(run_dir / f"{name}.log", "ab") as log:

@@ -8,14 +8,45 @@ from __future__ import annotations
 
 import os
 import re
+from functools import cache
 from pathlib import Path
+from typing import get_args
 
 import mlflow
 from mlflow import MlflowClient
 
-from ottimo.config import MlflowCfg
+from ottimo.config import CardFigure, MlflowCfg, Params
 
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
+CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)[^/@\s]+@")  # user:password@ in a URL
+EXTRA_KEYS = {"family"}  # logged beside the config by the training tasks
+
+
+@cache
+def allowed_keys() -> frozenset[str]:
+    """Every name a logged param's dotted key may be made of: the fields of the params.yaml schema (all
+    sections, nested), the model-card figure names, and EXTRA_KEYS. Anything else is never logged."""
+    names = set(EXTRA_KEYS)
+    for figure in get_args(CardFigure):
+        names |= set(figure.split("."))
+
+    def walk(model: type) -> None:
+        for name, info in model.model_fields.items():
+            names.add(name)
+            for arg in (info.annotation, *get_args(info.annotation)):
+                if isinstance(arg, type) and hasattr(arg, "model_fields"):
+                    walk(arg)
+                for inner in get_args(arg):
+                    if isinstance(inner, type) and hasattr(inner, "model_fields"):
+                        walk(inner)
+
+    walk(Params)
+    return frozenset(names)
+
+
+def redact(value: str) -> str:
+    """A value with the user:password part of any URL in it replaced by ***."""
+    return CREDENTIALS.sub(r"\g<scheme>***@", value)
 
 
 def in_project(root: Path, url: str) -> str:
@@ -48,14 +79,16 @@ def connect(root: Path, cfg: MlflowCfg) -> tuple[MlflowClient, str]:
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
-    """Nested params as flat `a.b.c` keys, with any key that looks like a secret left out."""
+    """Nested params as flat `a.b.c` keys for MLflow, through an allow-list: only keys made of known config
+    names (allowed_keys) and not looking like a secret; credentials in URL values are redacted."""
     out: dict[str, str] = {}
+    allowed = allowed_keys()
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if SECRET.search(key):
+        if SECRET.search(key) or not set(str(k).split(".")) <= allowed:
             continue
         if isinstance(v, dict):
             out |= flatten(v, key + ".")
         else:
-            out[key] = str(v)[:6000]
+            out[key] = redact(str(v))[:6000]
     return out

@@ -9,7 +9,8 @@ from prefect import get_run_logger, task
 
 from ottimo import versioning
 from ottimo.config import Params
-from ottimo.data import materialise_raw, read_table, validate_frame
+from ottimo.data import materialise_raw, read_checked, validate_frame
+from ottimo.intake import DataValidationError, quarantine
 
 
 @dataclass(frozen=True)
@@ -21,9 +22,16 @@ class DataVersion:
 
 @task
 def validate_raw(root: Path, params: Params) -> int:
-    """Write the builtin data set if needed, then check the raw file against the schema; return its row count."""
+    """Write the builtin data set if needed, then check the raw file against the limits and the schema; return
+    its row count. A rejected file is copied to the quarantine (the original stays) and the run stops."""
     path = materialise_raw(root, params.data)
-    df = validate_frame(read_table(path), params.data, path)
+    try:
+        df = validate_frame(read_checked(root, path, params.limits), params.data, path, params.limits)
+    except DataValidationError as err:
+        kept, note = quarantine(root, path, str(err), params.limits)
+        where = f"a copy is in {kept.relative_to(root)}" if kept else "no copy was made"
+        raise type(err)(f"{err}\nQuarantined: {where} (reason in {note.relative_to(root)}); {params.data.path} "
+                        "is left as it was. Fix it and run again; nothing was versioned or trained.") from None
     get_run_logger().info("raw data %s: %d rows x %d columns, schema ok", params.data.path, *df.shape)
     return len(df)
 

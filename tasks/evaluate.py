@@ -12,7 +12,7 @@ from mlflow.entities import Metric
 from mlflow.models import infer_signature
 from prefect import get_run_logger, task
 
-from ottimo import registry
+from ottimo import registry, security
 from ottimo.config import Params
 from ottimo.data import load_splits
 from ottimo.export import export_onnx, parity_check, sha256
@@ -91,7 +91,7 @@ def evaluate_champion(root: Path, params: Params, data: DataVersion) -> float | 
     if registry.alias_version(client, name, registry.CHAMPION) is None:
         get_run_logger().info("no champion yet: the gate will not compare against one")
         return None
-    path, mv = registry.download_verified(client, name, registry.CHAMPION, work_dir(root, "champion"))
+    path, mv = security.fetch_verified(client, name, registry.CHAMPION, work_dir(root, "champion"))
     splits = load_splits(Path(data.prepared))
     acc = float((predict(session(path), splits.X_test) == splits.y_test).mean())
     get_run_logger().info("champion v%s: accuracy %.4f on this test split", mv.version, acc)

@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from ottimo.config import Params, load_params
+from ottimo.config import Params, project_params
 from ottimo.tracking import connect, tracking_uri
 from tasks.data import DataVersion
 from tasks.evaluate import Evaluated
@@ -72,7 +72,7 @@ def fail_open_mlflow_runs(flow, flow_run, state) -> None:
     """Flow on_failure hook: MLflow runs of this flow run still RUNNING are marked FAILED with the reason."""
     root = Path(flow_run.parameters.get("project_dir", ".")).resolve()
     try:
-        params = load_params(root / flow_run.parameters.get("params_file", "params.yaml"))
+        params = project_params(root, flow_run.parameters.get("params_file", "params.yaml"))
     except Exception:  # invalid config: nothing was logged
         return
     client, exp = connect(root, params.mlflow)
