@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ottimo.cli_card import card_app
+from ottimo.cli_doctor import doctor
 from ottimo.config import ConfigError, load_params
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(card_app, name="card")  # `ottimo card show VERSION`, `ottimo card compare A B`
+app.command("doctor")(doctor)  # `ottimo doctor [--repair]`
 console = Console()
 
 PROJECT = typer.Option(Path("."), "--project-dir", "-C", help="Project folder (holds params.yaml, dvc.yaml, data/).")

@@ -328,6 +328,14 @@ class DeployCfg(Strict):
     tuning_name: str = "manual"  # deployment tuning/<tuning_name>, no schedule
 
 
+class ReliabilityCfg(Strict):
+    """Promotion safety and crash recovery: the promotion lock, and the repairs `ottimo doctor` makes."""
+
+    lock_timeout_seconds: float = Field(120, gt=0)  # wait this long for another promotion/rollback, then refuse
+    reconcile_on_start: bool = True  # the pipeline first repairs what a crashed run left (= `ottimo doctor --repair`)
+    stale_run_hours: float = Field(24, gt=0)  # a RUNNING MLflow run whose process cannot be checked counts as dead
+
+
 class Params(Strict):
     project: ProjectCfg = ProjectCfg()
     data: DataCfg = DataCfg()
@@ -339,6 +347,7 @@ class Params(Strict):
     gate: GateCfg = GateCfg()
     card: CardCfg = CardCfg()
     deploy: DeployCfg = DeployCfg()
+    reliability: ReliabilityCfg = ReliabilityCfg()
 
     def overridden(self, overrides: dict) -> Params:
         """This config with nested `overrides` (e.g. {"train": {"max_epochs": 3}}, from a flow run's parameters)

@@ -49,13 +49,18 @@ def register(client: MlflowClient, name: str, model_uri: str, run_id: str, tags:
                                        model_id=model_id)
 
 
-def promote(client: MlflowClient, name: str, version: str) -> dict[str, str]:
-    """champion -> previous-champion, `version` -> champion; return the aliases after the move."""
-    current = alias_version(client, name, CHAMPION)
-    if current is not None and current.version != str(version):
-        client.set_registered_model_alias(name, PREVIOUS, current.version)
-    client.set_registered_model_alias(name, CHAMPION, str(version))
-    return aliases(client, name)
+def promote(client: MlflowClient, name: str, version: str, expected_champion: str | None | bool = True,
+            timeout: float = 120) -> dict[str, str]:
+    """champion -> previous-champion, `version` -> champion; return the aliases after the move.
+
+    Locked, journaled and compare-then-set (ottimo.promotion.promote): pass the champion your decision was based
+    on as `expected_champion` (None: there was none); True takes the champion as it is now.
+    """
+    from ottimo import promotion  # it builds on this module
+
+    if expected_champion is True:
+        expected_champion = aliases(client, name).get(CHAMPION)
+    return promotion.promote(client, name, version, expected_champion or None, timeout)
 
 
 def version(client: MlflowClient, name: str, ref: str):
