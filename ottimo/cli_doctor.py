@@ -6,7 +6,6 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 console = Console()
 
@@ -33,13 +32,11 @@ def doctor(
     if not findings:
         console.print(f"[green]{params.mlflow.registered_model}: registry and runs are consistent[/green]")
         return
-    table = Table(title=f"ottimo doctor: {params.mlflow.registered_model}")
-    for col in ("check", "subject", "problem", "repair", "status"):
-        table.add_column(col)
-    for f in findings:
-        status = {True: "[green]repaired[/green]", False: "[yellow]found[/yellow]", None: "[red]needs you[/red]"}
-        table.add_row(f.check, f.subject, f.problem, f.action, status[f.repaired])
-    console.print(table)
+    console.print(f"ottimo doctor: {params.mlflow.registered_model}: {len(findings)} finding(s)")
+    status = {True: "[green]repaired[/green]", False: "[yellow]found[/yellow]", None: "[red]needs you[/red]"}
+    for f in findings:  # lines, not a table: nothing gets cut off in a narrow terminal or a log
+        console.print(f"{status[f.repaired]} {f.check} {f.subject}: {f.problem}", soft_wrap=True)
+        console.print(f"    {'repair' if f.repaired is not None else 'what to do'}: {f.action}", soft_wrap=True)
     left = [f for f in findings if not f.repaired]
     if left:
         hint = "run [cyan]ottimo doctor --repair[/cyan]" if any(f.repaired is False for f in left) else \

@@ -176,15 +176,15 @@ class Doctor:
 
     def alias_states(self, versions: list) -> None:
         now = aliases(self.client, self.name)
-        by_version = {v.version: v for v in versions}
+        by_version = {str(v.version): v for v in versions}
         history = sorted((v for v in versions if promotion.CHAMPION_SINCE in v.tags),
                          key=lambda v: float(v.tags[promotion.CHAMPION_SINCE]), reverse=True)
         champion = now.get(CHAMPION)
         if champion is None and versions:
-            restore = next((v for v in [now.get(PREVIOUS)] + [h.version for h in history]
+            restore = next((v for v in [now.get(PREVIOUS)] + [str(h.version) for h in history]
                             if v and promotion.servable(self.client, self.name, v)), None)
             if restore is not None:
-                rest = next((h.version for h in history if h.version != restore
+                rest = next((str(h.version) for h in history if str(h.version) != restore
                              and promotion.servable(self.client, self.name, h.version)), None)
                 self._note("champion-missing", f"aliases of {self.name}", "no champion, though one was promoted before",
                            f"champion -> v{restore} (the last servable champion), previous-champion -> "
@@ -197,7 +197,7 @@ class Doctor:
         if champion is not None and now.get(PREVIOUS) == champion:
             since = float(by_version[champion].tags.get(promotion.CHAMPION_SINCE, "inf")) if champion in by_version \
                 else float("inf")
-            rest = next((h.version for h in history if h.version != champion
+            rest = next((str(h.version) for h in history if str(h.version) != champion
                          and float(h.tags[promotion.CHAMPION_SINCE]) < since), None)
             self._note("previous-is-champion", f"aliases of {self.name}", f"previous-champion = champion = v{champion}",
                        f"previous-champion -> {'v' + rest if rest else 'none'} (the champion before it)",
@@ -205,7 +205,7 @@ class Doctor:
         challenger = now.get(CHALLENGER)
         mv = by_version.get(challenger)
         if challenger is not None and (mv is None or mv.tags.get("gate_verdict") not in VERDICTS):
-            latest = next((v.version for v in reversed(versions) if v.tags.get("gate_verdict") in VERDICTS), None)
+            latest = next((str(v.version) for v in reversed(versions) if v.tags.get("gate_verdict") in VERDICTS), None)
             self._note("challenger-unknown", f"challenger v{challenger}",
                        f"gate verdict {mv.tags.get('gate_verdict', 'missing') if mv else 'version gone'!r}",
                        f"challenger -> {'v' + latest if latest else 'none'} (the latest version with a verdict)",

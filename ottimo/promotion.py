@@ -92,8 +92,9 @@ def servable(client: MlflowClient, name: str, version: str | None) -> bool:
     return tags.get("gate_verdict") == PASSED and bool(tags.get("sha256"))
 
 
-def _apply(client: MlflowClient, name: str, target: dict[str, str | None]) -> None:
-    """Set (or delete, for None) each alias in order; the crash hook sits between two moves."""
+def _apply(client: MlflowClient, name: str, target: dict[str, str | None], history: bool = True) -> None:
+    """Set (or delete, for None) each alias in order; the crash hook sits between two moves. `history`: stamp
+    the new champion's champion_since (not when undoing)."""
     for i, (alias, version) in enumerate(target.items()):
         if i:
             checkpoint("between-alias-moves")
@@ -102,7 +103,7 @@ def _apply(client: MlflowClient, name: str, target: dict[str, str | None]) -> No
                 client.delete_registered_model_alias(name, alias)
         else:
             client.set_registered_model_alias(name, alias, str(version))
-    if target.get(CHAMPION):
+    if history and target.get(CHAMPION):
         client.set_model_version_tag(name, target[CHAMPION], CHAMPION_SINCE, f"{time.time():.3f}")
 
 
@@ -114,7 +115,7 @@ def recover(client: MlflowClient, name: str) -> str | None:
         return None
     target, before = entry["target"], entry["before"]
     finish = servable(client, name, target.get(CHAMPION))
-    _apply(client, name, target if finish else before)
+    _apply(client, name, target if finish else before, history=finish)
     client.delete_registered_model_tag(name, JOURNAL)
     done = "finished" if finish else "undone (its new champion is not servable)"
     return f"interrupted {entry['op']} {before} -> {target} {done}"
@@ -146,9 +147,13 @@ def move(client: MlflowClient, name: str, target: dict[str, str | None], expecte
         client.set_registered_model_tag(name, JOURNAL, json.dumps(entry))
         try:
             _apply(client, name, target)
-        except BaseException:
-            _apply(client, name, entry["before"])
-            client.delete_registered_model_tag(name, JOURNAL)
+        except BaseException as err:
+            try:
+                _apply(client, name, entry["before"], history=False)
+                client.delete_registered_model_tag(name, JOURNAL)
+            except Exception:  # noqa: BLE001 - the store is still away: the journal stays for the next move
+                err.add_note(f"Undoing the {op} failed too; its journal stays on {name}: the next promotion, "
+                             "`ottimo doctor --repair` or the next pipeline run finishes or undoes it.")
             raise
         client.delete_registered_model_tag(name, JOURNAL)
         return aliases(client, name)
@@ -161,7 +166,7 @@ def promote(client: MlflowClient, name: str, version: str, expected_champion: st
     current = aliases(client, name).get(CHAMPION)
     if current == version:  # a rerun after success: nothing to move, previous-champion stays right
         return move(client, name, {CHAMPION: version}, current, "promote", timeout)
-    target: dict[str, str | None] = {PREVIOUS: expected_champion} if expected_champion else {}
+    target: dict[str, str | None] = {PREVIOUS: expected_champion} if expected_champion not in (None, version) else {}
     return move(client, name, target | {CHAMPION: version}, expected_champion, "promote", timeout)
 
 
