@@ -22,7 +22,6 @@ from mlflow.exceptions import MlflowException
 
 from ottimo import promotion
 from ottimo.config import ReliabilityCfg
-from ottimo.export import sha256
 from ottimo.registry import CHALLENGER, CHAMPION, ONNX_FILE, PREVIOUS, aliases
 
 OWNER_TAG = "ottimo.owner"  # on a pipeline (or stand-alone study) run: the process that runs it (JSON)
@@ -166,6 +165,8 @@ class Doctor:
                            "cannot be verified, so it is never served; promote another version", None)
 
     def _artifact_sha256(self, version: str) -> str | None:
+        from ottimo.export import sha256  # imports torch: only when a version lacks its sha256 tag
+
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 local = download_artifacts(artifact_uri=f"models:/{self.name}/{version}", dst_path=tmp)
@@ -181,7 +182,7 @@ class Doctor:
                          key=lambda v: float(v.tags[promotion.CHAMPION_SINCE]), reverse=True)
         champion = now.get(CHAMPION)
         if champion is None and versions:
-            restore = next((v for v in [now.get(PREVIOUS)] + [str(h.version) for h in history]
+            restore = next((v for v in [str(h.version) for h in history] + [now.get(PREVIOUS)]
                             if v and promotion.servable(self.client, self.name, v)), None)
             if restore is not None:
                 rest = next((str(h.version) for h in history if str(h.version) != restore

@@ -12,8 +12,6 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 
-from ottimo.export import verify_sha256
-
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous-champion", "challenger"
 ONNX_FILE = "model.onnx"
 
@@ -70,6 +68,8 @@ def version(client: MlflowClient, name: str, ref: str):
 
 def download_verified(client: MlflowClient, name: str, ref: str, dst: Path) -> tuple[Path, object]:
     """Download the ONNX file of `name` version/alias `ref` and check it against the version's sha256 tag."""
+    from ottimo.export import verify_sha256  # imports torch: only where a file is downloaded
+
     mv = version(client, name, ref)
     expected = mv.tags.get("sha256")
     if not expected:

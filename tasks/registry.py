@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import get_run_logger, task
 
@@ -13,8 +14,10 @@ from ottimo.config import Params
 from ottimo.faults import checkpoint
 from ottimo.promotion import PromotionError
 from ottimo.tracking import connect
-from tasks.data import DataVersion
-from tasks.evaluate import Evaluated
+
+if TYPE_CHECKING:  # annotations only: a promotion alone need not import the training stack
+    from tasks.data import DataVersion
+    from tasks.evaluate import Evaluated
 
 
 @dataclass(frozen=True)
