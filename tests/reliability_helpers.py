@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,10 +17,23 @@ from ottimo.export import sha256
 from ottimo.tracking import connect
 from tests.conftest import REPO, write_project
 
+_TEMPLATE: list[Path] = []
+
+
+def _empty_store(folder: Path) -> Path:
+    """A migrated, empty MLflow sqlite file, made once per test session: copying it is faster than migrating."""
+    if not _TEMPLATE:
+        db = folder / "template.db"
+        MlflowClient(f"sqlite:///{db}").search_experiments()  # creates and migrates the tables
+        _TEMPLATE.append(db)
+    return _TEMPLATE[0]
+
 
 def store(root: Path, overrides: dict | None = None):
     """A project with its own sqlite MLflow store: (root, params, client, experiment id)."""
     write_project(root, overrides)
+    (root / "mlruns").mkdir()
+    shutil.copy(_empty_store(root.parent), root / "mlruns" / "mlflow.db")
     params = load_params(root / "params.yaml")
     client, exp = connect(root, params.mlflow)
     return root, params, client, exp

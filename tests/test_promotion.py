@@ -167,3 +167,36 @@ def test_four_promotions_at_once_make_exactly_one_champion(tmp_path, api_url):
     runs_of_versions = [v.run_id for v in client.search_model_versions(f"name = '{NAME}'")]
     assert len(runs_of_versions) == len(set(runs_of_versions)) == 5
     assert doctor.examine(client, exp, NAME, params.reliability) == []
+
+
+def test_pipeline_start_reconciles_what_a_crash_left(reg, api_url):
+    """The pipeline's first task: report only when reliability.reconcile_on_start is false, else repair."""
+    import json
+    import time
+
+    from prefect import flow
+
+    from ottimo.config import ReliabilityCfg
+    from tasks.doctor import reconcile as reconcile_task
+
+    @flow
+    def reconcile(root, params) -> list[str]:
+        return reconcile_task(root, params)
+
+    root, params, client, _, (v1, v2, _) = reg
+    registry.promote(client, NAME, v1, None)
+    entry = {"op": "promote", "before": {PREVIOUS: None, CHAMPION: v1}, "target": {PREVIOUS: v1, CHAMPION: v2},
+             "at": time.time()}
+    client.set_registered_model_tag(NAME, promotion.JOURNAL, json.dumps(entry))
+    client.set_registered_model_alias(NAME, PREVIOUS, v1)  # the state a crash between the two moves leaves
+
+    report_only = params.model_copy(update={"reliability": ReliabilityCfg(reconcile_on_start=False)})
+    lines = reconcile(root, report_only)
+    assert [line.split()[0] for line in lines] == ["journal", "previous-is-champion"]
+    assert all(line.endswith("(not repaired)") for line in lines)
+    assert registry.aliases(client, NAME) == {CHAMPION: v1, PREVIOUS: v1}
+
+    [line] = reconcile(root, params)
+    assert line.startswith("journal ") and line.endswith("(done)")
+    assert registry.aliases(client, NAME) == {CHAMPION: v2, PREVIOUS: v1}
+    assert reconcile(root, params) == []
