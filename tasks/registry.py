@@ -89,7 +89,7 @@ def promote(root: Path, params: Params, parent_run_id: str, decision: Decision) 
     """champion -> previous-champion, the selected version -> champion, as one locked, journaled unit that
     happens only if the champion is still the one the gate compared against; close the pipeline run.
     Every attempt is recorded on the pipeline run (tag `promotion`)."""
-    client, _ = connect(root, params.mlflow)
+    client, exp = connect(root, params.mlflow)
     was = decision.expected_champion
     try:
         after = registry.promote(client, params.mlflow.registered_model, decision.version, was,
@@ -101,6 +101,9 @@ def promote(root: Path, params: Params, parent_run_id: str, decision: Decision) 
     client.set_tag(parent_run_id, "promotion", f"promoted v{decision.version} (champion was "
                    f"{'v' + was if was else 'none'})")
     client.set_tag(parent_run_id, "champion", decision.version)
+    for child in client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
+                                    "attributes.status = 'RUNNING'"):  # candidates: done, not left RUNNING
+        client.set_terminated(child.info.run_id, "FINISHED")
     client.set_terminated(parent_run_id, "FINISHED")
     get_run_logger().info("promoted %s v%s to champion; aliases now %s", decision.family, decision.version, after)
     return after
