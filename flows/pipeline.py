@@ -12,6 +12,7 @@ from flows.tune import tune_stage
 from ottimo.config import project_params
 from tasks.card import model_card
 from tasks.data import prepare_data, push_data, validate_raw
+from tasks.doctor import reconcile
 from tasks.evaluate import evaluate_candidate, evaluate_champion, export_candidate
 from tasks.registry import gate, promote, register_candidate
 from tasks.summary import PipelineSummary, fail_open_mlflow_runs, summarise
@@ -37,6 +38,7 @@ def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml", 
         "train": {"max_epochs": max_epochs, "candidates": candidates},
         "gate": {"min_accuracy": min_accuracy}, "tune": {"enabled": tune_enabled}})
 
+    reconcile(root, params)  # first finish or undo what a crashed run left
     validate_raw(root, params)
     data = prepare_data(root, params)
     push_data(root, params)

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ottimo.cli_card import card_app
 from ottimo.cli_compress import compress as compress_cmd
+from ottimo.cli_doctor import doctor
 from ottimo.config import ConfigError, load_params
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ app = typer.Typer(
 )
 app.add_typer(card_app, name="card")  # `ottimo card show VERSION`, `ottimo card compare A B`
 app.command(name="compress")(compress_cmd)  # `ottimo compress --run-id RUN`
+app.command("doctor")(doctor)  # `ottimo doctor [--repair]`
 console = Console()
 
 PROJECT = typer.Option(Path("."), "--project-dir", "-C", help="Project folder (holds params.yaml, dvc.yaml, data/).")

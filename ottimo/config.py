@@ -413,6 +413,13 @@ class LimitsCfg(Strict):
             raise ValueError("must be a relative path inside the project (no '..', not absolute)")
         return v
 
+class ReliabilityCfg(Strict):
+    """Promotion safety and crash recovery: the promotion lock, and the repairs `ottimo doctor` makes."""
+
+    lock_timeout_seconds: float = Field(120, gt=0)  # wait this long for another promotion/rollback, then refuse
+    reconcile_on_start: bool = True  # the pipeline first repairs what a crashed run left (= `ottimo doctor --repair`)
+    stale_run_hours: float = Field(24, gt=0)  # a RUNNING MLflow run whose process cannot be checked counts as dead
+
 
 class Params(Strict):
     project: ProjectCfg = ProjectCfg()
@@ -427,6 +434,7 @@ class Params(Strict):
     deploy: DeployCfg = DeployCfg()
     compress: CompressCfg = CompressCfg()
     limits: LimitsCfg = LimitsCfg()
+    reliability: ReliabilityCfg = ReliabilityCfg()
 
     @model_validator(mode="after")
     def _teacher_is_trained(self) -> Params:

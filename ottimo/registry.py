@@ -12,8 +12,6 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 
-from ottimo.export import verify_sha256
-
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous-champion", "challenger"
 ONNX_FILE = "model.onnx"
 
@@ -49,13 +47,18 @@ def register(client: MlflowClient, name: str, model_uri: str, run_id: str, tags:
                                        model_id=model_id)
 
 
-def promote(client: MlflowClient, name: str, version: str) -> dict[str, str]:
-    """champion -> previous-champion, `version` -> champion; return the aliases after the move."""
-    current = alias_version(client, name, CHAMPION)
-    if current is not None and current.version != str(version):
-        client.set_registered_model_alias(name, PREVIOUS, current.version)
-    client.set_registered_model_alias(name, CHAMPION, str(version))
-    return aliases(client, name)
+def promote(client: MlflowClient, name: str, version: str, expected_champion: str | None | bool = True,
+            timeout: float = 120) -> dict[str, str]:
+    """champion -> previous-champion, `version` -> champion; return the aliases after the move.
+
+    Locked, journaled and compare-then-set (ottimo.promotion.promote): pass the champion your decision was based
+    on as `expected_champion` (None: there was none); True takes the champion as it is now.
+    """
+    from ottimo import promotion  # it builds on this module
+
+    if expected_champion is True:
+        expected_champion = aliases(client, name).get(CHAMPION)
+    return promotion.promote(client, name, version, expected_champion or None, timeout)
 
 
 def version(client: MlflowClient, name: str, ref: str):
@@ -65,6 +68,8 @@ def version(client: MlflowClient, name: str, ref: str):
 
 def download_verified(client: MlflowClient, name: str, ref: str, dst: Path) -> tuple[Path, object]:
     """Download the ONNX file of `name` version/alias `ref` and check it against the version's sha256 tag."""
+    from ottimo.export import verify_sha256  # imports torch: only where a file is downloaded
+
     mv = version(client, name, ref)
     expected = mv.tags.get("sha256")
     if not expected:

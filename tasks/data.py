@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 from ottimo import versioning
 from ottimo.config import Params
 from ottimo.data import materialise_raw, read_checked, validate_frame
+from ottimo.faults import checkpoint
 from ottimo.intake import DataValidationError, quarantine
 
 
@@ -44,6 +45,7 @@ def prepare_data(root: Path, params: Params) -> DataVersion:
     ran = versioning.reproduce(root, "prepare")
     rev = versioning.revision(root)
     get_run_logger().info("data revision %s (%s)", rev[:12], "prepared" if ran else "unchanged, prepare skipped")
+    checkpoint("after-prepare")
     return DataVersion(rev, str(root / versioning.PREPARED), ran)
 
 

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import get_run_logger, task
 
 from ottimo import gate as gate_policy
 from ottimo import registry
 from ottimo.config import Params
+from ottimo.faults import checkpoint
+from ottimo.promotion import PromotionError
 from ottimo.tracking import connect
-from tasks.data import DataVersion
-from tasks.evaluate import Evaluated
+
+if TYPE_CHECKING:  # annotations only: a promotion alone need not import the training stack
+    from tasks.data import DataVersion
+    from tasks.evaluate import Evaluated
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,7 @@ class Decision:
     passed: bool
     reasons: list[str]
     verdicts: dict[str, str]  # family -> PASS, or FAIL with the thresholds missed, for every candidate
+    expected_champion: str | None = None  # the champion the gate compared against: promote moves only if it still is
 
 
 @task
@@ -32,6 +38,7 @@ def register_candidate(root: Path, params: Params, cand: Evaluated, data: DataVe
         "data_revision": data.revision, "sha256": cand.sha256, "family": cand.family,
         "gate_verdict": "pending"})
     get_run_logger().info("%s registered as %s v%s", cand.family, params.mlflow.registered_model, mv.version)
+    checkpoint("after-registering")
     return str(mv.version)
 
 
@@ -47,6 +54,11 @@ def gate(root: Path, params: Params, parent_run_id: str, candidates: list[Evalua
     log = get_run_logger()
     client, _ = connect(root, params.mlflow)
     name = params.mlflow.registered_model
+    expected = registry.aliases(client, name).get(registry.CHAMPION)
+    if (expected is None) != (champion_accuracy is None):
+        raise PromotionError(f"champion of {name} changed while this run was evaluating (now "
+                             f"{'v' + expected if expected else 'none'}); nothing was promoted. "
+                             "Run the pipeline again.")
     figures = cards or [None] * len(candidates)
     verdicts = {c.family: (c.metrics, gate_policy.check(c.metrics, params.gate, champion_accuracy, f))
                 for c, f in zip(candidates, figures, strict=True)}
@@ -69,15 +81,29 @@ def gate(root: Path, params: Params, parent_run_id: str, candidates: list[Evalua
             f"gate failed for every candidate; best was {chosen} v{version}: {'; '.join(verdict.reasons)}. "
             "champion unchanged. Relax the thresholds under `gate:` in params.yaml or improve the model."
         )
-    return Decision(chosen, version, True, verdict.reasons, {k: v.short for k, (_, v) in verdicts.items()})
+    return Decision(chosen, version, True, verdict.reasons, {k: v.short for k, (_, v) in verdicts.items()}, expected)
 
 
 @task
 def promote(root: Path, params: Params, parent_run_id: str, decision: Decision) -> dict[str, str]:
-    """champion -> previous-champion, the selected version -> champion; close the pipeline run."""
-    client, _ = connect(root, params.mlflow)
-    after = registry.promote(client, params.mlflow.registered_model, decision.version)
+    """champion -> previous-champion, the selected version -> champion, as one locked, journaled unit that
+    happens only if the champion is still the one the gate compared against; close the pipeline run.
+    Every attempt is recorded on the pipeline run (tag `promotion`)."""
+    client, exp = connect(root, params.mlflow)
+    was = decision.expected_champion
+    try:
+        after = registry.promote(client, params.mlflow.registered_model, decision.version, was,
+                                 params.reliability.lock_timeout_seconds)
+    except PromotionError as err:
+        client.set_tag(parent_run_id, "promotion", f"refused v{decision.version}: {err}"[:5000])
+        client.set_terminated(parent_run_id, "FAILED")
+        raise
+    client.set_tag(parent_run_id, "promotion", f"promoted v{decision.version} (champion was "
+                   f"{'v' + was if was else 'none'})")
     client.set_tag(parent_run_id, "champion", decision.version)
+    for child in client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
+                                    "attributes.status = 'RUNNING'"):  # candidates: done, not left RUNNING
+        client.set_terminated(child.info.run_id, "FINISHED")
     client.set_terminated(parent_run_id, "FINISHED")
     get_run_logger().info("promoted %s v%s to champion; aliases now %s", decision.family, decision.version, after)
     return after

@@ -13,6 +13,8 @@ from prefect import get_run_logger, runtime, task
 
 from ottimo.config import Params
 from ottimo.data import load_splits
+from ottimo.doctor import OWNER_TAG, owner
+from ottimo.faults import checkpoint
 from ottimo.models import count_parameters
 from ottimo.tracking import connect, flatten
 from ottimo.train import fit
@@ -59,6 +61,7 @@ def start_pipeline_run(root: Path, params: Params, data: DataVersion) -> str:
     url = flow_run_url()
     run = client.create_run(exp, run_name="pipeline", tags={
         FLOW_RUN_TAG: str(runtime.flow_run.id), "data.revision": data.revision, "ottimo.kind": "pipeline",
+        OWNER_TAG: owner(),  # `ottimo doctor` fails the run if this process dies with it RUNNING
         **({FLOW_RUN_URL_TAG: url} if url else {})})
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in flatten(
         params.model_dump()).items()])
@@ -112,5 +115,6 @@ def train_candidate(root: Path, params: Params, family: str, data: DataVersion, 
                                       Metric("parameters", n_params, 0, 0)])
     log.info("%s: best epoch %d of %d, val_acc %.4f, %d parameters", family, result.best_epoch,
              result.epochs_run, result.best_val_accuracy, n_params)
+    checkpoint("after-training")
     return Candidate(family, run_id, str(ckpt), splits.X_train.shape[1], len(splits.labels), n_params,
                      result.best_epoch, result.best_val_accuracy, overrides)

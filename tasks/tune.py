@@ -17,6 +17,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from ottimo import tune
 from ottimo.config import Params, TuneCfg
 from ottimo.data import load_splits
+from ottimo.doctor import OWNER_TAG, owner
 from ottimo.tracking import connect, flatten
 from tasks.data import DataVersion
 from tasks.train import FLOW_RUN_TAG, work_dir
@@ -86,6 +87,8 @@ def open_study(root: Path, params: Params, family: str, data: DataVersion, paren
             "optuna.interrupted": ",".join(map(str, interrupted))}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
+    else:
+        tags[OWNER_TAG] = owner()  # stand-alone: `ottimo doctor` fails the run if this process dies with it RUNNING
     run = client.create_run(exp, run_name=f"tune-{family}", tags=tags)
     for t in study.get_trials(deepcopy=False):  # MLflow runs of interrupted trials, and of their study, fail too
         if t.number in interrupted and t.user_attrs.get("mlflow_run_id"):

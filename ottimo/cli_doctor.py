@@ -1,0 +1,45 @@
+"""`ottimo doctor [--repair]`: report, and repair, what a crash left in the registry and the tracking store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+PROJECT = typer.Option(Path("."), "--project-dir", "-C", help="Project folder (holds params.yaml, dvc.yaml, data/).")
+PARAMS = typer.Option("params.yaml", "--params", "-p", help="Config file, relative to the project folder.")
+
+
+def doctor(
+    repair: bool = typer.Option(False, "--repair", help="Apply the safe repairs (under the promotion lock)."),
+    project_dir: Path = PROJECT,
+    params_file: str = PARAMS,
+) -> None:
+    """Check the registry and MLflow runs for what a crash leaves: a half-done alias move, runs left RUNNING,
+    versions without a gate verdict or sha256, a missing champion, previous-champion = champion. Exit code 1 while
+    anything is left unrepaired."""
+    from ottimo.cli import _params_or_exit  # the main app; it imports this module at load time
+    from ottimo.doctor import examine
+    from ottimo.tracking import connect
+
+    root = project_dir.resolve()
+    params = _params_or_exit(root, params_file)
+    client, exp = connect(root, params.mlflow)
+    findings = examine(client, exp, params.mlflow.registered_model, params.reliability, repair=repair)
+    if not findings:
+        console.print(f"[green]{params.mlflow.registered_model}: registry and runs are consistent[/green]")
+        return
+    console.print(f"ottimo doctor: {params.mlflow.registered_model}: {len(findings)} finding(s)")
+    status = {True: "[green]repaired[/green]", False: "[yellow]found[/yellow]", None: "[red]needs you[/red]"}
+    for f in findings:  # lines, not a table: nothing gets cut off in a narrow terminal or a log
+        console.print(f"{status[f.repaired]} {f.check} {f.subject}: {f.problem}", soft_wrap=True)
+        console.print(f"    {'repair' if f.repaired is not None else 'what to do'}: {f.action}", soft_wrap=True)
+    left = [f for f in findings if not f.repaired]
+    if left:
+        hint = "run [cyan]ottimo doctor --repair[/cyan]" if any(f.repaired is False for f in left) else \
+            "see the repair column"
+        console.print(f"{len(left)} problem(s) left: {hint}")
+        raise typer.Exit(1)

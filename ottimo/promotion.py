@@ -1,0 +1,174 @@
+"""Alias moves as one unit: serialised by a lock, compare-then-set on the champion, journaled for crash recovery.
+
+A move (promotion, rollback, repair) takes the model's lock, finishes or undoes any move a dead process left,
+checks that `champion` is still the version the caller based its decision on, writes its intent to a journal
+(a registered-model tag), moves the aliases one by one, then clears the journal. An exception undoes the move
+at once; a hard crash leaves the journal, and the next move, `ottimo doctor` or the pipeline's start finishes it
+(when its target is servable) or undoes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from ottimo.faults import checkpoint
+from ottimo.registry import CHAMPION, PREVIOUS, aliases
+
+JOURNAL = "ottimo.journal"  # registered-model tag: the alias move in progress (JSON), absent when none
+CHAMPION_SINCE = "champion_since"  # version tag: epoch seconds it last became champion (the champion history)
+PASSED = "passed"
+
+
+class PromotionError(RuntimeError):
+    """An alias move was refused; the registry is as it was."""
+
+
+class ChampionChanged(PromotionError):
+    """`champion` is no longer the version the decision to move was based on."""
+
+
+class PromotionBusy(PromotionError):
+    """Another promotion, rollback or repair of the same model held the lock for longer than the timeout."""
+
+
+def lock_path(client: MlflowClient, name: str) -> Path:
+    """The lock file of `name`: beside a sqlite store (every process that can open the store sees it), else in
+    ~/.cache/ottimo/locks/ keyed by the store URI (serialises the processes of this host only)."""
+    uri = client.tracking_uri
+    key = hashlib.sha256(f"{uri}|{name}".encode()).hexdigest()[:16]
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent / "locks"
+    else:
+        folder = Path.home() / ".cache" / "ottimo" / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{key}.lock"
+
+
+@contextmanager
+def exclusive(client: MlflowClient, name: str, timeout: float = 120) -> Iterator[None]:
+    """Hold the promotion lock of `name` (re-entrant in one thread). The OS releases it when a process dies,
+    so a crashed holder never blocks the next one."""
+    path = lock_path(client, name)
+    lock = FileLock(str(path), is_singleton=True)
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise PromotionBusy(
+            f"another promotion, rollback or repair of {name} has held {path} for over {timeout:.0f} s; nothing "
+            "was changed. Wait for it to finish and run again (raise reliability.lock_timeout_seconds to wait "
+            "longer); the lock of a process that died is released by the OS.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def journal(client: MlflowClient, name: str) -> dict | None:
+    """The alias move a process started and did not finish, or None."""
+    try:
+        raw = client.get_registered_model(name).tags.get(JOURNAL)
+    except MlflowException:
+        return None
+    return json.loads(raw) if raw else None
+
+
+def servable(client: MlflowClient, name: str, version: str | None) -> bool:
+    """A version that may be champion: it exists, passed the gate and carries the sha256 of its ONNX file."""
+    if version is None:
+        return True
+    try:
+        tags = client.get_model_version(name, version).tags
+    except MlflowException:
+        return False
+    return tags.get("gate_verdict") == PASSED and bool(tags.get("sha256"))
+
+
+def _apply(client: MlflowClient, name: str, target: dict[str, str | None], history: bool = True) -> None:
+    """Set (or delete, for None) each alias in order; the crash hook sits between two moves. `history`: stamp
+    the new champion's champion_since (not when undoing)."""
+    for i, (alias, version) in enumerate(target.items()):
+        if i:
+            checkpoint("between-alias-moves")
+        if version is None:
+            if alias in aliases(client, name):
+                client.delete_registered_model_alias(name, alias)
+        else:
+            client.set_registered_model_alias(name, alias, str(version))
+    if history and target.get(CHAMPION):
+        client.set_model_version_tag(name, target[CHAMPION], CHAMPION_SINCE, f"{time.time():.3f}")
+
+
+def recover(client: MlflowClient, name: str) -> str | None:
+    """Finish a journaled move when its new champion is servable, else undo it; say what was done (None: no
+    journal). Call it holding the lock: a journal seen under the lock was left by a process that died."""
+    entry = journal(client, name)
+    if entry is None:
+        return None
+    target, before = entry["target"], entry["before"]
+    finish = servable(client, name, target.get(CHAMPION))
+    _apply(client, name, target if finish else before, history=finish)
+    client.delete_registered_model_tag(name, JOURNAL)
+    done = "finished" if finish else "undone (its new champion is not servable)"
+    return f"interrupted {entry['op']} {before} -> {target} {done}"
+
+
+def move(client: MlflowClient, name: str, target: dict[str, str | None], expected_champion: str | None,
+         op: str, timeout: float = 120) -> dict[str, str]:
+    """Move aliases to `target` ({alias: version, or None to remove}) as one unit, if `champion` is still
+    `expected_champion`; return the aliases after. Already at `target`: nothing changes (idempotent rerun).
+
+    Raises ChampionChanged when another move got there first, PromotionBusy when the lock is not free in time.
+    """
+    target = {a: None if v is None else str(v) for a, v in target.items()}
+    expected = None if expected_champion is None else str(expected_champion)
+    with exclusive(client, name, timeout):
+        recover(client, name)
+        before = aliases(client, name)
+        if all(before.get(a) == v for a, v in target.items()):
+            return before
+        if before.get(CHAMPION) != expected:
+            raise ChampionChanged(
+                f"{op} refused: champion of {name} is now {_v(before.get(CHAMPION))}, not {_v(expected)} as when "
+                "this decision was taken (another promotion or rollback came first); nothing was changed. "
+                "Run again to decide against the current champion.")
+        if target.get(CHAMPION) and not servable(client, name, target[CHAMPION]):
+            raise PromotionError(f"{op} refused: {name} v{target[CHAMPION]} has not passed the gate or has no sha256 "
+                                 "tag, so it may not be champion; nothing was changed.")
+        entry = {"op": op, "before": {a: before.get(a) for a in target}, "target": target, "at": time.time()}
+        client.set_registered_model_tag(name, JOURNAL, json.dumps(entry))
+        try:
+            _apply(client, name, target)
+        except BaseException as err:
+            try:
+                _apply(client, name, entry["before"], history=False)
+                client.delete_registered_model_tag(name, JOURNAL)
+            except Exception:  # noqa: BLE001 - the store is still away: the journal stays for the next move
+                err.add_note(f"Undoing the {op} failed too; its journal stays on {name}: the next promotion, "
+                             "`ottimo doctor --repair` or the next pipeline run finishes or undoes it.")
+            raise
+        client.delete_registered_model_tag(name, JOURNAL)
+        return aliases(client, name)
+
+
+def promote(client: MlflowClient, name: str, version: str, expected_champion: str | None,
+            timeout: float = 120) -> dict[str, str]:
+    """champion -> previous-champion, `version` -> champion, if champion is still `expected_champion`."""
+    version = str(version)
+    current = aliases(client, name).get(CHAMPION)
+    if current == version:  # a rerun after success: nothing to move, previous-champion stays right
+        return move(client, name, {CHAMPION: version}, current, "promote", timeout)
+    target: dict[str, str | None] = {PREVIOUS: expected_champion} if expected_champion not in (None, version) else {}
+    return move(client, name, target | {CHAMPION: version}, expected_champion, "promote", timeout)
+
+
+def _v(version: str | None) -> str:
+    return "none" if version is None else f"v{version}"

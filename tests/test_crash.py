@@ -1,0 +1,60 @@
+"""Crash and resume (slow): `ottimo run` in its own process dies hard at a stage boundary; the next run reconciles
+and finishes the job. The points are ottimo.faults.POINTS; later stages add theirs there."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from flows.pipeline import training_pipeline
+from ottimo import faults, promotion, registry, versioning
+from ottimo.config import load_params
+from ottimo.doctor import ABANDONED, examine
+from ottimo.tracking import connect
+from tests.conftest import REPO, write_project
+
+TINY_RUN = {"train": {"candidates": ["mlp"], "max_epochs": 3}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", faults.POINTS)
+def test_a_hard_crash_then_a_rerun_finishes_the_job(point, tmp_path, prefect_harness):
+    from prefect.settings import PREFECT_API_URL
+
+    project = write_project(tmp_path / "project", TINY_RUN)
+    params = load_params(project / "params.yaml")
+    name = params.mlflow.registered_model
+    assert training_pipeline(project_dir=str(project), return_state=True).is_completed()  # a champion to replace
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), PREFECT_API_URL=PREFECT_API_URL.value(), OTTIMO_CRASH_AT=point,
+               OMP_NUM_THREADS="1")
+    crash = subprocess.run([sys.executable, "-m", "ottimo.cli", "run", "-C", str(project)], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert crash.returncode == faults.EXIT_CODE, crash.stdout[-2000:] + crash.stderr[-3000:]
+    client, exp = connect(project, params.mlflow)
+    left_running = client.search_runs([exp], "attributes.status = 'RUNNING'")
+    assert bool(left_running) is (point != "after-prepare")  # the pipeline's MLflow run opens after prepare
+
+    rerun = training_pipeline(project_dir=str(project), return_state=True)
+    assert rerun.is_completed(), rerun.message
+    summary = rerun.result()
+
+    runs = client.search_runs([exp])
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert all("process died" in r.data.tags["failure"] for r in runs if r.info.status == "FAILED")
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert max(Counter(v.run_id for v in versions).values()) == 1  # no run registered twice
+    verdicts = Counter(v.tags["gate_verdict"] for v in versions)
+    assert set(verdicts) <= {"passed", "failed", ABANDONED}
+    assert verdicts[ABANDONED] == (1 if point == "after-registering" else 0)
+    aliases = registry.aliases(client, name)
+    assert aliases["champion"] == summary.champion
+    # the promotion the crash cut in two was finished by the rerun's reconcile, so its version came in between
+    assert aliases["previous-champion"] == ("2" if point == "between-alias-moves" else "1")
+    assert promotion.journal(client, name) is None
+    assert examine(client, exp, name, params.reliability) == []
+    assert versioning.status_cloud(project) == {}  # `dvc status -c`: cache and remote agree
