@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ottimo.cli_card import card_app
+from ottimo.cli_drift import drift_app, print_last_check
 from ottimo.config import ConfigError, load_params
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(card_app, name="card")  # `ottimo card show VERSION`, `ottimo card compare A B`
+app.registered_commands += drift_app.registered_commands  # simulate-drift, score, drift-check, promote, rollback
 console = Console()
 
 PROJECT = typer.Option(Path("."), "--project-dir", "-C", help="Project folder (holds params.yaml, dvc.yaml, data/).")
@@ -129,6 +131,7 @@ def status(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     console.print(table)
     if versions[registry.CHAMPION] is None:
         console.print("No champion yet: run [cyan]ottimo run[/cyan] (or [cyan]make run[/cyan]).")
+    print_last_check(console, root, params)
 
 
 if __name__ == "__main__":

@@ -340,7 +340,7 @@ class DriftCfg(Strict):
     """The scheduled drift check (Evidently) and the policy that picks nothing | retrain | rollback."""
 
     min_rows: int = Field(100, ge=10)  # a smaller window is "insufficient data": no decision, batches wait
-    max_rows: int = Field(20_000, ge=100)  # window and reference sampled (seeded) to this many rows each
+    max_rows: int = Field(10_000, ge=100)  # window and reference sampled (seeded) to this many rows each
     drift_share: float = Field(0.5, gt=0, le=1)  # data drift when this share of feature columns drifted
     method: str | None = None  # Evidently stat test for every feature column (ks, wasserstein, psi, ...); null: auto
     threshold: float | None = None  # its per-column threshold; null: the test's default

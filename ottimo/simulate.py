@@ -46,7 +46,7 @@ def shift(df: pd.DataFrame, features: list[str], target: str | None, kind: str, 
     rng = np.random.default_rng(seed)
     out = df.copy()
     cols = _columns(features, columns)
-    std = df[cols].std(ddof=0).replace(0, 1.0).to_numpy()
+    std = df[cols].std(ddof=0).to_numpy()  # blank columns (std 0) stay blank
     if kind == "shift":
         out[cols] = df[cols].to_numpy() + severity * std
     elif kind == "scale":

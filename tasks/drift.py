@@ -100,6 +100,8 @@ def check_window(root: Path, params: Params, champion: Champion, window: Window)
         ev = policy.Evidence(rows=window.rows, reference_rows=len(reference), sampled_rows=0, columns=len(features))
     else:
         cur = batches.window([Path(b) for b in window.batches], schema)
+        rows = len(cur)  # sampled before scoring: Evidently and onnxruntime see at most drift.max_rows rows
+        cur, reference = policy.sample(cur, cfg.max_rows, cfg.seed), policy.sample(reference, cfg.max_rows, cfg.seed)
         sess = session(Path(champion.onnx_path))
         reference["prediction"] = _labels(sess, reference[features].to_numpy(dtype="float32"), labels)
         cur["prediction"] = _labels(sess, cur[features].to_numpy(dtype="float32"), labels)
@@ -115,7 +117,7 @@ def check_window(root: Path, params: Params, champion: Champion, window: Window)
                 "reference_accuracy": float((reference["prediction"] == reference[target]).mean()),
                 "previous_accuracy": _previous_accuracy(root, params, labelled, features, target, labels),
                 "quality": policy.read_quality(qsnap)}
-        ev = policy.Evidence(rows=len(cur), reference_rows=len(reference), labelled_rows=len(labelled),
+        ev = policy.Evidence(rows=rows, reference_rows=len(reference), labelled_rows=len(labelled),
                              **found, **quality)
     client, exp = monitor.connect_monitoring(root, params)
     has_previous = registry.alias_version(client, params.mlflow.registered_model, registry.PREVIOUS) is not None

@@ -12,7 +12,7 @@ from ottimo import batches, monitor, registry
 from ottimo.cardstore import prepared_for
 from ottimo.config import Params
 from ottimo.data import DataValidationError
-from ottimo.export import sha256
+from ottimo.export import IntegrityError, sha256
 from ottimo.measure import predict, session
 from ottimo.tracking import connect
 from tasks.train import FLOW_RUN_TAG, work_dir
@@ -42,7 +42,18 @@ class Scored:
     quarantined: str = ""
 
 
-@task(retries=2, retry_delay_seconds=[2, 10])
+def _transient(task, task_run, state) -> bool:
+    """Retry a failed download, never a refusal: a hash mismatch or a missing champion stays failed."""
+    try:
+        state.result()
+    except (IntegrityError, LookupError):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient)
 def load_champion(root: Path, params: Params, ref: str = registry.CHAMPION) -> Champion:
     """Download the champion's ONNX file and check its sha256 against the version tag (a mismatch raises
     IntegrityError: nothing is loaded); locate the data revision it was trained on."""
