@@ -82,6 +82,7 @@ def test_production_loop(tmp_path, prefect_harness):
     check = score_and_check(project)
     assert check.action == "retrain", check.reasons
     assert check.evidence["dataset_drift"] and check.evidence["drift_share"] >= params.drift.drift_share
+    assert "pixel_3_3" in check.evidence["drifted"]  # per-column tests of the DataDriftPreset
     rev2 = versioning.revision(project)
     assert rev2 != rev1 and check.outcome["data_revision"] == rev2
     assert len(pd.read_csv(project / params.data.path)) == raw_rows + 200
@@ -117,7 +118,7 @@ def test_production_loop(tmp_path, prefect_harness):
     simulate.write(simulate.batches(test, features, "target", "none", 0, 1, 20, seed=6, labels=False),
                    incoming, "f-good")
     state = batch_scoring(project_dir=str(project), return_state=True)
-    assert state.is_failed() and "e-bad-000.parquet" in state.message and "finite" in state.message
+    assert state.is_failed() and "e-bad-000.parquet" in state.message and "not_nullable" in state.message
     quarantined = project / "data" / "quarantine" / "e-bad-000.parquet"
     assert quarantined.is_file() and not (incoming / "e-bad-000.parquet").exists()
     assert "schema violation" in (quarantined.parent / "e-bad-000.parquet.reason.txt").read_text()
