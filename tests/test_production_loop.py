@@ -23,7 +23,7 @@ from ottimo.tracking import connect
 from tests.conftest import write_project
 
 OVERRIDES = {
-    "train": {"candidates": ["mlp"]},
+    "train": {"candidates": ["mlp"], "max_epochs": 6},
     "gate": {"min_accuracy": 0.5, "max_drop_vs_champion": 100.0},  # the retrained model is always promoted
     "drift": {"min_rows": 60, "rollback_margin": 2.0},
 }
