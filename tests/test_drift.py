@@ -1,12 +1,11 @@
 """Unit tests of the production loop's core: the decision policy, the drift simulator, Evidently detection,
-batch validation and quarantine, and the registry rollback."""
+and batch validation and quarantine (registry rollback: tests/test_production_loop.py)."""
 
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
 
-from ottimo import batches, registry, simulate
+from ottimo import batches, simulate
 from ottimo.config import DriftCfg
 from ottimo.data import DataValidationError, builtin_frame
 from ottimo.drift import INSUFFICIENT, NOTHING, RETRAIN, ROLLBACK, Evidence, decide, detect
@@ -113,20 +112,3 @@ def test_batch_validation_and_quarantine(tmp_path):
     out = batches.write_predictions(good, np.array([0, 9] * 10), list(range(10)), "3")
     assert batches.pending(good.parent) == [tmp_path / "incoming" / f"{n}.csv" for n in ("empty", "missing column")]
     assert pd.read_parquet(out)["model_version"].eq("3").all()
-
-
-def test_rollback_swaps_aliases_or_changes_nothing(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri, uri)
-    client.create_registered_model("m")
-    for _ in range(2):
-        client.create_model_version("m", (tmp_path / "model").as_uri())
-    registry.promote(client, "m", "1")
-    with pytest.raises(registry.NoPreviousChampion, match="nothing changed"):
-        registry.rollback(client, "m", "test")
-    assert registry.aliases(client, "m") == {"champion": "1"}
-    registry.promote(client, "m", "2")
-    after = registry.rollback(client, "m", "v2 is worse")
-    assert after == {"champion": "1", "previous-champion": "2"}
-    assert "v2 is worse" in client.get_model_version("m", "2").tags["rolled_back"]
-    assert "restored over v2" in client.get_model_version("m", "1").tags["restored"]

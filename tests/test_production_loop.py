@@ -2,7 +2,8 @@
 
 train → a batch too small (insufficient data) → a clean batch (nothing) → a drifted labelled batch (retrain:
 new data revision, new champion) → a batch on which the new champion is worse than the old (rollback) →
-a malformed batch (quarantined, nothing else changes) → a tampered sha256 (nothing is loaded).
+a malformed batch (quarantined, nothing else changes) → a tampered sha256 (nothing is loaded) → the manual
+promote and rollback flows → `ottimo status`.
 """
 
 from pathlib import Path
@@ -12,6 +13,8 @@ import pandas as pd
 from typer.testing import CliRunner
 
 from flows.drift import drift_check
+from flows.manage import promote
+from flows.manage import rollback as manual_rollback
 from flows.pipeline import training_pipeline
 from flows.score import batch_scoring
 from ottimo import batches, monitor, registry, simulate, versioning
@@ -55,6 +58,11 @@ def test_production_loop(tmp_path, prefect_harness):
     schema = batches.schema_of(project / "data" / "prepared")
     features = schema["features"]
     test = pd.read_parquet(project / "data" / "prepared" / "test.parquet")
+
+    # no previous-champion yet: a rollback changes nothing and says why
+    state = manual_rollback(reason="too early", project_dir=str(project), return_state=True)
+    assert state.is_failed() and "no previous-champion" in state.message
+    assert registry.aliases(client, name) == {"champion": v1, "challenger": v1}
 
     # a batch below drift.min_rows: scored, but the check decides nothing ("insufficient data") and keeps it
     simulate.write(simulate.batches(test, features, "target", "none", 0, 1, 30, seed=1), incoming, "a-small")
@@ -128,11 +136,22 @@ def test_production_loop(tmp_path, prefect_harness):
     assert after == before
 
     # a champion whose ONNX file does not match its sha256 tag is never loaded: nothing is scored
+    sha1 = registry.version(client, name, v1).tags["sha256"]
     client.set_model_version_tag(name, v1, "sha256", "0" * 64)
     simulate.write(simulate.batches(test, features, "target", "none", 0, 1, 20, seed=7), incoming, "g-later")
     state = batch_scoring(project_dir=str(project), return_state=True)
     assert state.is_failed() and "does not match" in state.message
     assert not (incoming / "g-later-000.predictions.parquet").exists()
+
+    client.set_model_version_tag(name, v1, "sha256", sha1)
+
+    # manual flows: promote v2 back through the gate (it passes this test's gate), then roll back by hand
+    assert promote(version=v2, force=True, project_dir=str(project), return_state=True).is_failed()  # no reason
+    assert promote(version=v2, project_dir=str(project), return_state=True).is_completed()
+    assert registry.aliases(client, name)["champion"] == v2
+    assert "gate passed" in registry.version(client, name, v2).tags["promoted_manually"]
+    assert manual_rollback(reason="by hand", project_dir=str(project), return_state=True).is_completed()
+    assert registry.aliases(client, name)["champion"] == v1
 
     # `ottimo status` shows the last check and its decision
     out = CliRunner().invoke(app, ["status", "--project-dir", str(project)])
