@@ -34,7 +34,7 @@ def drift_check(project_dir: str = ".", params_file: str = "params.yaml") -> Che
     check = check_window(root, params, champion, window)
     outcome: dict[str, str] = {}
     if check.action == policy.RETRAIN:
-        outcome = {"data_revision": add_training_data(root, params, window)}
+        outcome = add_training_data(root, params, window)
         outcome |= retrain(root, params_file, params)
     elif check.action == policy.ROLLBACK:
         outcome = {f"alias.{k}": v for k, v in rollback_champion(root, params, check).items()}

@@ -141,9 +141,9 @@ def check_window(root: Path, params: Params, champion: Champion, window: Window)
 
 
 @task
-def add_training_data(root: Path, params: Params, window: Window) -> str:
+def add_training_data(root: Path, params: Params, window: Window) -> dict[str, str]:
     """Append the window's labelled rows to the training data file and version it with DVC (`dvc add`,
-    `dvc repro prepare`); return the new data revision (the old one when no row was labelled)."""
+    `dvc repro prepare`); return the data revision (unchanged when no row was labelled) and the rows added."""
     log = get_run_logger()
     cfg = params.data
     raw = materialise_raw(root, cfg)
@@ -153,7 +153,7 @@ def add_training_data(root: Path, params: Params, window: Window) -> str:
         log.warning("no labelled rows in the window: the training data is unchanged")
         versioning.track(root, cfg.path)
         versioning.reproduce(root)
-        return versioning.revision(root)
+        return {"data_revision": versioning.revision(root), "rows_added": "0"}
     old = read_table(raw)
     new = pd.concat([old] + [f[old.columns] for f in frames], ignore_index=True)
     new = validate_frame(new, cfg, raw)
@@ -162,7 +162,7 @@ def add_training_data(root: Path, params: Params, window: Window) -> str:
     versioning.reproduce(root)
     rev = versioning.revision(root)
     log.info("training data %s: %d -> %d rows, data revision %s", cfg.path, len(old), len(new), rev[:12])
-    return rev
+    return {"data_revision": rev, "rows_added": str(len(new) - len(old))}
 
 
 @task

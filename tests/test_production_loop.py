@@ -92,7 +92,7 @@ def test_production_loop(tmp_path, prefect_harness):
     assert check.evidence["dataset_drift"] and check.evidence["drift_share"] >= params.drift.drift_share
     assert "pixel_3_3" in check.evidence["drifted"]  # per-column tests of the DataDriftPreset
     rev2 = versioning.revision(project)
-    assert rev2 != rev1 and check.outcome["data_revision"] == rev2
+    assert rev2 != rev1 and check.outcome["data_revision"] == rev2 and check.outcome["rows_added"] == "200"
     assert len(pd.read_csv(project / params.data.path)) == raw_rows + 200
     aliases = registry.aliases(client, name)
     v2 = aliases["champion"]
