@@ -155,7 +155,7 @@ def add_training_data(root: Path, params: Params, window: Window) -> dict[str, s
         versioning.reproduce(root)
         return {"data_revision": versioning.revision(root), "rows_added": "0"}
     old = read_table(raw)
-    new = pd.concat([old] + [f[old.columns] for f in frames], ignore_index=True)
+    new = pd.concat([old] + [f[old.columns].dropna(subset=[cfg.target]) for f in frames], ignore_index=True)
     new = validate_frame(new, cfg, raw)
     new.to_parquet(raw, index=False) if raw.suffix == ".parquet" else new.to_csv(raw, index=False)
     versioning.track(root, cfg.path)

@@ -1,6 +1,8 @@
 """Unit tests of the production loop's core: the decision policy, the drift simulator, Evidently detection,
 and batch validation and quarantine (registry rollback: tests/test_production_loop.py)."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -112,3 +114,14 @@ def test_batch_validation_and_quarantine(tmp_path):
     out = batches.write_predictions(good, np.array([0, 9] * 10), list(range(10)), "3")
     assert batches.pending(good.parent) == [tmp_path / "incoming" / f"{n}.csv" for n in ("empty", "missing column")]
     assert pd.read_parquet(out)["model_version"].eq("3").all()
+
+
+def test_drift_and_score_sections_are_validated():
+    from ottimo.config import ConfigError, load_params, parse_params
+
+    p = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    assert (p.drift.min_rows, p.drift.drift_share, p.score.incoming) == (100, 0.5, "data/incoming")
+    with pytest.raises(ConfigError, match="drift.drift_share"):
+        parse_params({"drift": {"drift_share": 1.5}})
+    with pytest.raises(ConfigError, match="drift.cooldown"):
+        parse_params({"drift": {"cooldown": 3}})
