@@ -26,7 +26,8 @@ from ottimo.tracking import connect
 from tests.conftest import write_project
 
 OVERRIDES = {
-    "train": {"candidates": ["mlp"], "max_epochs": 6},
+    "train": {"candidates": ["mlp"], "max_epochs": 4},
+    "card": {"importance_rows": 50, "importance_repeats": 1, "batch_sizes": [1, 64], "seconds_per_batch_size": 0.05},
     "gate": {"min_accuracy": 0.5, "max_drop_vs_champion": 100.0},  # the retrained model is always promoted
     "drift": {"min_rows": 60, "rollback_margin": 2.0},
 }
