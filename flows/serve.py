@@ -30,7 +30,30 @@ def deployments(project_dir: str, params_file: str = "params.yaml") -> list[Runn
                     "Empty overrides take params.yaml's values.")
     tune = tuning.to_deployment(name=cfg.tuning_name, parameters=where, tags=["ottimo", "tuning"],
                                 description="Optuna studies per model family (tune: in params.yaml), no training.")
-    return [training, tune]
+    return [training, tune, *production_loop(root, params_file)]
+
+
+def production_loop(root: Path, params_file: str) -> list[RunnerDeployment]:
+    """Batch scoring and the scheduled drift check (`score:` / `drift:`), manual promote and rollback."""
+    from flows.drift import drift_check
+    from flows.manage import promote, rollback
+    from flows.score import batch_scoring
+
+    params = load_params(root / params_file)
+    where = {"project_dir": str(root), "params_file": params_file}
+    tz = params.deploy.timezone
+    return [
+        batch_scoring.to_deployment(name=params.score.deployment_name, parameters=where, tags=["ottimo", "scoring"],
+                                    description="Score the new batches in data/incoming with the champion."),
+        drift_check.to_deployment(
+            name=params.drift.deployment_name, parameters=where, tags=["ottimo", "monitoring"],
+            schedule=Cron(params.drift.cron, timezone=tz) if params.drift.cron else None,
+            description="Evidently drift check of the scored batches: nothing, retrain or rollback."),
+        promote.to_deployment(name="manual", parameters=where, tags=["ottimo", "registry"],
+                              description="Promote a version through the gate (force=true with a reason)."),
+        rollback.to_deployment(name="manual", parameters=where, tags=["ottimo", "registry"],
+                               description="Swap champion and previous-champion back."),
+    ]
 
 
 def main() -> None:

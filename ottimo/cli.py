@@ -12,6 +12,7 @@ from rich.table import Table
 from ottimo.cli_card import card_app
 from ottimo.cli_compress import compress as compress_cmd
 from ottimo.cli_doctor import doctor
+from ottimo.cli_drift import drift_app, print_last_check
 from ottimo.config import ConfigError, load_params
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
 app.add_typer(card_app, name="card")  # `ottimo card show VERSION`, `ottimo card compare A B`
 app.command(name="compress")(compress_cmd)  # `ottimo compress --run-id RUN`
 app.command("doctor")(doctor)  # `ottimo doctor [--repair]`
+app.registered_commands += drift_app.registered_commands  # simulate-drift, score, drift-check, promote, rollback
 console = Console()
 
 PROJECT = typer.Option(Path("."), "--project-dir", "-C", help="Project folder (holds params.yaml, dvc.yaml, data/).")
@@ -133,6 +135,7 @@ def status(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     console.print(table)
     if versions[registry.CHAMPION] is None:
         console.print("No champion yet: run [cyan]ottimo run[/cyan] (or [cyan]make run[/cyan]).")
+    print_last_check(console, root, params)
 
 
 if __name__ == "__main__":

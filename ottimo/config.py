@@ -420,6 +420,32 @@ class ReliabilityCfg(Strict):
     reconcile_on_start: bool = True  # the pipeline first repairs what a crashed run left (= `ottimo doctor --repair`)
     stale_run_hours: float = Field(24, gt=0)  # a RUNNING MLflow run whose process cannot be checked counts as dead
 
+class ScoreCfg(Strict):
+    """Batch scoring: batches (CSV or Parquet) arrive in `incoming`; malformed ones move to `quarantine`."""
+
+    incoming: str = "data/incoming"
+    quarantine: str = "data/quarantine"
+    deployment_name: str = "manual"  # deployment batch-scoring/<deployment_name>, run from the UI
+
+
+class DriftCfg(Strict):
+    """The scheduled drift check (Evidently) and the policy that picks nothing | retrain | rollback."""
+
+    min_rows: int = Field(100, ge=10)  # a smaller window is "insufficient data": no decision, batches wait
+    max_rows: int = Field(10_000, ge=100)  # window and reference sampled (seeded) to this many rows each
+    drift_share: float = Field(0.5, gt=0, le=1)  # data drift when this share of feature columns drifted
+    method: str | None = None  # Evidently stat test for every feature column (ks, wasserstein, psi, ...); null: auto
+    threshold: float | None = None  # its per-column threshold; null: the test's default
+    prediction_method: str | None = None  # stat test on the champion's predictions; null: auto (chi-square)
+    prediction_drift_retrains: bool = False  # prediction drift alone triggers a retrain
+    max_quality_drop: float = Field(5.0, ge=0, le=100)  # points of accuracy below the reference before retraining
+    rollback_margin: float = Field(5.0, ge=0, le=100)  # points champion may trail previous-champion on a window
+    cooldown_hours: float = Field(24.0, ge=0)  # no second retrain within this many hours
+    seed: int = 42
+    experiment: str | None = None  # MLflow monitoring experiment; null: "<mlflow.experiment>-monitoring"
+    deployment_name: str = "scheduled"  # deployment drift-check/<deployment_name>
+    cron: str | None = "0 * * * *"  # its schedule (deploy.timezone); null: on demand only
+
 
 class Params(Strict):
     project: ProjectCfg = ProjectCfg()
@@ -435,6 +461,8 @@ class Params(Strict):
     compress: CompressCfg = CompressCfg()
     limits: LimitsCfg = LimitsCfg()
     reliability: ReliabilityCfg = ReliabilityCfg()
+    score: ScoreCfg = ScoreCfg()
+    drift: DriftCfg = DriftCfg()
 
     @model_validator(mode="after")
     def _teacher_is_trained(self) -> Params:

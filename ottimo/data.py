@@ -89,8 +89,13 @@ def raw_schema(features: list[str], target: str, labels: list[int] | None, min_r
 
 
 def _summarise(err: SchemaErrors, path: Path, limit: int = 8) -> str:
+    return summarise_errors(err, path, "nothing was prepared or trained", limit)
+
+
+def summarise_errors(err: SchemaErrors, path: Path | str, consequence: str, limit: int = 8) -> str:
+    """One line per failed (column, check) with the first rows and values; `consequence` says what was not done."""
     cases = err.failure_cases
-    lines = [f"{path}: {len(cases)} schema violation(s); nothing was prepared or trained."]
+    lines = [f"{path}: {len(cases)} schema violation(s); {consequence}."]
     for (column, check), group in cases.groupby(["column", "check"], dropna=False, sort=False):
         rows = [int(i) for i in group["index"].dropna().tolist()[:5]]
         values = group["failure_case"].tolist()[:5]

@@ -76,3 +76,27 @@ def download_verified(client: MlflowClient, name: str, ref: str, dst: Path) -> t
         raise MlflowException(f"{name} v{mv.version} has no sha256 tag; it cannot be verified, so it is not loaded")
     local = Path(download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst)))
     return verify_sha256(local / ONNX_FILE, expected), mv
+
+
+class NoPreviousChampion(RuntimeError):
+    """Rollback asked for, but there is no `previous-champion` (or no champion) to swap with: nothing changed."""
+
+
+def rollback(client: MlflowClient, name: str, reason: str) -> dict[str, str]:
+    """previous-champion -> champion and champion -> previous-champion, champion first (what serving reads);
+    tag the event on both versions; return the aliases after. Raises NoPreviousChampion, changing nothing."""
+    from datetime import UTC, datetime
+
+    current, previous = alias_version(client, name, CHAMPION), alias_version(client, name, PREVIOUS)
+    if current is None or previous is None or current.version == previous.version:
+        raise NoPreviousChampion(
+            f"{name}: no previous-champion to roll back to (champion {current.version if current else 'none'}); "
+            "nothing changed. Promote a known-good version with the `promote` flow instead.")
+    client.set_registered_model_alias(name, CHAMPION, previous.version)
+    client.set_registered_model_alias(name, PREVIOUS, current.version)
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    client.set_model_version_tag(name, current.version, "rolled_back",
+                                 f"{stamp}: replaced by v{previous.version}: {reason}"[:5000])
+    client.set_model_version_tag(name, previous.version, "restored",
+                                 f"{stamp}: restored over v{current.version}: {reason}"[:5000])
+    return aliases(client, name)

@@ -1,0 +1,59 @@
+"""Drift check: Evidently on the scored batches against the champion's reference → nothing | retrain | rollback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, runtime
+from prefect.deployments import run_deployment
+
+from ottimo import drift as policy
+from ottimo.config import Params, load_params
+from tasks.drift import CheckSummary, add_training_data, check_window, close_check, collect_window, rollback_champion
+from tasks.score import load_champion
+
+
+class RetrainFailed(RuntimeError):
+    """The drift check decided to retrain and the training pipeline did not finish."""
+
+
+@flow(name="drift-check")
+def drift_check(project_dir: str = ".", params_file: str = "params.yaml") -> CheckSummary:
+    """Compare the batches scored since the last check with the champion's reference split and act on the
+    policy under `drift:` in params.yaml. Report, summary and decision are in the MLflow monitoring experiment.
+
+    Args:
+        project_dir: Project folder holding params.yaml, dvc.yaml and data/.
+        params_file: Config file, relative to the project folder.
+    """
+    root = Path(project_dir).resolve()
+    params = load_params(root / params_file)
+
+    champion = load_champion(root, params)
+    window = collect_window(root, params)
+    check = check_window(root, params, champion, window)
+    outcome: dict[str, str] = {}
+    if check.action == policy.RETRAIN:
+        outcome = add_training_data(root, params, window)
+        outcome |= retrain(root, params_file, params)
+    elif check.action == policy.ROLLBACK:
+        outcome = {f"alias.{k}": v for k, v in rollback_champion(root, params, check).items()}
+    summary = close_check(root, params, check, window, outcome)
+    if outcome.get("training") == "failed":
+        raise RetrainFailed(f"retrain decided ({'; '.join(check.reasons)}) but training failed: "
+                            f"{outcome['message']}; the champion is unchanged")
+    return summary
+
+
+def retrain(root: Path, params_file: str, params: Params) -> dict[str, str]:
+    """The training pipeline as a subflow here, or through its deployment when this flow runs from one."""
+    if runtime.deployment.id:
+        run = run_deployment(f"training-pipeline/{params.deploy.training_name}", timeout=0,
+                             parameters={"project_dir": str(root), "params_file": params_file})
+        return {"training": "started", "training_flow_run": str(run.id)}
+    from flows.pipeline import training_pipeline
+
+    state = training_pipeline(project_dir=str(root), params_file=params_file, return_state=True)
+    if not state.is_completed():
+        return {"training": "failed", "message": state.message or state.name}
+    return {"training": "completed", "champion": state.result().champion}

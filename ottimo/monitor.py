@@ -1,0 +1,67 @@
+"""Monitoring records in MLflow: one run per scored batch and one per drift check, in `<experiment>-monitoring`.
+
+The score runs are the ledger of what production scored; a drift check takes the ones it has not seen yet
+as its window and marks them with its own run id once it has decided.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from ottimo.config import Params
+from ottimo.tracking import connect
+
+KIND = "ottimo.kind"
+SCORE, CHECK = "score", "drift-check"
+CHECKED = "drift.checked"  # on a score run: "false", or the id of the drift-check run that used it
+
+
+def experiment_name(params: Params) -> str:
+    return params.drift.experiment or f"{params.mlflow.experiment}-monitoring"
+
+
+def connect_monitoring(root: Path, params: Params) -> tuple[MlflowClient, str]:
+    """A client and the monitoring experiment id (created on first use, artifacts beside the main ones)."""
+    return connect(root, params.mlflow.model_copy(update={"experiment": experiment_name(params)}))
+
+
+def record_score(client: MlflowClient, exp: str, batch: Path, predictions: Path, rows: int, labelled: bool,
+                 version: str, batch_sha256: str, tags: dict[str, str]) -> str:
+    """One finished run for a scored batch; it waits in the next drift window (drift.checked = false)."""
+    run = client.create_run(exp, run_name=f"score {batch.name}", tags={
+        KIND: SCORE, "batch": batch.name, "batch.path": str(batch), "batch.sha256": batch_sha256,
+        "predictions.path": str(predictions), "model.version": str(version), "labelled": str(labelled).lower(),
+        CHECKED: "false", **tags})
+    client.log_metric(run.info.run_id, "rows", rows)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def unchecked(client: MlflowClient, exp: str) -> list:
+    """Score runs no drift check has decided on yet, oldest first."""
+    return client.search_runs([exp], f"tags.`{KIND}` = '{SCORE}' and tags.`{CHECKED}` = 'false'",
+                              order_by=["attributes.start_time ASC"], max_results=10_000)
+
+
+def mark_checked(client: MlflowClient, score_run_ids: list[str], check_run_id: str) -> None:
+    for run_id in score_run_ids:
+        client.set_tag(run_id, CHECKED, check_run_id)
+
+
+def last_check(client: MlflowClient, exp: str, decision: str | None = None):
+    """The newest drift-check run (with that decision when given), or None."""
+    where = f"tags.`{KIND}` = '{CHECK}'" + (f" and tags.decision = '{decision}'" if decision else "")
+    runs = client.search_runs([exp], where, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def in_cooldown(client: MlflowClient, exp: str, hours: float, now: datetime | None = None) -> bool:
+    """Whether a retrain was decided less than `hours` ago."""
+    run = last_check(client, exp, "retrain")
+    if run is None or hours <= 0:
+        return False
+    started = datetime.fromtimestamp(run.info.start_time / 1000, UTC)
+    return (now or datetime.now(UTC)) - started < timedelta(hours=hours)

@@ -1,0 +1,204 @@
+"""Drift-check tasks: gather the window of scored batches, measure drift and quality with Evidently, decide,
+and carry out the decision (new training data under DVC, or a rollback), every step recorded in MLflow."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import get_run_logger, runtime, task
+from prefect.artifacts import create_markdown_artifact
+
+from ottimo import batches, monitor, registry, versioning
+from ottimo import drift as policy
+from ottimo.config import Params
+from ottimo.data import materialise_raw, read_table, validate_frame
+from ottimo.measure import predict, session
+from ottimo.tracking import connect
+from tasks.score import Champion
+from tasks.train import FLOW_RUN_TAG, work_dir
+
+
+@dataclass(frozen=True)
+class Window:
+    batches: list[str]  # scored batch files no drift check has decided on, oldest first
+    score_runs: list[str]  # their MLflow score runs
+    rows: int
+
+
+@dataclass(frozen=True)
+class Check:
+    run_id: str  # the drift-check run in the monitoring experiment
+    action: str  # nothing | retrain | rollback | insufficient data
+    reasons: list[str]
+    evidence: dict
+    champion: str
+
+
+@dataclass(frozen=True)
+class CheckSummary:
+    run_id: str
+    action: str
+    reasons: list[str]
+    evidence: dict
+    outcome: dict[str, str] = field(default_factory=dict)  # what the action did: new revision, champion, ...
+
+
+@task
+def collect_window(root: Path, params: Params) -> Window:
+    """The scored batches since the last decided check (a missing batch file is skipped with a warning)."""
+    log = get_run_logger()
+    client, exp = monitor.connect_monitoring(root, params)
+    paths, runs, rows = [], [], 0
+    for run in monitor.unchecked(client, exp):
+        path = Path(run.data.tags["batch.path"])
+        if not path.is_file():
+            log.warning("scored batch %s is gone; left out of the window", path)
+            continue
+        paths.append(str(path))
+        runs.append(run.info.run_id)
+        rows += int(run.data.metrics.get("rows", 0))
+    log.info("window: %d batch(es), %d rows", len(paths), rows)
+    return Window(paths, runs, rows)
+
+
+def _labels(sess, X: np.ndarray, labels: list[int]) -> np.ndarray:
+    return np.asarray(labels)[predict(sess, X)]
+
+
+def _previous_accuracy(root: Path, params: Params, cur: pd.DataFrame, features: list[str], target: str,
+                       labels: list[int]) -> float | None:
+    """previous-champion's accuracy on the labelled rows (its ONNX file verified too), or None without one."""
+    client, _ = connect(root, params.mlflow)
+    name = params.mlflow.registered_model
+    prev = registry.alias_version(client, name, registry.PREVIOUS)
+    if prev is None:
+        return None
+    path, _ = registry.download_verified(client, name, prev.version, work_dir(root, f"serving-v{prev.version}"))
+    pred = _labels(session(path), cur[features].to_numpy(dtype="float32"), labels)
+    return float((pred == cur[target].to_numpy()).mean())
+
+
+@task
+def check_window(root: Path, params: Params, champion: Champion, window: Window) -> Check:
+    """Evidently data drift + prediction drift on the window against the champion's reference split, quality on
+    labelled rows (champion, and previous-champion for rollback), then the policy; all logged to one MLflow run
+    (HTML reports, summary.json, metrics, tag `decision`)."""
+    log = get_run_logger()
+    cfg = params.drift
+    prepared = Path(champion.prepared)
+    schema = batches.schema_of(prepared)
+    features, target, labels = schema["features"], schema["target"], schema["labels"]
+    out = work_dir(root, "drift") / str(runtime.flow_run.id)
+    out.mkdir(parents=True, exist_ok=True)
+    reference = pd.read_parquet(prepared / "reference.parquet")
+    files: list[Path] = []
+    if window.rows < cfg.min_rows:
+        ev = policy.Evidence(rows=window.rows, reference_rows=len(reference), sampled_rows=0, columns=len(features))
+    else:
+        cur = batches.window([Path(b) for b in window.batches], schema)
+        rows = len(cur)  # sampled before scoring: Evidently and onnxruntime see at most drift.max_rows rows
+        cur, reference = policy.sample(cur, cfg.max_rows, cfg.seed), policy.sample(reference, cfg.max_rows, cfg.seed)
+        sess = session(Path(champion.onnx_path))
+        reference["prediction"] = _labels(sess, reference[features].to_numpy(dtype="float32"), labels)
+        cur["prediction"] = _labels(sess, cur[features].to_numpy(dtype="float32"), labels)
+        found, snapshot = policy.detect(reference, cur, features, cfg)
+        files.append(policy.save_html(snapshot, out / "drift_report.html"))
+        quality: dict = {}
+        labelled = cur[cur[target].notna()].astype({target: "int64"})
+        if len(labelled):
+            qsnap = policy.quality_report(reference, labelled, target)
+            files.append(policy.save_html(qsnap, out / "quality_report.html"))
+            quality = {
+                "accuracy": float((labelled["prediction"] == labelled[target]).mean()),
+                "reference_accuracy": float((reference["prediction"] == reference[target]).mean()),
+                "previous_accuracy": _previous_accuracy(root, params, labelled, features, target, labels),
+                "quality": policy.read_quality(qsnap)}
+        ev = policy.Evidence(rows=rows, reference_rows=len(reference), labelled_rows=len(labelled),
+                             **found, **quality)
+    client, exp = monitor.connect_monitoring(root, params)
+    has_previous = registry.alias_version(client, params.mlflow.registered_model, registry.PREVIOUS) is not None
+    decision = policy.decide(ev, cfg, has_previous, monitor.in_cooldown(client, exp, cfg.cooldown_hours))
+    summary = {"decision": decision.action, "reasons": decision.reasons, "champion": champion.version,
+               "data_revision": champion.data_revision, "batches": [Path(b).name for b in window.batches],
+               "evidence": ev.as_dict(), "policy": cfg.model_dump()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    run = client.create_run(exp, run_name="drift-check", tags={
+        monitor.KIND: monitor.CHECK, "decision": decision.action, "reasons": "; ".join(decision.reasons)[:5000],
+        "champion": champion.version, "data.revision": champion.data_revision, FLOW_RUN_TAG: str(runtime.flow_run.id),
+        "batches": ",".join(Path(b).name for b in window.batches)[:5000]})
+    numbers = {k: float(v) for k, v in ev.as_dict().items() if isinstance(v, int | float) and v is not None}
+    for key, value in numbers.items():
+        client.log_metric(run.info.run_id, key, value)
+    for path in files + [out / "summary.json"]:
+        client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    log.info("drift check on %d rows: %s (%s)", ev.rows, decision.action.upper(), "; ".join(decision.reasons))
+    return Check(run.info.run_id, decision.action, decision.reasons, ev.as_dict(), champion.version)
+
+
+@task
+def add_training_data(root: Path, params: Params, window: Window) -> dict[str, str]:
+    """Append the window's labelled rows to the training data file and version it with DVC (`dvc add`,
+    `dvc repro prepare`); return the data revision (unchanged when no row was labelled) and the rows added."""
+    log = get_run_logger()
+    cfg = params.data
+    raw = materialise_raw(root, cfg)
+    frames = [f for f in (read_table(Path(b)) for b in window.batches) if cfg.target in f.columns]
+    versioning.ensure_repo(root)
+    if not frames:
+        log.warning("no labelled rows in the window: the training data is unchanged")
+        versioning.track(root, cfg.path)
+        versioning.reproduce(root)
+        return {"data_revision": versioning.revision(root), "rows_added": "0"}
+    old = read_table(raw)
+    new = pd.concat([old] + [f[old.columns].dropna(subset=[cfg.target]) for f in frames], ignore_index=True)
+    new = validate_frame(new, cfg, raw)
+    new.to_parquet(raw, index=False) if raw.suffix == ".parquet" else new.to_csv(raw, index=False)
+    versioning.track(root, cfg.path)
+    versioning.reproduce(root)
+    rev = versioning.revision(root)
+    log.info("training data %s: %d -> %d rows, data revision %s", cfg.path, len(old), len(new), rev[:12])
+    return {"data_revision": rev, "rows_added": str(len(new) - len(old))}
+
+
+@task
+def rollback_champion(root: Path, params: Params, check: Check) -> dict[str, str]:
+    """Swap champion and previous-champion back (tagged on both versions, with the check run as evidence)."""
+    client, _ = connect(root, params.mlflow)
+    reason = f"drift check {check.run_id}: " + "; ".join(check.reasons)
+    after = registry.rollback(client, params.mlflow.registered_model, reason)
+    get_run_logger().warning("ROLLBACK: champion v%s -> v%s; aliases now %s", check.champion,
+                             after[registry.CHAMPION], after)
+    return after
+
+
+@task
+def close_check(root: Path, params: Params, check: Check, window: Window, outcome: dict[str, str]) -> CheckSummary:
+    """Record what the decision did on the check run, mark the window's batches as decided (not after
+    "insufficient data": they wait for more rows), publish the check as a Prefect markdown artifact."""
+    client, _ = monitor.connect_monitoring(root, params)
+    for key, value in outcome.items():
+        client.set_tag(check.run_id, f"outcome.{key}", str(value)[:5000])
+    if check.action != policy.INSUFFICIENT:
+        monitor.mark_checked(client, window.score_runs, check.run_id)
+    ev = check.evidence
+    fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = [f"# Drift check: **{check.action.upper()}**", "",
+             f"Champion v{check.champion}; window of {ev['rows']} rows from {len(window.batches)} batch(es); "
+             f"MLflow run `{check.run_id}` in `{monitor.experiment_name(params)}` (drift_report.html, "
+             "quality_report.html, summary.json).", "", *[f"- {r}" for r in check.reasons], "",
+             "| evidence | value |", "| --- | --- |"]
+    lines += [f"| {k} | {fmt(ev.get(k))} |" for k in ("drifted_columns", "columns", "drift_share", "dataset_drift",
+              "prediction_drift_score", "prediction_drift", "labelled_rows", "accuracy", "reference_accuracy",
+              "previous_accuracy")]
+    if ev.get("drifted"):
+        lines += ["", "Drifted columns: " + ", ".join(ev["drifted"][:30])]
+    if outcome:
+        lines += ["", "Outcome: " + "; ".join(f"{k} = {v}" for k, v in outcome.items())]
+    create_markdown_artifact(markdown="\n".join(lines), key="drift-check",
+                             description=f"Drift check decision: {check.action}")
+    return CheckSummary(check.run_id, check.action, check.reasons, check.evidence, outcome)

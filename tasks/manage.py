@@ -1,0 +1,88 @@
+"""Manual registry tasks for the Prefect UI: gate and promote a chosen version, roll back the champion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from ottimo import cardstore, registry
+from ottimo import gate as gate_policy
+from ottimo.config import Params
+from ottimo.data import load_splits
+from ottimo.measure import predict, session
+from ottimo.tracking import connect
+from tasks.train import work_dir
+
+
+@dataclass(frozen=True)
+class ManualVerdict:
+    version: str
+    passed: bool
+    reasons: list[str]
+
+
+def _accuracy(path: Path, prepared: Path) -> float:
+    splits = load_splits(prepared)
+    return float((predict(session(path), splits.X_test) == splits.y_test).mean())
+
+
+@task
+def gate_version(root: Path, params: Params, version: str) -> ManualVerdict:
+    """The gate on a registered version: its accuracy and the champion's on the current test split (both ONNX
+    files sha256-verified), its logged p95 latency and size, its stored model card's figures."""
+    client, _ = connect(root, params.mlflow)
+    name = params.mlflow.registered_model
+    if not str(version).isdigit():
+        raise ValueError(f"version must be a version number of {name}, got {version!r}")
+    mv = registry.version(client, name, str(version))
+    prepared = root / "data" / "prepared"
+    if not (prepared / "schema.json").is_file():
+        prepared = cardstore.prepared_for(root, mv.tags.get("data_revision", ""))
+    path, _ = registry.download_verified(client, name, mv.version, work_dir(root, f"serving-v{mv.version}"))
+    run = client.get_run(mv.run_id).data.metrics
+    metrics = {"accuracy": _accuracy(path, prepared), "p95_ms": run.get("test_p95_ms", float("inf")),
+               "size_mb": run.get("test_size_mb", float("inf"))}
+    champ = registry.alias_version(client, name, registry.CHAMPION)
+    champion_accuracy = None
+    if champ is not None:
+        cpath, _ = registry.download_verified(client, name, champ.version, work_dir(root, f"serving-v{champ.version}"))
+        champion_accuracy = _accuracy(cpath, prepared)
+    card = cardstore.load_stored(client, mv)
+    verdict = gate_policy.check(metrics, params.gate, champion_accuracy, card.figures() if card else None)
+    get_run_logger().info("gate on %s v%s: %s", name, mv.version, verdict.summary)
+    return ManualVerdict(str(mv.version), verdict.passed, verdict.reasons)
+
+
+@task
+def promote_manually(root: Path, params: Params, verdict: ManualVerdict, force: bool, reason: str) -> dict[str, str]:
+    """Move the aliases (champion -> previous-champion, version -> champion) when the gate passed or `force`
+    with a reason; tag who and why on the version. Raises GateFailed otherwise, changing nothing."""
+    name = params.mlflow.registered_model
+    if not verdict.passed and not force:
+        raise gate_policy.GateFailed(f"{name} v{verdict.version} fails the gate: {'; '.join(verdict.reasons)}. "
+                                     "Nothing changed; run again with force=true and a reason to override.")
+    client, _ = connect(root, params.mlflow)
+    after = registry.promote(client, name, verdict.version)
+    client.set_model_version_tag(name, verdict.version, "promoted_manually",
+                                 ("FORCED past a failed gate: " if not verdict.passed else "gate passed: ")
+                                 + (reason or "no reason given"))
+    get_run_logger().info("%s v%s promoted by hand%s; aliases now %s", name, verdict.version,
+                          " (forced)" if not verdict.passed else "", after)
+    return after
+
+
+@task
+def rollback_manually(root: Path, params: Params, reason: str) -> dict[str, str]:
+    """Swap champion and previous-champion; with no previous-champion publish an alert and fail, changing nothing."""
+    client, _ = connect(root, params.mlflow)
+    try:
+        after = registry.rollback(client, params.mlflow.registered_model, f"manual: {reason}")
+    except registry.NoPreviousChampion as err:
+        create_markdown_artifact(markdown=f"# ALERT: rollback not possible\n\n{err}", key="rollback-alert",
+                                 description="Rollback asked for with no previous-champion")
+        raise
+    get_run_logger().warning("ROLLBACK (manual: %s): aliases now %s", reason, after)
+    return after
