@@ -19,7 +19,7 @@ from ottimo.config import CardFigure, MlflowCfg, Params
 
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
 CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)[^/@\s]+@")  # user:password@ in a URL
-EXTRA_KEYS = {"family"}  # logged beside the config by the training tasks
+EXTRA_KEYS = {"family", "technique", "base", "method", "amount", "format"}  # logged beside the config (train, compress)
 
 
 @cache
