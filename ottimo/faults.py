@@ -15,7 +15,8 @@ ENV = "OTTIMO_CRASH_AT"
 EXIT_CODE = 77
 
 # The boundaries placed so far; tests parametrise over these (later stages add theirs here).
-POINTS = ("after-prepare", "after-training", "after-registering", "between-alias-moves")
+POINTS = ("after-prepare", "mid-tuning", "after-training", "mid-compression", "after-registering",
+          "between-alias-moves")
 
 _passed: Counter[str] = Counter()
 

@@ -31,6 +31,7 @@ from sqlalchemy.engine import make_url
 
 from ottimo.config import EvaluateCfg, FloatRange, IntRange, TrainCfg, TuneCfg
 from ottimo.data import Splits
+from ottimo.faults import checkpoint
 from ottimo.tracking import in_project
 from ottimo.train import fit
 
@@ -322,6 +323,7 @@ def objective(family: str, splits: Splits, base: TrainCfg, cfg: TuneCfg, evaluat
 
         try:
             result = fit(family, splits, train_cfg, seed, on_epoch)
+            checkpoint("mid-tuning")  # trained, not yet recorded: a crash here leaves the trial RUNNING
             values = [result.best_val_accuracy]
             if cfg.multi_objective:
                 values.append(onnx_p95_ms(result.model, splits.X_val, evaluate))

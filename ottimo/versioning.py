@@ -22,6 +22,10 @@ class DvcError(RuntimeError):
     """A DVC command failed; the message carries its output."""
 
 
+class RemoteUnavailable(DvcError):
+    """`dvc push` could not write to the remote (unreachable, moved, full): transient, worth a retry."""
+
+
 def dvc(root: Path, *args: str) -> str:
     """Run `dvc ARGS` in `root`; return stdout, raise DvcError with DVC's own message on failure."""
     env = os.environ | {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
@@ -62,8 +66,11 @@ def reproduce(root: Path, stage: str = "prepare") -> bool:
 
 
 def push(root: Path) -> None:
-    """`dvc push` everything tracked to the default remote."""
-    dvc(root, "push", "--quiet")
+    """`dvc push` everything tracked to the default remote; RemoteUnavailable when the remote refuses it."""
+    try:
+        dvc(root, "push", "--quiet")
+    except DvcError as err:
+        raise RemoteUnavailable(str(err)) from None
 
 
 def status_cloud(root: Path) -> dict:

@@ -29,6 +29,7 @@ from ottimo import compress, pareto, quantize
 from ottimo.config import CompressCfg, Params
 from ottimo.data import Splits, load_splits
 from ottimo.export import export_onnx, parity_check, sha256, verify_sha256
+from ottimo.faults import checkpoint
 from ottimo.gate import GateFailed
 from ottimo.measure import measure, predict, session
 from ottimo.models import build_model, count_parameters
@@ -226,6 +227,7 @@ def measure_candidates(root: Path, params: Params, built: list[Built], data: Dat
             client.log_batch(b.run_id, metrics=[Metric(f"test_{k}", v, 0, 0) for k, v in m.items()] + [
                 Metric("parameters", b.parameters, 0, 0), Metric("sparsity", b.sparsity, 0, 0)])
             client.set_terminated(b.run_id, "FINISHED")
+            checkpoint("mid-compression")  # some variants measured and closed, the rest still RUNNING
     return rows
 
 

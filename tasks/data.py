@@ -12,6 +12,7 @@ from ottimo.config import Params
 from ottimo.data import materialise_raw, read_checked, validate_frame
 from ottimo.faults import checkpoint
 from ottimo.intake import DataValidationError, quarantine
+from tasks.retry import RETRY_TRANSIENT
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,9 @@ def prepare_data(root: Path, params: Params) -> DataVersion:
     return DataVersion(rev, str(root / versioning.PREPARED), ran)
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**RETRY_TRANSIENT)
 def push_data(root: Path, params: Params) -> str:
-    """`dvc push` raw and prepared data to the default remote (retried: remotes fail transiently)."""
+    """`dvc push` raw and prepared data to the default remote (retried when the remote is out of reach, only then)."""
     url = versioning.configure_remote(root, params.dvc.remote, params.dvc.remote_url)
     versioning.push(root)
     get_run_logger().info("dvc push: data in sync with remote %s", url)

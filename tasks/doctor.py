@@ -9,9 +9,10 @@ from prefect import get_run_logger, task
 from ottimo import doctor
 from ottimo.config import Params
 from ottimo.tracking import connect
+from tasks.retry import RETRY_TRANSIENT
 
 
-@task
+@task(**RETRY_TRANSIENT)
 def reconcile(root: Path, params: Params) -> list[str]:
     """Run the doctor's checks (repairing when reliability.reconcile_on_start); one line per finding."""
     log = get_run_logger()

@@ -20,6 +20,7 @@ from ottimo.measure import confusion_png, measure, predict, session
 from ottimo.models import build_model
 from ottimo.tracking import connect
 from tasks.data import DataVersion
+from tasks.retry import RETRY_TRANSIENT
 from tasks.train import Candidate, work_dir
 
 
@@ -83,7 +84,7 @@ def evaluate_candidate(root: Path, params: Params, cand: Candidate, exp: Exporte
     return Evaluated(cand.family, cand.run_id, exp.model_uri, exp.sha256, cand.parameters, metrics.as_dict())
 
 
-@task
+@task(**RETRY_TRANSIENT)  # reads only
 def evaluate_champion(root: Path, params: Params, data: DataVersion) -> float | None:
     """The champion's accuracy on this run's test split (its ONNX file verified by sha256), or None."""
     client, _ = connect(root, params.mlflow)

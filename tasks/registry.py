@@ -14,6 +14,7 @@ from ottimo.config import Params
 from ottimo.faults import checkpoint
 from ottimo.promotion import PromotionError
 from ottimo.tracking import connect
+from tasks.retry import RETRY_TRANSIENT
 
 if TYPE_CHECKING:  # annotations only: a promotion alone need not import the training stack
     from tasks.data import DataVersion
@@ -30,7 +31,7 @@ class Decision:
     expected_champion: str | None = None  # the champion the gate compared against: promote moves only if it still is
 
 
-@task
+@task(**RETRY_TRANSIENT)  # idempotent: a retry finds the version it made
 def register_candidate(root: Path, params: Params, cand: Evaluated, data: DataVersion) -> str:
     """Register the candidate's ONNX model as a new version (once per run) tagged with its lineage."""
     client, _ = connect(root, params.mlflow)
@@ -42,7 +43,7 @@ def register_candidate(root: Path, params: Params, cand: Evaluated, data: DataVe
     return str(mv.version)
 
 
-@task
+@task(**RETRY_TRANSIENT)  # tags and the challenger alias: same writes again; GateFailed is never retried
 def gate(root: Path, params: Params, parent_run_id: str, candidates: list[Evaluated], versions: list[str],
          champion_accuracy: float | None, cards: list[dict[str, float]] | None = None) -> Decision:
     """Check every candidate against the thresholds (and `gate.card` against its model-card figures, `cards`

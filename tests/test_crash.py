@@ -15,9 +15,24 @@ from ottimo import faults, promotion, registry, versioning
 from ottimo.config import load_params
 from ottimo.doctor import ABANDONED, examine
 from ottimo.tracking import connect
-from tests.conftest import REPO, write_project
+from tests.conftest import REPO, merge, write_project
 
 TINY_RUN = {"train": {"candidates": ["mlp"], "max_epochs": 3}}
+# the points inside tuning and compression run those stages (tiny); the gate may not refuse a tuned model for
+# being a little less accurate than the untuned first champion
+STAGE_ON = {"gate": {"max_drop_vs_champion": 100.0, "min_accuracy": 0.3}}
+OVERRIDES = {
+    "mid-tuning": {"tune": {"enabled": True, "n_trials": 3, "n_jobs": 1, "sampler": "random", "pruner": "none"},
+                   **STAGE_ON},
+    "mid-compression": {"train": {"candidates": ["transformer"], "max_epochs": 8},
+                        "compress": {"enabled": True, "bases": ["student"], "n_jobs": 1,
+                                     "prune": {"unstructured": [], "structured": [0.5], "finetune_epochs": 1},
+                                     "quantize": {"methods": ["dynamic"], "after_structured": False},
+                                     "distill": {"epochs": 3, "mlp": {"hidden": [32]}},
+                                     "select": {"max_drop_vs_teacher": 100.0, "min_accuracy": 0.3}},
+                        **STAGE_ON},
+}
+CRASH_AT = {"mid-tuning": "mid-tuning@2"}  # the second trial dies after training: trial 0 is kept, 1 interrupted
 
 
 @pytest.mark.slow
@@ -25,13 +40,14 @@ TINY_RUN = {"train": {"candidates": ["mlp"], "max_epochs": 3}}
 def test_a_hard_crash_then_a_rerun_finishes_the_job(point, tmp_path, prefect_harness):
     from prefect.settings import PREFECT_API_URL
 
-    project = write_project(tmp_path / "project", TINY_RUN)
+    project = write_project(tmp_path / "project", merge(TINY_RUN, OVERRIDES.get(point, {})))
     params = load_params(project / "params.yaml")
     name = params.mlflow.registered_model
-    assert training_pipeline(project_dir=str(project), return_state=True).is_completed()  # a champion to replace
+    first = training_pipeline(project_dir=str(project), tune_enabled=False, return_state=True)
+    assert first.is_completed(), first.message  # a champion to replace (untuned: the study starts with the crash)
 
-    env = dict(os.environ, PYTHONPATH=str(REPO), PREFECT_API_URL=PREFECT_API_URL.value(), OTTIMO_CRASH_AT=point,
-               OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO), PREFECT_API_URL=PREFECT_API_URL.value(),
+               OTTIMO_CRASH_AT=CRASH_AT.get(point, point), OMP_NUM_THREADS="1")
     crash = subprocess.run([sys.executable, "-m", "ottimo.cli", "run", "-C", str(project)], env=env,
                            capture_output=True, text=True, timeout=600)
     assert crash.returncode == faults.EXIT_CODE, crash.stdout[-2000:] + crash.stderr[-3000:]
@@ -58,3 +74,21 @@ def test_a_hard_crash_then_a_rerun_finishes_the_job(point, tmp_path, prefect_har
     assert promotion.journal(client, name) is None
     assert examine(client, exp, name, params.reliability) == []
     assert versioning.status_cloud(project) == {}  # `dvc status -c`: cache and remote agree
+    if point == "mid-tuning":
+        _study_resumed(project, params, summary)
+
+
+def _study_resumed(project, params, summary) -> None:
+    """The trial finished before the crash is kept and counted, the one it left RUNNING is failed as interrupted,
+    and the rerun ran only the trials still missing."""
+    from optuna.trial import TrialState
+
+    from ottimo import tune
+
+    url = tune.storage_url(project, params.tune)
+    study = tune.open_study(url, tune.study_name(params.tune, "mlp", summary.data_revision), params.tune, "mlp", 0)
+    states = [t.state for t in sorted(study.trials, key=lambda t: t.number)]
+    assert states[:2] == [TrialState.COMPLETE, TrialState.FAIL]  # trial 0 before the crash, trial 1 cut by it
+    assert study.trials[1].user_attrs["fail_reason"] == tune.INTERRUPTED
+    assert len(states) == params.tune.n_trials + 1  # 1 kept + 1 interrupted + only the 2 left, not 3 again
+    assert tune.remaining(study, params.tune.n_trials) == 0
