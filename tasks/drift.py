@@ -167,10 +167,12 @@ def add_training_data(root: Path, params: Params, window: Window) -> dict[str, s
 
 @task
 def rollback_champion(root: Path, params: Params, check: Check) -> dict[str, str]:
-    """Swap champion and previous-champion back (tagged on both versions, with the check run as evidence)."""
+    """Swap champion and previous-champion back (tagged on both versions, with the check run as evidence), if the
+    champion is still the one the check judged; done already by this check (a rerun after a crash): no change."""
     client, _ = connect(root, params.mlflow)
     reason = f"drift check {check.run_id}: " + "; ".join(check.reasons)
-    after = registry.rollback(client, params.mlflow.registered_model, reason)
+    after = registry.rollback(client, params.mlflow.registered_model, reason, check.champion,
+                              f"drift-check {check.run_id}", params.reliability.lock_timeout_seconds)
     get_run_logger().warning("ROLLBACK: champion v%s -> v%s; aliases now %s", check.champion,
                              after[registry.CHAMPION], after)
     return after
