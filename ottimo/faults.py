@@ -16,6 +16,8 @@ EXIT_CODE = 77
 
 # The boundaries placed so far; tests parametrise over these (later stages add theirs here).
 POINTS = ("after-prepare", "after-training", "after-registering", "between-alias-moves")
+# The production loop's points (tests/test_crash_loop.py): hit by `ottimo score` and `ottimo drift-check`.
+LOOP_POINTS = ("mid-scoring", "mid-drift-check")
 
 _passed: Counter[str] = Counter()
 
