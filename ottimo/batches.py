@@ -1,21 +1,24 @@
-"""Production batches: find them in data/incoming, check them against the training schema, quarantine the bad.
+"""Production batches: find them in data/incoming, check them as training data is checked, quarantine the bad.
 
-A batch is a CSV or Parquet file of the training features, with or without the target column. Scoring
-writes `<stem>.predictions.parquet` next to it; a batch without that file is still to be scored.
+A batch is a CSV or Parquet file of the training features, with or without the target column. It passes the
+same pre-read guards as training data (ottimo.intake: inside the project, size and row limits, UTF-8, no
+duplicate header) and the same schema checks, and a rejected batch is moved to the same quarantine. Scoring
+writes `<stem>.predictions.parquet` next to it (atomically); a batch without that file is still to be scored.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-from datetime import UTC, datetime
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from pandera.errors import SchemaErrors
 
-from ottimo.data import DataValidationError, raw_schema, read_table, summarise_errors
+from ottimo import intake
+from ottimo.config import LimitsCfg
+from ottimo.data import DataValidationError, check_bounds, check_target, raw_schema, read_table, summarise_errors
 
 PREDICTIONS = ".predictions.parquet"
 
@@ -38,43 +41,47 @@ def schema_of(prepared: Path) -> dict:
     return json.loads((prepared / "schema.json").read_text())
 
 
-def validate_batch(path: Path, schema: dict) -> pd.DataFrame:
-    """Read a batch and check it against the training schema: every feature, finite numbers, labels (when the
-    target column is there) among the training labels. Raises DataValidationError naming the problem."""
+def validate_batch(root: Path, path: Path, schema: dict, limits: LimitsCfg) -> pd.DataFrame:
+    """Check a batch as training data is checked: the pre-read guards (intake.preflight), then every feature,
+    finite numbers within limits.max_abs_value and, when the target column is there, integer labels among the
+    training labels. Raises DataValidationError naming the problem."""
+    intake.preflight(root, path, limits)
     df = read_table(path)
     features, target = schema["features"], schema["target"]
-    if df.empty:
-        raise DataValidationError(f"{path.name}: the batch has no rows")
+    if df.columns.duplicated().any():
+        dupes = sorted(set(df.columns[df.columns.duplicated()]))
+        raise DataValidationError(f"{path.name}: duplicate column names {dupes}; every column needs its own name")
     missing = [c for c in features if c not in df.columns]
     extra = [c for c in df.columns if c not in features and c != target]
     if missing or extra:
         raise DataValidationError(f"{path.name}: columns do not match the training schema: missing {missing[:10]}, "
                                   f"unexpected {extra[:10]}")
+    if df.empty:
+        raise DataValidationError(f"{path.name}: no data rows, only a header; the batch has nothing to score")
     checks = raw_schema(features, target, schema["labels"], min_rows=1)
-    if target not in df.columns:
+    if target in df.columns:  # labels are optional; a batch that has the column has a label on every row
+        check_target(df, target, Path(path.name))
+    else:
         checks = checks.remove_columns([target])
     try:
-        return checks.validate(df, lazy=True)
+        out = checks.validate(df, lazy=True)
     except SchemaErrors as err:
         raise DataValidationError(summarise_errors(err, path.name, "the batch was not scored")) from None
+    check_bounds(out, features, limits.max_abs_value, Path(path.name))
+    return out
 
 
-def quarantine(batch: Path, quarantine_dir: Path, reason: str) -> Path:
-    """Move a malformed batch to the quarantine folder with `<name>.reason.txt` beside it; return the new path."""
-    quarantine_dir.mkdir(parents=True, exist_ok=True)
-    dst = quarantine_dir / batch.name
-    if dst.exists():  # a batch of the same name was quarantined before: keep both
-        dst = quarantine_dir / f"{batch.stem}-{datetime.now(UTC):%Y%m%dT%H%M%S%f}{batch.suffix}"
-    shutil.move(str(batch), dst)
-    dst.with_name(dst.name + ".reason.txt").write_text(
-        f"{datetime.now(UTC).isoformat(timespec='seconds')} quarantined by the scoring flow\n{reason}\n")
-    return dst
+def quarantine(root: Path, batch: Path, folder: str, reason: str, limits: LimitsCfg) -> tuple[Path | None, Path]:
+    """Move a rejected batch to `folder` (score.quarantine) with a reason file: intake.quarantine(move=True)."""
+    return intake.quarantine(root, batch, reason, limits.model_copy(update={"quarantine_dir": folder}), move=True)
 
 
 def write_predictions(batch: Path, pred: np.ndarray, labels: list[int], version: str) -> Path:
     """Predicted labels and the model version, one row per batch row, next to the batch."""
     out = predictions_path(batch)
-    pd.DataFrame({"prediction": np.asarray(labels)[pred], "model_version": str(version)}).to_parquet(out, index=False)
+    tmp = out.with_name(out.name + ".tmp")  # not a batch, not a predictions file: a crash leaves no half file
+    pd.DataFrame({"prediction": np.asarray(labels)[pred], "model_version": str(version)}).to_parquet(tmp, index=False)
+    os.replace(tmp, out)
     return out
 
 

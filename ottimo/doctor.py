@@ -130,7 +130,7 @@ class Doctor:
     def half_done_move(self) -> None:
         entry = promotion.journal(self.client, self.name)
         if entry is not None:
-            finish = promotion.servable(self.client, self.name, entry["target"].get(CHAMPION))
+            finish = promotion.finishable(self.client, self.name, entry)
             self._note("journal", f"aliases of {self.name}",
                        f"{entry['op']} {entry['before']} -> {entry['target']} was interrupted",
                        "finish it (its new champion is servable)" if finish else "undo it (target not servable)",

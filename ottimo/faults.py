@@ -14,9 +14,11 @@ from collections import Counter
 ENV = "OTTIMO_CRASH_AT"
 EXIT_CODE = 77
 
-# The boundaries placed so far; tests parametrise over these (later stages add theirs here).
+# The training pipeline's crash points (tests/test_crash.py parametrises over them).
 POINTS = ("after-prepare", "mid-tuning", "after-training", "mid-compression", "after-registering",
           "between-alias-moves")
+# The production loop's points (tests/test_crash_loop.py): hit by `ottimo score` and `ottimo drift-check`.
+LOOP_POINTS = ("mid-scoring", "mid-drift-check")
 
 _passed: Counter[str] = Counter()
 

@@ -115,7 +115,8 @@ def preflight(root: Path, path: Path, limits: LimitsCfg) -> None:
 def quarantine(root: Path, path: Path, reason: str, limits: LimitsCfg, move: bool = False) -> tuple[Path | None, Path]:
     """Keep a rejected file under `limits.quarantine_dir` as `<name>.<UTC time>` with `<...>.reason.txt`.
 
-    `move` (incoming batches) renames it there; otherwise (the user's training file) a copy is made and the
+    `move` (incoming batches) renames it there (a symlink out of the project: the link, not its target, so it
+    is not picked up again); otherwise (the user's training file) a copy is made and the
     original stays. No copy is made of a file outside the project or above `max_file_mb`: the note says where
     it is. Returns (the kept file or None, the reason file).
     """
@@ -128,7 +129,10 @@ def quarantine(root: Path, path: Path, reason: str, limits: LimitsCfg, move: boo
         ok = path.is_file() and (move or path.stat().st_size <= limits.max_file_mb * MB)
     except OutsideProjectError:
         ok = False
-    if ok and move:
+    if move and not ok and path.is_symlink():  # an incoming link out of the project: the link moves, not its target
+        path.rename(dst)
+        dst, action = None, f"the link {path} moved here as {dst.name}; its target was not read or touched"
+    elif ok and move:
         shutil.move(path, dst)
         action = f"moved here from {path}"
     elif ok:

@@ -6,6 +6,7 @@ as its window and marks them with its own run id once it has decided.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -30,7 +31,15 @@ def connect_monitoring(root: Path, params: Params) -> tuple[MlflowClient, str]:
 
 def record_score(client: MlflowClient, exp: str, batch: Path, predictions: Path, rows: int, labelled: bool,
                  version: str, batch_sha256: str, tags: dict[str, str]) -> str:
-    """One finished run for a scored batch; it waits in the next drift window (drift.checked = false)."""
+    """One finished run for a scored batch; it waits in the next drift window (drift.checked = false). A run for
+    the same file and content made by a process that died before it wrote the predictions is reused (no double)."""
+    for old in client.search_runs([exp], f"tags.`{KIND}` = '{SCORE}' and tags.`batch.sha256` = '{batch_sha256}'",
+                                  max_results=100):
+        if old.data.tags.get("batch.path") == str(batch):
+            if old.info.status != "FINISHED":
+                client.log_metric(old.info.run_id, "rows", rows)
+                client.set_terminated(old.info.run_id, "FINISHED")
+            return old.info.run_id
     run = client.create_run(exp, run_name=f"score {batch.name}", tags={
         KIND: SCORE, "batch": batch.name, "batch.path": str(batch), "batch.sha256": batch_sha256,
         "predictions.path": str(predictions), "model.version": str(version), "labelled": str(labelled).lower(),
@@ -44,6 +53,22 @@ def unchecked(client: MlflowClient, exp: str) -> list:
     """Score runs no drift check has decided on yet, oldest first."""
     return client.search_runs([exp], f"tags.`{KIND}` = '{SCORE}' and tags.`{CHECKED}` = 'false'",
                               order_by=["attributes.start_time ASC"], max_results=10_000)
+
+
+WINDOW, CLOSED = "window", "check.closed"  # on a drift-check run: the hash of its score runs; "false" until closed
+
+
+def window_key(score_run_ids: list[str]) -> str:
+    """A short hash naming a window by its score runs (the same batches give the same key)."""
+    return hashlib.sha256(",".join(sorted(score_run_ids)).encode()).hexdigest()[:16]
+
+
+def open_check(client: MlflowClient, exp: str, key: str):
+    """A drift-check run on this very window whose decision was never carried out and closed (its process died
+    in between), or None: a rerun takes that decision instead of deciding again."""
+    runs = client.search_runs([exp], f"tags.`{KIND}` = '{CHECK}' and tags.`{WINDOW}` = '{key}' "
+                              f"and tags.`{CLOSED}` = 'false'", order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
 
 
 def mark_checked(client: MlflowClient, score_run_ids: list[str], check_run_id: str) -> None:

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from ottimo.faults import checkpoint
-from ottimo.registry import CHAMPION, PREVIOUS, aliases
+from ottimo.registry import CHAMPION, PREVIOUS, NoPreviousChampion, aliases
 
 JOURNAL = "ottimo.journal"  # registered-model tag: the alias move in progress (JSON), absent when none
 CHAMPION_SINCE = "champion_since"  # version tag: epoch seconds it last became champion (the champion history)
@@ -81,15 +81,21 @@ def journal(client: MlflowClient, name: str) -> dict | None:
     return json.loads(raw) if raw else None
 
 
-def servable(client: MlflowClient, name: str, version: str | None) -> bool:
-    """A version that may be champion: it exists, passed the gate and carries the sha256 of its ONNX file."""
+def servable(client: MlflowClient, name: str, version: str | None, gate: bool = True) -> bool:
+    """A version that may be champion: it exists, passed the gate (unless `gate` is False: a rollback to a former
+    champion, a manual promotion that ran its own gate or was forced) and carries the sha256 of its ONNX file."""
     if version is None:
         return True
     try:
         tags = client.get_model_version(name, version).tags
     except MlflowException:
         return False
-    return tags.get("gate_verdict") == PASSED and bool(tags.get("sha256"))
+    return (not gate or tags.get("gate_verdict") == PASSED) and bool(tags.get("sha256"))
+
+
+def finishable(client: MlflowClient, name: str, entry: dict) -> bool:
+    """Whether a journaled move may be finished: its new champion is servable by the rule the move was made under."""
+    return servable(client, name, entry["target"].get(CHAMPION), entry.get("gate", True))
 
 
 def _apply(client: MlflowClient, name: str, target: dict[str, str | None], history: bool = True) -> None:
@@ -114,7 +120,7 @@ def recover(client: MlflowClient, name: str) -> str | None:
     if entry is None:
         return None
     target, before = entry["target"], entry["before"]
-    finish = servable(client, name, target.get(CHAMPION))
+    finish = finishable(client, name, entry)
     _apply(client, name, target if finish else before, history=finish)
     client.delete_registered_model_tag(name, JOURNAL)
     done = "finished" if finish else "undone (its new champion is not servable)"
@@ -122,9 +128,10 @@ def recover(client: MlflowClient, name: str) -> str | None:
 
 
 def move(client: MlflowClient, name: str, target: dict[str, str | None], expected_champion: str | None,
-         op: str, timeout: float = 120) -> dict[str, str]:
+         op: str, timeout: float = 120, gate: bool = True) -> dict[str, str]:
     """Move aliases to `target` ({alias: version, or None to remove}) as one unit, if `champion` is still
     `expected_champion`; return the aliases after. Already at `target`: nothing changes (idempotent rerun).
+    `gate=False` lets a version without a passed gate verdict become champion (its sha256 is still required).
 
     Raises ChampionChanged when another move got there first, PromotionBusy when the lock is not free in time.
     """
@@ -140,10 +147,11 @@ def move(client: MlflowClient, name: str, target: dict[str, str | None], expecte
                 f"{op} refused: champion of {name} is now {_v(before.get(CHAMPION))}, not {_v(expected)} as when "
                 "this decision was taken (another promotion or rollback came first); nothing was changed. "
                 "Run again to decide against the current champion.")
-        if target.get(CHAMPION) and not servable(client, name, target[CHAMPION]):
+        if target.get(CHAMPION) and not servable(client, name, target[CHAMPION], gate):
             raise PromotionError(f"{op} refused: {name} v{target[CHAMPION]} has not passed the gate or has no sha256 "
                                  "tag, so it may not be champion; nothing was changed.")
-        entry = {"op": op, "before": {a: before.get(a) for a in target}, "target": target, "at": time.time()}
+        entry = {"op": op, "before": {a: before.get(a) for a in target}, "target": target, "at": time.time(),
+                 "gate": gate}
         client.set_registered_model_tag(name, JOURNAL, json.dumps(entry))
         try:
             _apply(client, name, target)
@@ -160,14 +168,54 @@ def move(client: MlflowClient, name: str, target: dict[str, str | None], expecte
 
 
 def promote(client: MlflowClient, name: str, version: str, expected_champion: str | None,
-            timeout: float = 120) -> dict[str, str]:
+            timeout: float = 120, gate: bool = True) -> dict[str, str]:
     """champion -> previous-champion, `version` -> champion, if champion is still `expected_champion`."""
     version = str(version)
     current = aliases(client, name).get(CHAMPION)
     if current == version:  # a rerun after success: nothing to move, previous-champion stays right
-        return move(client, name, {CHAMPION: version}, current, "promote", timeout)
+        return move(client, name, {CHAMPION: version}, current, "promote", timeout, gate)
     target: dict[str, str | None] = {PREVIOUS: expected_champion} if expected_champion not in (None, version) else {}
-    return move(client, name, target | {CHAMPION: version}, expected_champion, "promote", timeout)
+    return move(client, name, target | {CHAMPION: version}, expected_champion, "promote", timeout, gate)
+
+
+ROLLED_BACK, RESTORED, ROLLBACK_BY = "rolled_back", "restored", "rolled_back.by"
+
+
+def rollback(client: MlflowClient, name: str, reason: str, expected_champion: str | None = None,
+             decision: str | None = None, timeout: float = 120) -> dict[str, str]:
+    """previous-champion -> champion and champion -> previous-champion through `move` (locked, journaled,
+    compare-then-set); tag the event on both versions; return the aliases after.
+
+    `expected_champion`: the champion the decision to roll back was taken on (None: the champion now). `decision`:
+    an id of that decision (a drift-check run, a flow run); rerun after it was carried out, it changes nothing.
+    Raises NoPreviousChampion (nothing to swap with) or ChampionChanged (another move came first).
+    """
+    from datetime import UTC, datetime
+
+    with exclusive(client, name, timeout):
+        recover(client, name)
+        now = aliases(client, name)
+        current, previous = now.get(CHAMPION), now.get(PREVIOUS)
+        expected = current if expected_champion is None else str(expected_champion)
+        if current != expected:
+            by = client.get_model_version(name, expected).tags.get(ROLLBACK_BY) if previous == expected else None
+            if decision and by == decision:  # this very rollback was carried out before (a rerun)
+                return now
+            raise ChampionChanged(
+                f"rollback refused: champion of {name} is now {_v(current)}, not {_v(expected)} as when the rollback "
+                "was decided (another promotion or rollback came first); nothing was changed. Check the aliases "
+                "(`ottimo status`) and run again if a rollback is still wanted.")
+        if current is None or previous is None or current == previous:
+            raise NoPreviousChampion(
+                f"{name}: no previous-champion to roll back to (champion {current or 'none'}); "
+                "nothing changed. Promote a known-good version with the `promote` flow instead.")
+        after = move(client, name, {CHAMPION: previous, PREVIOUS: current}, current, "rollback", timeout, gate=False)
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        client.set_model_version_tag(name, current, ROLLED_BACK, f"{stamp}: replaced by v{previous}: {reason}"[:5000])
+        client.set_model_version_tag(name, previous, RESTORED, f"{stamp}: restored over v{current}: {reason}"[:5000])
+        if decision:
+            client.set_model_version_tag(name, current, ROLLBACK_BY, decision)
+        return after
 
 
 def _v(version: str | None) -> str:

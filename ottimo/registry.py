@@ -48,17 +48,18 @@ def register(client: MlflowClient, name: str, model_uri: str, run_id: str, tags:
 
 
 def promote(client: MlflowClient, name: str, version: str, expected_champion: str | None | bool = True,
-            timeout: float = 120) -> dict[str, str]:
+            timeout: float = 120, gate: bool = True) -> dict[str, str]:
     """champion -> previous-champion, `version` -> champion; return the aliases after the move.
 
     Locked, journaled and compare-then-set (ottimo.promotion.promote): pass the champion your decision was based
-    on as `expected_champion` (None: there was none); True takes the champion as it is now.
+    on as `expected_champion` (None: there was none); True takes the champion as it is now. `gate=False`: the
+    version need not carry a passed gate verdict (a manual promotion that ran its own gate, or was forced).
     """
     from ottimo import promotion  # it builds on this module
 
     if expected_champion is True:
         expected_champion = aliases(client, name).get(CHAMPION)
-    return promotion.promote(client, name, version, expected_champion or None, timeout)
+    return promotion.promote(client, name, version, expected_champion or None, timeout, gate)
 
 
 def version(client: MlflowClient, name: str, ref: str):
@@ -82,21 +83,10 @@ class NoPreviousChampion(RuntimeError):
     """Rollback asked for, but there is no `previous-champion` (or no champion) to swap with: nothing changed."""
 
 
-def rollback(client: MlflowClient, name: str, reason: str) -> dict[str, str]:
-    """previous-champion -> champion and champion -> previous-champion, champion first (what serving reads);
-    tag the event on both versions; return the aliases after. Raises NoPreviousChampion, changing nothing."""
-    from datetime import UTC, datetime
+def rollback(client: MlflowClient, name: str, reason: str, expected_champion: str | None = None,
+             decision: str | None = None, timeout: float = 120) -> dict[str, str]:
+    """previous-champion <-> champion, tagged on both versions; locked, journaled and compare-then-set like every
+    alias move (ottimo.promotion.rollback). Raises NoPreviousChampion or ChampionChanged, changing nothing."""
+    from ottimo import promotion  # it builds on this module
 
-    current, previous = alias_version(client, name, CHAMPION), alias_version(client, name, PREVIOUS)
-    if current is None or previous is None or current.version == previous.version:
-        raise NoPreviousChampion(
-            f"{name}: no previous-champion to roll back to (champion {current.version if current else 'none'}); "
-            "nothing changed. Promote a known-good version with the `promote` flow instead.")
-    client.set_registered_model_alias(name, CHAMPION, previous.version)
-    client.set_registered_model_alias(name, PREVIOUS, current.version)
-    stamp = datetime.now(UTC).isoformat(timespec="seconds")
-    client.set_model_version_tag(name, current.version, "rolled_back",
-                                 f"{stamp}: replaced by v{previous.version}: {reason}"[:5000])
-    client.set_model_version_tag(name, previous.version, "restored",
-                                 f"{stamp}: restored over v{current.version}: {reason}"[:5000])
-    return aliases(client, name)
+    return promotion.rollback(client, name, reason, expected_champion, decision, timeout)

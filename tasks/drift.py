@@ -4,6 +4,7 @@ and carry out the decision (new training data under DVC, or a rollback), every s
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from ottimo import batches, monitor, registry, versioning
 from ottimo import drift as policy
 from ottimo.config import Params
 from ottimo.data import materialise_raw, read_table, validate_frame
-from ottimo.measure import predict, session
+from ottimo.faults import checkpoint
+from ottimo.measure import predict
+from ottimo.security import fetch_verified, serving_session
 from ottimo.tracking import connect
 from tasks.score import Champion
 from tasks.train import FLOW_RUN_TAG, work_dir
@@ -77,8 +80,8 @@ def _previous_accuracy(root: Path, params: Params, cur: pd.DataFrame, features: 
     prev = registry.alias_version(client, name, registry.PREVIOUS)
     if prev is None:
         return None
-    path, _ = registry.download_verified(client, name, prev.version, work_dir(root, f"serving-v{prev.version}"))
-    pred = _labels(session(path), cur[features].to_numpy(dtype="float32"), labels)
+    path, mv = fetch_verified(client, name, prev.version, work_dir(root, f"serving-v{prev.version}"))
+    pred = _labels(serving_session(path, mv.tags["sha256"]), cur[features].to_numpy(dtype="float32"), labels)
     return float((pred == cur[target].to_numpy()).mean())
 
 
@@ -86,8 +89,15 @@ def _previous_accuracy(root: Path, params: Params, cur: pd.DataFrame, features: 
 def check_window(root: Path, params: Params, champion: Champion, window: Window) -> Check:
     """Evidently data drift + prediction drift on the window against the champion's reference split, quality on
     labelled rows (champion, and previous-champion for rollback), then the policy; all logged to one MLflow run
-    (HTML reports, summary.json, metrics, tag `decision`)."""
+    (HTML reports, summary.json, metrics, tag `decision`). A check on this same window that a dead process
+    decided and never closed is taken up again instead (one decision per window, never a second retrain)."""
     log = get_run_logger()
+    client, exp = monitor.connect_monitoring(root, params)
+    key = monitor.window_key(window.score_runs)
+    if (left := monitor.open_check(client, exp, key)) is not None:
+        log.warning("drift check %s on this window was decided (%s) but never carried out: carrying it out now",
+                    left.info.run_id, left.data.tags["decision"])
+        return _resume(client, left)
     cfg = params.drift
     prepared = Path(champion.prepared)
     schema = batches.schema_of(prepared)
@@ -102,7 +112,7 @@ def check_window(root: Path, params: Params, champion: Champion, window: Window)
         cur = batches.window([Path(b) for b in window.batches], schema)
         rows = len(cur)  # sampled before scoring: Evidently and onnxruntime see at most drift.max_rows rows
         cur, reference = policy.sample(cur, cfg.max_rows, cfg.seed), policy.sample(reference, cfg.max_rows, cfg.seed)
-        sess = session(Path(champion.onnx_path))
+        sess = champion.session()  # sha256 checked again, no external data
         reference["prediction"] = _labels(sess, reference[features].to_numpy(dtype="float32"), labels)
         cur["prediction"] = _labels(sess, cur[features].to_numpy(dtype="float32"), labels)
         found, snapshot = policy.detect(reference, cur, features, cfg)
@@ -119,7 +129,6 @@ def check_window(root: Path, params: Params, champion: Champion, window: Window)
                 "quality": policy.read_quality(qsnap)}
         ev = policy.Evidence(rows=rows, reference_rows=len(reference), labelled_rows=len(labelled),
                              **found, **quality)
-    client, exp = monitor.connect_monitoring(root, params)
     has_previous = registry.alias_version(client, params.mlflow.registered_model, registry.PREVIOUS) is not None
     decision = policy.decide(ev, cfg, has_previous, monitor.in_cooldown(client, exp, cfg.cooldown_hours))
     summary = {"decision": decision.action, "reasons": decision.reasons, "champion": champion.version,
@@ -129,7 +138,7 @@ def check_window(root: Path, params: Params, champion: Champion, window: Window)
     run = client.create_run(exp, run_name="drift-check", tags={
         monitor.KIND: monitor.CHECK, "decision": decision.action, "reasons": "; ".join(decision.reasons)[:5000],
         "champion": champion.version, "data.revision": champion.data_revision, FLOW_RUN_TAG: str(runtime.flow_run.id),
-        "batches": ",".join(Path(b).name for b in window.batches)[:5000]})
+        "batches": ",".join(Path(b).name for b in window.batches)[:5000], monitor.WINDOW: key, monitor.CLOSED: "false"})
     numbers = {k: float(v) for k, v in ev.as_dict().items() if isinstance(v, int | float) and v is not None}
     for key, value in numbers.items():
         client.log_metric(run.info.run_id, key, value)
@@ -137,7 +146,15 @@ def check_window(root: Path, params: Params, champion: Champion, window: Window)
         client.log_artifact(run.info.run_id, str(path))
     client.set_terminated(run.info.run_id, "FINISHED")
     log.info("drift check on %d rows: %s (%s)", ev.rows, decision.action.upper(), "; ".join(decision.reasons))
+    checkpoint("mid-drift-check")
     return Check(run.info.run_id, decision.action, decision.reasons, ev.as_dict(), champion.version)
+
+
+def _resume(client, run) -> Check:
+    """The Check of a decided, unclosed drift-check run, read back from its tags and summary.json."""
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", tmp)).read_text())
+    return Check(run.info.run_id, summary["decision"], summary["reasons"], summary["evidence"], summary["champion"])
 
 
 @task
@@ -167,10 +184,12 @@ def add_training_data(root: Path, params: Params, window: Window) -> dict[str, s
 
 @task
 def rollback_champion(root: Path, params: Params, check: Check) -> dict[str, str]:
-    """Swap champion and previous-champion back (tagged on both versions, with the check run as evidence)."""
+    """Swap champion and previous-champion back (tagged on both versions, with the check run as evidence), if the
+    champion is still the one the check judged; done already by this check (a rerun after a crash): no change."""
     client, _ = connect(root, params.mlflow)
     reason = f"drift check {check.run_id}: " + "; ".join(check.reasons)
-    after = registry.rollback(client, params.mlflow.registered_model, reason)
+    after = registry.rollback(client, params.mlflow.registered_model, reason, check.champion,
+                              f"drift-check {check.run_id}", params.reliability.lock_timeout_seconds)
     get_run_logger().warning("ROLLBACK: champion v%s -> v%s; aliases now %s", check.champion,
                              after[registry.CHAMPION], after)
     return after
@@ -185,6 +204,7 @@ def close_check(root: Path, params: Params, check: Check, window: Window, outcom
         client.set_tag(check.run_id, f"outcome.{key}", str(value)[:5000])
     if check.action != policy.INSUFFICIENT:
         monitor.mark_checked(client, window.score_runs, check.run_id)
+    client.set_tag(check.run_id, monitor.CLOSED, "true")
     ev = check.evidence
     fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = [f"# Drift check: **{check.action.upper()}**", "",

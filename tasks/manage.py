@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
 from ottimo import cardstore, registry
@@ -13,6 +13,8 @@ from ottimo import gate as gate_policy
 from ottimo.config import Params
 from ottimo.data import load_splits
 from ottimo.measure import predict, session
+from ottimo.promotion import PromotionError
+from ottimo.security import fetch_verified
 from ottimo.tracking import connect
 from tasks.train import work_dir
 
@@ -22,6 +24,7 @@ class ManualVerdict:
     version: str
     passed: bool
     reasons: list[str]
+    champion: str | None = None  # the champion it was judged against: the promotion is compare-then-set on it
 
 
 def _accuracy(path: Path, prepared: Path) -> float:
@@ -41,31 +44,33 @@ def gate_version(root: Path, params: Params, version: str) -> ManualVerdict:
     prepared = root / "data" / "prepared"
     if not (prepared / "schema.json").is_file():
         prepared = cardstore.prepared_for(root, mv.tags.get("data_revision", ""))
-    path, _ = registry.download_verified(client, name, mv.version, work_dir(root, f"serving-v{mv.version}"))
+    path, _ = fetch_verified(client, name, mv.version, work_dir(root, f"serving-v{mv.version}"))
     run = client.get_run(mv.run_id).data.metrics
     metrics = {"accuracy": _accuracy(path, prepared), "p95_ms": run.get("test_p95_ms", float("inf")),
                "size_mb": run.get("test_size_mb", float("inf"))}
     champ = registry.alias_version(client, name, registry.CHAMPION)
     champion_accuracy = None
     if champ is not None:
-        cpath, _ = registry.download_verified(client, name, champ.version, work_dir(root, f"serving-v{champ.version}"))
+        cpath, _ = fetch_verified(client, name, champ.version, work_dir(root, f"serving-v{champ.version}"))
         champion_accuracy = _accuracy(cpath, prepared)
     card = cardstore.load_stored(client, mv)
     verdict = gate_policy.check(metrics, params.gate, champion_accuracy, card.figures() if card else None)
     get_run_logger().info("gate on %s v%s: %s", name, mv.version, verdict.summary)
-    return ManualVerdict(str(mv.version), verdict.passed, verdict.reasons)
+    return ManualVerdict(str(mv.version), verdict.passed, verdict.reasons, str(champ.version) if champ else None)
 
 
 @task
 def promote_manually(root: Path, params: Params, verdict: ManualVerdict, force: bool, reason: str) -> dict[str, str]:
     """Move the aliases (champion -> previous-champion, version -> champion) when the gate passed or `force`
-    with a reason; tag who and why on the version. Raises GateFailed otherwise, changing nothing."""
+    with a reason; tag who and why on the version. Raises GateFailed otherwise, changing nothing. The move is
+    the pipeline's (ottimo.promotion): locked, journaled, refused if the champion changed since the gate ran."""
     name = params.mlflow.registered_model
     if not verdict.passed and not force:
         raise gate_policy.GateFailed(f"{name} v{verdict.version} fails the gate: {'; '.join(verdict.reasons)}. "
                                      "Nothing changed; run again with force=true and a reason to override.")
     client, _ = connect(root, params.mlflow)
-    after = registry.promote(client, name, verdict.version)
+    after = registry.promote(client, name, verdict.version, verdict.champion, params.reliability.lock_timeout_seconds,
+                             gate=False)  # this flow ran the gate itself (or was forced); the sha256 is still required
     client.set_model_version_tag(name, verdict.version, "promoted_manually",
                                  ("FORCED past a failed gate: " if not verdict.passed else "gate passed: ")
                                  + (reason or "no reason given"))
@@ -76,13 +81,17 @@ def promote_manually(root: Path, params: Params, verdict: ManualVerdict, force: 
 
 @task
 def rollback_manually(root: Path, params: Params, reason: str) -> dict[str, str]:
-    """Swap champion and previous-champion; with no previous-champion publish an alert and fail, changing nothing."""
+    """Swap champion and previous-champion (ottimo.promotion: locked, journaled, compare-then-set on the champion
+    read here); with no previous-champion, or a champion moved meanwhile, publish an alert and fail (no change)."""
     client, _ = connect(root, params.mlflow)
+    name = params.mlflow.registered_model
+    champion = registry.aliases(client, name).get(registry.CHAMPION)
     try:
-        after = registry.rollback(client, params.mlflow.registered_model, f"manual: {reason}")
-    except registry.NoPreviousChampion as err:
-        create_markdown_artifact(markdown=f"# ALERT: rollback not possible\n\n{err}", key="rollback-alert",
-                                 description="Rollback asked for with no previous-champion")
+        after = registry.rollback(client, name, f"manual: {reason}", champion, f"flow-run {runtime.flow_run.id}",
+                                  params.reliability.lock_timeout_seconds)
+    except (registry.NoPreviousChampion, PromotionError) as err:
+        create_markdown_artifact(markdown=f"# ALERT: rollback not done\n\n{err}", key="rollback-alert",
+                                 description="Rollback refused: nothing changed")
         raise
     get_run_logger().warning("ROLLBACK (manual: %s): aliases now %s", reason, after)
     return after

@@ -13,7 +13,9 @@ from ottimo.cardstore import prepared_for
 from ottimo.config import Params
 from ottimo.data import DataValidationError
 from ottimo.export import IntegrityError, sha256
-from ottimo.measure import predict, session
+from ottimo.faults import checkpoint
+from ottimo.measure import predict
+from ottimo.security import fetch_verified, serving_session
 from ottimo.tracking import connect
 from tasks.train import FLOW_RUN_TAG, work_dir
 
@@ -28,6 +30,11 @@ class Champion:
     onnx_path: str  # verified against the version's sha256 tag
     data_revision: str
     prepared: str  # the prepared splits it was trained on (reference split and schema.json)
+    sha256: str = ""  # the version's tag: checked again each time a session is opened (security.serving_session)
+
+    def session(self):
+        """An onnxruntime session of the champion's file, opened only after its sha256 matches again."""
+        return serving_session(Path(self.onnx_path), self.sha256)
 
 
 @dataclass(frozen=True)
@@ -62,12 +69,12 @@ def load_champion(root: Path, params: Params, ref: str = registry.CHAMPION) -> C
     if registry.alias_version(client, name, ref) is None:
         raise LookupError(f"{name} has no {ref!r} version: run the training pipeline (`ottimo run`) first")
     mv = registry.version(client, name, ref)
-    path, mv = registry.download_verified(client, name, mv.version, work_dir(root, f"serving-v{mv.version}"))
+    path, mv = fetch_verified(client, name, mv.version, work_dir(root, f"serving-v{mv.version}"))
     revision = mv.tags.get("data_revision", "")
     prepared = prepared_for(root, revision)
     get_run_logger().info("%s v%s (%s) loaded, sha256 verified; trained on data revision %s", name, mv.version,
                           ref, revision[:12])
-    return Champion(str(mv.version), str(path), revision, str(prepared))
+    return Champion(str(mv.version), str(path), revision, str(prepared), mv.tags["sha256"])
 
 
 @task
@@ -79,25 +86,29 @@ def find_batches(root: Path, params: Params) -> list[str]:
 
 @task
 def score_batch(root: Path, params: Params, champion: Champion, batch: str) -> Scored:
-    """Validate one batch against the training schema and write its predictions next to it; a malformed
-    batch is moved to quarantine with a reason file instead (the flow fails at the end, naming it)."""
+    """Check one batch as training data is checked (ottimo.batches.validate_batch) and write its predictions
+    next to it; a malformed batch is moved to quarantine with a reason file instead (the flow fails at the end,
+    naming it). Exactly once: the score run is looked up by the batch's sha256 before one is made, and the
+    predictions file, which marks the batch done, is written last."""
     log = get_run_logger()
     path = Path(batch)
     schema = batches.schema_of(Path(champion.prepared))
     try:
-        df = batches.validate_batch(path, schema)
+        df = batches.validate_batch(root, path, schema, params.limits)
     except DataValidationError as err:
-        moved = batches.quarantine(path, root / params.score.quarantine, str(err))
+        moved, _ = batches.quarantine(root, path, params.score.quarantine, str(err), params.limits)
         log.error("quarantined %s: %s", path.name, err)
-        return Scored(path.name, False, reason=str(err), quarantined=str(moved))
-    pred = predict(session(Path(champion.onnx_path)), df[schema["features"]].to_numpy(dtype="float32"))
-    out = batches.write_predictions(path, pred, schema["labels"], champion.version)
+        return Scored(path.name, False, reason=str(err), quarantined=str(moved or ""))
+    pred = predict(champion.session(), df[schema["features"]].to_numpy(dtype="float32"))
     labelled = schema["target"] in df.columns
     client, exp = monitor.connect_monitoring(root, params)
+    out = batches.predictions_path(path)
     run_id = monitor.record_score(client, exp, path, out, len(df), labelled, champion.version, sha256(path),
                                   {FLOW_RUN_TAG: str(runtime.flow_run.id)})
+    batches.write_predictions(path, pred, schema["labels"], champion.version)
     log.info("scored %s: %d rows%s with v%s -> %s", path.name, len(df), " (labelled)" if labelled else "",
              champion.version, out.name)
+    checkpoint("mid-scoring")
     return Scored(path.name, True, len(df), labelled, str(out), run_id)
 
 

@@ -40,6 +40,13 @@ class Case:
     params: dict | None = None  # config cases: a params.yaml patch ...
     text: str | None = None  # ... or the raw text of params.yaml
     params_file: str = "params.yaml"  # ... or the params file a flow run / CLI names
+    batch: tuple[str, ...] | None = ()  # as an incoming batch: fragments of its quarantine reason (() = `expect`) ...
+    batch_ok: str = ""  # ... or None, and why the scoring flow scores such a batch (tests/test_loop_hardening.py)
+
+    @property
+    def batch_expect(self) -> tuple[str, ...]:
+        """What the quarantine note of this file as an incoming batch must say; () when it is scored instead."""
+        return () if self.batch is None else (self.batch or self.expect)
 
     @property
     def kind(self) -> str:
@@ -134,7 +141,7 @@ CASES: list[Case] = [
          _csv(_set(7, TARGET, 11)), needs_target=True),
     Case("zero-rows", "a header and no rows", ("no data rows", "only a header"), _csv(lambda df: df.head(0))),
     Case("too-few-rows", "20 rows, below data.min_rows", ("only 20 rows", "at least 100 rows"),
-         _csv(lambda df: df.head(20))),
+         _csv(lambda df: df.head(20)), batch=None, batch_ok="scored: a batch has no minimum size"),
     Case("extreme-values", "a feature of 1e300", ("beyond ±1e+09", "limits.max_abs_value", "['pixel_3_4']",
                                                  "rows [11]"), _csv(_set(11, "pixel_3_4", 1e300))),
     Case("target-text", "a class label written as text", ("integer class labels", "'seven'", "rows [6]"),
@@ -143,12 +150,13 @@ CASES: list[Case] = [
                                                                            "rows [3]"),
          _csv(_set(3, TARGET, 3.5)), needs_target=True),
     Case("missing-target", "the target column left out", ("target column 'target' is missing",),
-         _csv(lambda df: df.drop(columns=[TARGET])), needs_target=True),
+         _csv(lambda df: df.drop(columns=[TARGET])), needs_target=True, batch=None,
+         batch_ok="scored: labels are optional in a batch"),
     Case("file-too-large", "a 10 GiB file (sparse) with default limits", ("10,240.0 MB", "limits.max_file_mb",
                                                                           "not read"), _huge, copied=False),
     Case("too-many-rows", "5,391 rows with limits.max_rows 1000 (counted from the Parquet footer)",
          ("5,391 rows", "limits.max_rows = 1,000", "not read"), _many_rows, suffix=".parquet",
-         limits={"max_rows": 1000}),
+         limits={"max_rows": 1000}, batch=("5,391 rows", "limits.max_rows", "not read")),
     Case("symlink-outside", "data.path is a symlink to a file outside the project",
          ("outside the project", "not read"), _symlink_out, copied=False),
     Case("config-bad-value", "gate.min_accuracy: 1.5", ("- gate.min_accuracy:", "1.5", "less than or equal to 1"),
@@ -235,7 +243,8 @@ def _plain(msg: str, tmp: Path) -> str:
 
 def markdown() -> str:
     """The corpus as a markdown table, each message as the code raises it today."""
-    rows = ["| # | case | input | where | error (abridged) |", "| --- | --- | --- | --- | --- |"]
+    rows = ["| # | case | input | where | as a scoring batch | error (abridged) |",
+            "| --- | --- | --- | --- | --- | --- |"]
     good = good_frame()
     for i, case in enumerate(CASES, 1):
         with tempfile.TemporaryDirectory() as d:
@@ -243,10 +252,12 @@ def markdown() -> str:
             if case.kind == "data":
                 msg = data_error(case, data_project(tmp, case, good)[0])
                 where = "data: refused, " + ("copied to quarantine" if case.copied else "noted in quarantine, no copy")
+                batch = "moved to quarantine, not scored" if case.batch_expect else case.batch_ok
             else:
                 msg, where = config_error(case, config_project(tmp, case)), "config: refused before any work"
+                batch = "-"
             text = _plain(msg, tmp).replace("|", "\\|")
-        rows.append(f"| {i} | `{case.id}` | {case.what} | {where} | {text} |")
+        rows.append(f"| {i} | `{case.id}` | {case.what} | {where} | {batch} | {text} |")
     return "\n".join(rows) + "\n"
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from ottimo import batches, simulate
-from ottimo.config import DriftCfg
+from ottimo.config import DriftCfg, LimitsCfg
 from ottimo.data import DataValidationError, builtin_frame
 from ottimo.drift import INSUFFICIENT, NOTHING, RETRAIN, ROLLBACK, Evidence, decide, detect
 
@@ -99,18 +99,21 @@ def test_batch_validation_and_quarantine(tmp_path):
     good = tmp_path / "incoming" / "good.parquet"
     good.parent.mkdir()
     DIGITS.iloc[:20].drop(columns=["target"]).to_parquet(good)  # unlabelled is fine
-    assert len(batches.validate_batch(good, schema)) == 20 and batches.pending(good.parent) == [good]
+    limits = LimitsCfg()
+    assert len(batches.validate_batch(tmp_path, good, schema, limits)) == 20 and batches.pending(good.parent) == [good]
     bad_label = DIGITS.iloc[:20].copy()
     bad_label.loc[3, "target"] = 42
     cases = {"missing column": (DIGITS.iloc[:5].drop(columns=["pixel_2_2"]), "missing ['pixel_2_2']"),
-             "bad label": (bad_label, "isin"), "empty": (DIGITS.iloc[:0], "no rows")}
+             "bad label": (bad_label, "isin"), "empty": (DIGITS.iloc[:0], "no data rows")}
     for name, (df, message) in cases.items():
         path = tmp_path / "incoming" / f"{name}.csv"
         df.to_csv(path, index=False)
         with pytest.raises(DataValidationError, match=message.replace("[", r"\[").replace("]", r"\]")):
-            batches.validate_batch(path, schema)
-    moved = batches.quarantine(tmp_path / "incoming" / "bad label.csv", tmp_path / "quarantine", "label 42")
-    assert moved.is_file() and "label 42" in moved.with_name("bad label.csv.reason.txt").read_text()
+            batches.validate_batch(tmp_path, path, schema, limits)
+    bad = tmp_path / "incoming" / "bad label.csv"
+    moved, note = batches.quarantine(tmp_path, bad, "quarantine", "label 42", limits)
+    assert moved.is_file() and moved.parent == tmp_path / "quarantine" and "label 42" in note.read_text()
+    assert not (tmp_path / "incoming" / "bad label.csv").exists()
     out = batches.write_predictions(good, np.array([0, 9] * 10), list(range(10)), "3")
     assert batches.pending(good.parent) == [tmp_path / "incoming" / f"{n}.csv" for n in ("empty", "missing column")]
     assert pd.read_parquet(out)["model_version"].eq("3").all()
