@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: install run status up down browser test lint bench clean
+.PHONY: install run status up down browser test test-slow lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ browser:                            ## Debian's chromium + chromedriver for the 
 test: install browser               ## lint, then the whole test suite (tests/test_ui.py drives headless Chromium)
 	$(BIN)/ruff check ottimo tasks flows tests bench
 	$(BIN)/python -m pytest
+
+test-slow: install browser          ## the slow suites: crash matrix, servers killed mid-run (CI runs them after `make test`)
+	$(BIN)/python -m pytest -m slow
 
 bench: install                      ## benchmarks (print ratios measured side by side)
 	$(BIN)/python bench/overhead.py
