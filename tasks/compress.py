@@ -23,10 +23,9 @@ from mlflow.entities import Metric, Param
 from mlflow.models import infer_signature
 from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from ottimo import compress, pareto, quantize
-from ottimo.config import CompressCfg, Params
+from ottimo.config import Params
 from ottimo.data import Splits, load_splits
 from ottimo.export import export_onnx, parity_check, sha256, verify_sha256
 from ottimo.faults import checkpoint
@@ -62,18 +61,6 @@ class Built:
     sparsity: float = 0.0
     settings: dict = field(default_factory=dict)
     error: str | None = None  # e.g. quantized predictions that disagree with the FP32 model
-
-
-def task_runner(cfg: CompressCfg) -> TaskRunner:
-    """n_jobs threads, or Dask (the scheduler at dask_address, else a LocalCluster of n_jobs processes)."""
-    if cfg.runner == "threads":
-        return ThreadPoolTaskRunner(max_workers=cfg.n_jobs)
-    from prefect_dask import DaskTaskRunner
-
-    if cfg.dask_address:
-        return DaskTaskRunner(address=cfg.dask_address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.n_jobs, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None})
 
 
 def load_model(b: Built, params: Params) -> torch.nn.Sequential:

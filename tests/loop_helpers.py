@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -80,12 +79,3 @@ def alias_worker(project: Path, op: str, version: str, expected: str, barrier: P
                             text=True)
 
 
-def go(barrier: Path, procs: list[subprocess.Popen], timeout: float = 120) -> None:
-    """Release the workers once each has connected and read the champion it decides on."""
-    deadline = time.time() + timeout
-    while len(list(barrier.glob("ready-*"))) < len(procs):
-        dead = [p.communicate()[0] for p in procs if p.poll() is not None]
-        assert not dead, f"a worker exited before the start: {dead[0][-3000:]}"
-        assert time.time() < deadline, "workers did not start"
-        time.sleep(0.05)
-    (barrier / "go").touch()

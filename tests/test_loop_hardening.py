@@ -13,8 +13,8 @@ from ottimo import doctor, promotion, registry
 from ottimo.faults import EXIT_CODE
 from ottimo.registry import CHAMPION, PREVIOUS
 from tests import bad_inputs
-from tests.loop_helpers import alias_worker, go, loop_project
-from tests.reliability_helpers import add_version, store
+from tests.loop_helpers import alias_worker, loop_project
+from tests.reliability_helpers import add_version, release, store
 
 NAME = "ottimo-classifier"
 
@@ -57,7 +57,7 @@ def test_promote_and_rollback_race_one_wins_the_other_is_refused(reg, tmp_path):
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     procs = [alias_worker(root, "promote", v3, v2, barrier), alias_worker(root, "rollback", "-", v2, barrier)]
-    go(barrier, procs)
+    release(barrier, procs)
     outs = [p.communicate(timeout=120)[0] for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 1], outs
@@ -74,7 +74,7 @@ def test_a_rollback_killed_between_its_alias_moves_is_finished_by_the_doctor(reg
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     proc = alias_worker(root, "rollback", "-", v2, barrier, crash_at="between-alias-moves")
-    go(barrier, [proc])
+    release(barrier, [proc])
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == EXIT_CODE, out
     assert registry.aliases(client, NAME) == {CHAMPION: v1, PREVIOUS: v1}  # cut in two
