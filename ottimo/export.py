@@ -6,6 +6,8 @@ import contextlib
 import hashlib
 import io
 import logging
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,43 @@ import torch
 from torch import nn
 
 INPUT, OUTPUT = "features", "logits"
+
+
+class ExportGuard:
+    """Models may train in many threads at once, but an ONNX export runs alone: while torch exports, its
+    process-wide "exporting" state makes every optimizer step in any thread write torch.fx's shared metadata
+    dict (KeyError 'custom' when two meet), and the exporter (and ORT's quantizer) redirect stdout.
+    Wrap training in `training()` and exports in `exclusive()`; never nest one in the other."""
+
+    def __init__(self) -> None:
+        self._cond, self._training, self._exporting = threading.Condition(), 0, False
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exporting)
+            self._training += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._training -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exporting and not self._training)
+            self._exporting = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exporting = False
+                self._cond.notify_all()
+
+
+export_guard = ExportGuard()  # one per process: torch's exporting state is process-wide
 
 
 class ParityError(AssertionError):

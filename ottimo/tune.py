@@ -31,6 +31,7 @@ from sqlalchemy.engine import make_url
 
 from ottimo.config import EvaluateCfg, FloatRange, IntRange, TrainCfg, TuneCfg
 from ottimo.data import Splits
+from ottimo.export import export_guard
 from ottimo.faults import checkpoint
 from ottimo.tracking import in_project
 from ottimo.train import fit
@@ -286,16 +287,13 @@ class TrialRuns:
         self.client.set_terminated(run_id, {"complete": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED"))
 
 
-_export_lock = threading.Lock()
-
-
 def onnx_p95_ms(model, X: np.ndarray, cfg: EvaluateCfg) -> float:
     """p95 latency at batch 1 of the model exported to ONNX, in onnxruntime (ottimo.export + ottimo.measure).
     Trials training beside it share the CPUs, so compare these figures within a study, not with `evaluate`."""
     from ottimo.export import export_onnx
     from ottimo.measure import latency_ms, session
 
-    with _export_lock, tempfile.TemporaryDirectory(prefix="ottimo-trial-") as tmp:  # torch.export is not thread-safe
+    with export_guard.exclusive(), tempfile.TemporaryDirectory(prefix="ottimo-trial-") as tmp:
         path = export_onnx(model, X.shape[1], Path(tmp) / "model.onnx")
         return latency_ms(session(path, cfg.threads), X, cfg.warmup, cfg.runs)[1]
 
@@ -322,7 +320,8 @@ def objective(family: str, splits: Splits, base: TrainCfg, cfg: TuneCfg, evaluat
                     raise optuna.TrialPruned(f"epoch {int(row['epoch'])}: val_accuracy {row['val_accuracy']:.4f}")
 
         try:
-            result = fit(family, splits, train_cfg, seed, on_epoch)
+            with export_guard.training():  # another trial may be exporting (multi-objective)
+                result = fit(family, splits, train_cfg, seed, on_epoch)
             checkpoint("mid-tuning")  # trained, not yet recorded: a crash here leaves the trial RUNNING
             values = [result.best_val_accuracy]
             if cfg.multi_objective:

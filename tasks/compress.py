@@ -9,7 +9,6 @@ made for concurrent tracing; fine-tuning and distillation run concurrently.
 from __future__ import annotations
 
 import copy
-import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact
 from ottimo import compress, pareto, quantize
 from ottimo.config import Params
 from ottimo.data import Splits, load_splits
-from ottimo.export import export_onnx, parity_check, sha256, verify_sha256
+from ottimo.export import export_guard, export_onnx, parity_check, sha256, verify_sha256
 from ottimo.faults import checkpoint
 from ottimo.gate import GateFailed
 from ottimo.measure import measure, predict, session
@@ -36,8 +35,6 @@ from ottimo.tracking import connect, flatten
 from tasks.data import DataVersion
 from tasks.evaluate import Evaluated, Exported
 from tasks.train import FLOW_RUN_TAG, Candidate, work_dir
-
-_EXCLUSIVE = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -99,7 +96,7 @@ def _finish_torch(root: Path, params: Params, model: torch.nn.Module, name: str,
     run_id = _open_run(root, params, parent_run_id, name, technique, base, settings, data)
     out = work_dir(root, run_id)
     torch.save(model.state_dict(), out / "checkpoint.pt")
-    with _EXCLUSIVE:
+    with export_guard.exclusive():
         path = export_onnx(model, base.n_features, out / "model.onnx")
         diff = parity_check(model, path, splits.X_test, params.evaluate.parity_atol)
         uri, digest = _log_onnx(root, params, run_id, path, splits.X_test)
@@ -122,8 +119,9 @@ def distill_student(root: Path, params: Params, teacher: Built, data: DataVersio
     splits = load_splits(Path(data.prepared))
     arch = {cfg.student: getattr(cfg, cfg.student).model_dump()}
     lr = arch[cfg.student]["lr"]
-    student = compress.distill(load_model(teacher, params), splits, cfg.student, params.train.patched(arch),
-                               _tune_spec(params, cfg.epochs, lr), cfg.temperature, cfg.alpha)
+    with export_guard.training():
+        student = compress.distill(load_model(teacher, params), splits, cfg.student, params.train.patched(arch),
+                                   _tune_spec(params, cfg.epochs, lr), cfg.temperature, cfg.alpha)
     name = f"student-{cfg.student}"
     settings = {"temperature": cfg.temperature, "alpha": cfg.alpha, "epochs": cfg.epochs, "student": arch}
     built = _finish_torch(root, params, student, name, "distill", teacher, arch, settings, splits, data,
@@ -148,7 +146,8 @@ def prune_variant(root: Path, params: Params, base: Built, method: str, amount: 
     else:
         model, patch = compress.structured_prune(model, amount)
         arch, tag = {base.family: {**base.arch.get(base.family, {}), **patch[base.family]}}, "s"
-    compress.make_permanent(compress.finetune(model, splits, _tune_spec(params, cfg.finetune_epochs, cfg.lr)))
+    with export_guard.training():
+        compress.make_permanent(compress.finetune(model, splits, _tune_spec(params, cfg.finetune_epochs, cfg.lr)))
     name = f"{base.name}+prune-{tag}{round(amount * 100)}"
     settings = {"method": method, "amount": amount, "finetune_epochs": cfg.finetune_epochs, "lr": cfg.lr}
     built = _finish_torch(root, params, model, name, f"prune-{method}", base, arch, settings, splits, data,
@@ -171,7 +170,7 @@ def quantize_variant(root: Path, params: Params, base: Built, method: str, data:
                 if method == "static" else "QOperator"}
     run_id = _open_run(root, params, parent_run_id, name, f"int8-{method}", base, settings, data)
     dst = work_dir(root, run_id) / "model.onnx"
-    with _EXCLUSIVE:
+    with export_guard.exclusive():
         if method == "dynamic":
             quantize.dynamic_int8(Path(base.onnx_path), dst, cfg.per_channel, cfg.reduce_range)
         else:
