@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from ottimo.config import Params, load_params
 from tasks import compress as t
@@ -13,7 +14,6 @@ from tasks.data import DataVersion, prepare_data, validate_raw
 from tasks.evaluate import Evaluated, Exported
 from tasks.summary import fail_open_mlflow_runs
 from tasks.train import Candidate
-from tasks.tune import task_runner
 
 
 @flow(name="compression", on_failure=[fail_open_mlflow_runs])
@@ -53,9 +53,9 @@ def compression(project_dir: str = ".", params_file: str = "params.yaml", run_id
 
 
 def with_runner(project_dir: str, params_file: str = "params.yaml"):
-    """The compression flow with the task runner params.yaml asks for (threads, or Dask)."""
+    """The compression flow building compress.n_jobs variants at once (threads)."""
     params = load_params(Path(project_dir).resolve() / params_file)
-    return compression.with_options(task_runner=task_runner(params.compress))
+    return compression.with_options(task_runner=ThreadPoolTaskRunner(max_workers=params.compress.n_jobs))
 
 
 def compress_stage(project_dir: str, params_file: str, params: Params, candidates: list[Candidate],
@@ -63,6 +63,6 @@ def compress_stage(project_dir: str, params_file: str, params: Params, candidate
     """The compression flow as a stage of the training pipeline: the trained models and their compressed
     variants compete under compress.select; the chosen one goes on to the registry and the gate."""
     trained = [t.from_trained(params, c, e) for c, e in zip(candidates, exported, strict=True)]
-    flow_ = compression.with_options(task_runner=task_runner(params.compress))
+    flow_ = compression.with_options(task_runner=ThreadPoolTaskRunner(max_workers=params.compress.n_jobs))
     result = flow_(project_dir, params_file, None, trained, data, parent_run_id, params)
     return t.as_evaluated(result.built, result.rows, result.selection.chosen)

@@ -385,9 +385,7 @@ class CompressCfg(Strict):
     quantize: QuantizeCfg = QuantizeCfg()
     distill: DistillCfg = DistillCfg()
     select: SelectCfg = SelectCfg()
-    n_jobs: int = Field(2, ge=1)  # variants built at once (measured one after another)
-    runner: Literal["threads", "dask"] = "threads"
-    dask_address: str | None = None
+    n_jobs: int = Field(2, ge=1)  # variants built at once in threads (measured one after another)
 
     @model_validator(mode="after")
     def _student_needs_distill(self) -> CompressCfg:

@@ -15,7 +15,7 @@ from prefect import get_run_logger, runtime, task
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from ottimo import tune
-from ottimo.config import CompressCfg, Params, TuneCfg
+from ottimo.config import Params, TuneCfg
 from ottimo.data import load_splits
 from ottimo.doctor import OWNER_TAG, owner
 from ottimo.tracking import connect, flatten
@@ -50,9 +50,8 @@ class TuneResult:
     pareto: list[dict] = field(default_factory=list)  # multi-objective: {trial, val_accuracy, p95_ms}
 
 
-def task_runner(cfg: TuneCfg | CompressCfg) -> TaskRunner:
-    """n_jobs threads, or Dask: the scheduler at dask_address, else a LocalCluster of n_jobs one-thread workers
-    (the `tune:` and `compress:` sections both say which)."""
+def task_runner(cfg: TuneCfg) -> TaskRunner:
+    """n_jobs threads, or Dask: the scheduler at dask_address, else a LocalCluster of n_jobs one-thread workers."""
     if cfg.runner == "threads":
         return ThreadPoolTaskRunner(max_workers=cfg.n_jobs)
     from prefect_dask import DaskTaskRunner
