@@ -60,9 +60,10 @@ def run(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
         console.print("Details are in the log above and in the MLflow run (tags gate.verdict / failure).")
         raise typer.Exit(1)
     summary = state.result()
-    table = Table(title=f"Candidates (data revision {summary.data_revision[:12]}, "
+    table = Table(title=f"Gated (data revision {summary.data_revision[:12]}, "
                   f"{'prepared' if summary.prepared else 'unchanged: prepare skipped'})")
-    for col in ("family", "version", "accuracy", "macro F1", "p50 ms", "p95 ms", "size MB", "gate"):
+    table.add_column("candidate", no_wrap=True)  # e.g. student-mlp+prune-s50: the compression report has the rest
+    for col in ("version", "accuracy", "macro F1", "p50 ms", "p95 ms", "size MB", "gate"):
         table.add_column(col)
     for c in summary.candidates:
         table.add_row(c["family"], str(c["version"]), f"{c['accuracy']:.4f}", f"{c['macro_f1']:.4f}",
