@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from ottimo.config import Params, load_params
+from ottimo.config import Params, load_params, project_params
 from tasks import compress as t
 from tasks.compress import Built, CompressionResult
 from tasks.data import DataVersion, prepare_data, validate_raw
@@ -24,7 +24,7 @@ def compression(project_dir: str = ".", params_file: str = "params.yaml", run_id
     compress --run-id`) it takes the teacher from that MLflow run; inside the pipeline it gets the trained
     models, the data and the pipeline run from it."""
     root = Path(project_dir).resolve()
-    params = params or load_params(root / params_file)
+    params = params or project_params(root, params_file)
     cfg = params.compress
     alone = trained is None
     if alone:

@@ -8,7 +8,7 @@ from prefect import flow, runtime
 from prefect.deployments import run_deployment
 
 from ottimo import drift as policy
-from ottimo.config import Params, load_params
+from ottimo.config import Params, project_params
 from tasks.drift import CheckSummary, add_training_data, check_window, close_check, collect_window, rollback_champion
 from tasks.score import load_champion
 
@@ -27,7 +27,7 @@ def drift_check(project_dir: str = ".", params_file: str = "params.yaml") -> Che
         params_file: Config file, relative to the project folder.
     """
     root = Path(project_dir).resolve()
-    params = load_params(root / params_file)
+    params = project_params(root, params_file)
 
     champion = load_champion(root, params)
     window = collect_window(root, params)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from ottimo.config import load_params
+from ottimo.config import project_params
 from tasks.manage import gate_version, promote_manually, rollback_manually
 
 
@@ -25,7 +25,7 @@ def promote(version: str, force: bool = False, reason: str = "", project_dir: st
     if force and not reason.strip():
         raise ValueError("force=true needs a reason: it is recorded on the version as the gate override")
     root = Path(project_dir).resolve()
-    params = load_params(root / params_file)
+    params = project_params(root, params_file)
 
     verdict = gate_version(root, params, version)
     return promote_manually(root, params, verdict, force, reason)
@@ -42,4 +42,4 @@ def rollback(reason: str = "manual rollback", project_dir: str = ".", params_fil
         params_file: Config file, relative to the project folder.
     """
     root = Path(project_dir).resolve()
-    return rollback_manually(root, load_params(root / params_file), reason)
+    return rollback_manually(root, project_params(root, params_file), reason)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from ottimo.config import load_params
+from ottimo.config import project_params
 from tasks.score import Scored, find_batches, load_champion, report_scoring, score_batch
 
 
@@ -20,7 +20,7 @@ def batch_scoring(project_dir: str = ".", params_file: str = "params.yaml") -> l
         params_file: Config file, relative to the project folder.
     """
     root = Path(project_dir).resolve()
-    params = load_params(root / params_file)
+    params = project_params(root, params_file)
 
     champion = load_champion(root, params)
     results = [score_batch(root, params, champion, batch) for batch in find_batches(root, params)]
