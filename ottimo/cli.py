@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -62,9 +63,10 @@ def run(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     summary = state.result()
     table = Table(title=f"Gated (data revision {summary.data_revision[:12]}, "
                   f"{'prepared' if summary.prepared else 'unchanged: prepare skipped'})")
+    table.box, table.show_edge, table.pad_edge = box.SIMPLE_HEAD, False, False  # fits 80 columns
     table.add_column("candidate", no_wrap=True)  # e.g. student-mlp+prune-s50: the compression report has the rest
-    for col in ("version", "accuracy", "macro F1", "p50 ms", "p95 ms", "size MB", "gate"):
-        table.add_column(col)
+    for col in ("ver", "acc", "F1", "p50 ms", "p95 ms", "MB", "gate"):  # version, accuracy, macro-F1, ..., size
+        table.add_column(col, no_wrap=True)
     for c in summary.candidates:
         table.add_row(c["family"], str(c["version"]), f"{c['accuracy']:.4f}", f"{c['macro_f1']:.4f}",
                       f"{c['p50_ms']:.3f}", f"{c['p95_ms']:.3f}", f"{c['size_mb']:.3f}", c["verdict"])
