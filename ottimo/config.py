@@ -7,10 +7,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
 Family = Literal["mlp", "transformer"]
@@ -43,8 +43,18 @@ class Splits(Strict):
         return self
 
 
+def _inside_project(v: str) -> str:
+    p = Path(v)
+    if p.is_absolute() or ".." in p.parts:
+        raise ValueError("must be a relative path inside the project (no '..', not absolute)")
+    return v
+
+
+ProjectPath = Annotated[str, AfterValidator(_inside_project)]  # a file or folder the project owns
+
+
 class DataCfg(Strict):
-    path: str = "data/raw/digits.csv"
+    path: ProjectPath = "data/raw/digits.csv"
     builtin: Literal["digits", "breast_cancer", "wine"] | None = "digits"
     target: str = "target"
     features: list[str] | None = None
@@ -55,11 +65,8 @@ class DataCfg(Strict):
 
     @field_validator("path")
     @classmethod
-    def _inside_project(cls, v: str) -> str:
-        p = Path(v)
-        if p.is_absolute() or ".." in p.parts:
-            raise ValueError("must be a relative path inside the project (no '..', not absolute)")
-        if p.suffix.lower() not in {".csv", ".parquet"}:
+    def _table_file(cls, v: str) -> str:
+        if Path(v).suffix.lower() not in {".csv", ".parquet"}:
             raise ValueError("must end in .csv or .parquet")
         return v
 
@@ -401,15 +408,8 @@ class LimitsCfg(Strict):
     max_file_mb: float = Field(1024, gt=0)  # a bigger file is refused without being read
     max_rows: int = Field(5_000_000, ge=1)  # from the Parquet footer, or a streamed line count of a CSV
     max_abs_value: float | None = Field(1e9, gt=0)  # null: no bound on feature values
-    quarantine_dir: str = "data/quarantine"  # rejected files (or a note when too big to copy) with a .reason.txt
+    quarantine_dir: ProjectPath = "data/quarantine"  # rejected files (or a note when too big) + .reason.txt
 
-    @field_validator("quarantine_dir")
-    @classmethod
-    def _inside_project(cls, v: str) -> str:
-        p = Path(v)
-        if p.is_absolute() or ".." in p.parts:
-            raise ValueError("must be a relative path inside the project (no '..', not absolute)")
-        return v
 
 class ReliabilityCfg(Strict):
     """Promotion safety and crash recovery: the promotion lock, and the repairs `ottimo doctor` makes."""
@@ -421,8 +421,8 @@ class ReliabilityCfg(Strict):
 class ScoreCfg(Strict):
     """Batch scoring: batches (CSV or Parquet) arrive in `incoming`; malformed ones move to `quarantine`."""
 
-    incoming: str = "data/incoming"
-    quarantine: str = "data/quarantine"
+    incoming: ProjectPath = "data/incoming"
+    quarantine: ProjectPath = "data/quarantine"
     deployment_name: str = "manual"  # deployment batch-scoring/<deployment_name>, run from the UI
 
 
