@@ -25,10 +25,10 @@ status: install                     ## champion / previous-champion / challenger
 	$(BIN)/ottimo status
 
 up: install                         ## Prefect server :4200, MLflow server :5000, the deployments served (127.0.0.1)
-	$(BIN)/python -m ottimo.servers up
+	$(BIN)/python -m ottimo.ops.servers up
 
 down:                               ## stop exactly what `make up` started (.run/*.pid); data is kept
-	$(BIN)/python -m ottimo.servers down
+	$(BIN)/python -m ottimo.ops.servers down
 
 browser:                            ## Debian's chromium + chromedriver for the browser test (CI runs as root)
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \

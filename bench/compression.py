@@ -1,13 +1,13 @@
 """What compression buys: every candidate of params.yaml's `compress:` section against the FP32 teacher.
 
 On the default data (prepared into a temporary folder), the teacher (`compress.teacher`, trained with params.yaml's
-settings) is distilled, pruned and quantized exactly as the pipeline's compression stage does (ottimo.compress,
-ottimo.quantize), then every candidate is measured one after another in this process with `evaluate:`'s
-settings (warm-up, runs, `evaluate.threads` onnxruntime threads; torch on as many threads). The teacher is
-also timed in PyTorch eager at batch 1. Printed: per candidate accuracy, p50/p95 at batch 1, rows/s at batch 64,
-size, the ratios against the teacher in onnxruntime FP32 and in PyTorch eager, notes where a technique does not
-pay on this CPU, and whether the selected candidate meets the goals (>= 10x faster than eager at p50,
->= 3x faster than onnxruntime FP32 at p50, >= 4x smaller, accuracy drop <= 1.0 point).
+settings) is distilled, pruned and quantized exactly as the pipeline's compression stage does
+(ottimo.compress.techniques, ottimo.compress.quantize), then every candidate is measured one after another in this
+process with `evaluate:`'s settings (warm-up, runs, `evaluate.threads` onnxruntime threads; torch on as many threads).
+The teacher is also timed in PyTorch eager at batch 1. Printed: per candidate accuracy, p50/p95 at batch 1, rows/s at
+batch 64, size, the ratios against the teacher in onnxruntime FP32 and in PyTorch eager, notes where a technique does
+not pay on this CPU, and whether the selected candidate meets the goals (>= 10x faster than eager at p50, >= 3x faster
+than onnxruntime FP32 at p50, >= 4x smaller, accuracy drop <= 1.0 point).
 
     .venv/bin/python bench/compression.py
 """
@@ -23,20 +23,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ottimo import compress, pareto, quantize
+from ottimo.compress import pareto, quantize, techniques
 from ottimo.config import Params, load_params
-from ottimo.data import Splits, load_splits, materialise_raw, prepare
-from ottimo.export import export_onnx
-from ottimo.measure import measure
-from ottimo.models import count_parameters
-from ottimo.train import fit
+from ottimo.data.tables import Splits, load_splits, materialise_raw, prepare
+from ottimo.models.architectures import count_parameters
+from ottimo.models.train import fit
+from ottimo.onnx.export import export_onnx
+from ottimo.onnx.measure import measure
 
 REPO = Path(__file__).resolve().parent.parent
 GOALS = {"eager": 10.0, "ort": 3.0, "smaller": 4.0, "drop": 1.0}
 
 
 def eager_latency(model: torch.nn.Module, X: np.ndarray, warmup: int, runs: int) -> tuple[float, float]:
-    """p50 / p95 ms of single-row inference in PyTorch eager (inference mode), rows cycled like ottimo.measure."""
+    """p50 / p95 ms of single-row inference in PyTorch eager (inference mode), rows cycled like ottimo.onnx.measure."""
     rows = [torch.from_numpy(X[i % len(X)][None, :]) for i in range(warmup + runs)]
     times = []
     with torch.inference_mode():
@@ -57,29 +57,29 @@ def build(params: Params, teacher: torch.nn.Module, splits: Splits, out: Path) -
     def onnx_row(model, name, technique, base):
         path = export_onnx(model, n, out / f"{name}.onnx")
         return {"name": name, "technique": technique, "base": base, "path": path, "model": model,
-                "parameters": count_parameters(model), "sparsity": compress.sparsity(model)}
+                "parameters": count_parameters(model), "sparsity": techniques.sparsity(model)}
 
     rows = [onnx_row(teacher, cfg.teacher, "trained", "")]
     bases = [rows[0]] if "teacher" in cfg.bases else []
     if cfg.distill.enabled:
         d = cfg.distill
         arch = {d.student: getattr(d, d.student).model_dump()}
-        spec = compress.TuneSpec(d.epochs, arch[d.student]["lr"], batch, seed)
-        student = compress.distill(teacher, splits, d.student, params.train.patched(arch), spec, d.temperature,
+        spec = techniques.TuneSpec(d.epochs, arch[d.student]["lr"], batch, seed)
+        student = techniques.distill(teacher, splits, d.student, params.train.patched(arch), spec, d.temperature,
                                    d.alpha)
         rows.append(onnx_row(student, f"student-{d.student}", "distill", cfg.teacher))
         bases += [rows[-1]] if "student" in cfg.bases else []
-    spec = compress.TuneSpec(cfg.prune.finetune_epochs, cfg.prune.lr, batch, seed)
+    spec = techniques.TuneSpec(cfg.prune.finetune_epochs, cfg.prune.lr, batch, seed)
     structured = []
     for base in bases:
         for amount in cfg.prune.unstructured:
-            m = compress.magnitude_prune(copy.deepcopy(base["model"]), amount)
-            m = compress.make_permanent(compress.finetune(m, splits, spec))
+            m = techniques.magnitude_prune(copy.deepcopy(base["model"]), amount)
+            m = techniques.make_permanent(techniques.finetune(m, splits, spec))
             rows.append(onnx_row(m, f"{base['name']}+prune-u{round(amount * 100)}", "prune-unstructured",
                                  base["name"]))
         for amount in cfg.prune.structured:
-            m, _ = compress.structured_prune(base["model"], amount)
-            rows.append(onnx_row(compress.finetune(m, splits, spec), f"{base['name']}+prune-s{round(amount * 100)}",
+            m, _ = techniques.structured_prune(base["model"], amount)
+            rows.append(onnx_row(techniques.finetune(m, splits, spec), f"{base['name']}+prune-s{round(amount * 100)}",
                                  "prune-structured", base["name"]))
             structured.append(rows[-1])
     q = cfg.quantize

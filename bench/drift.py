@@ -4,9 +4,9 @@ On scikit-learn's digits (64 pixel features): a reference of `--reference` rows 
 reference split) and windows of `--window` rows drawn from the other rows, both seeded per window:
   - false-alarm rate: share of `--windows` no-drift windows that Evidently flags as data drift (goal <= 5%);
   - detection rate: share of `--windows` windows with a moderate covariate shift flagged (goal >= 95%);
-    the shift: every pixel brighter by 0.5 of its standard deviation (`ottimo.simulate`, kind shift,
+    the shift: every pixel brighter by 0.5 of its standard deviation (`ottimo.monitor.simulate`, kind shift,
     severity 0.5); blank border pixels stay blank;
-  - the time of one check (ottimo.drift.detect, with the HTML preset and without) and the memory it allocates
+  - the time of one check (ottimo.monitor.drift.detect, with the HTML preset and without) and the memory it allocates
     (tracemalloc peak) at 1k, 10k, 100k and 1M window rows (digits resampled with replacement; the reference
     grows with it): both sides are sampled down to drift.max_rows, so time and memory stop growing above it.
 The decision uses the thresholds in params.yaml (`drift:`), as the flow does. The rate loops compute the
@@ -30,10 +30,10 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ottimo import simulate  # noqa: E402
 from ottimo.config import load_params  # noqa: E402
-from ottimo.data import builtin_frame  # noqa: E402
-from ottimo.drift import PREDICTION, detect  # noqa: E402
+from ottimo.data.tables import builtin_frame  # noqa: E402
+from ottimo.monitor import simulate  # noqa: E402
+from ottimo.monitor.drift import PREDICTION, detect  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SEVERITY = 0.5  # the moderate covariate shift: every pixel + 0.5 std

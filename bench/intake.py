@@ -1,4 +1,4 @@
-"""What the bad-input guards cost: ottimo.intake.preflight (streamed UTF-8 check, header check, line count)
+"""What the bad-input guards cost: ottimo.data.intake.preflight (streamed UTF-8 check, header check, line count)
 against reading the same CSV with pandas, side by side on one synthetic file; and how fast a file far above
 limits.max_file_mb is refused (a sparse file: no disk used, never read).
 
@@ -18,7 +18,7 @@ import pandas as pd
 from sklearn.datasets import make_classification
 
 from ottimo.config import LimitsCfg
-from ottimo.intake import DataValidationError, preflight
+from ottimo.data.intake import DataValidationError, preflight
 
 
 def timed(fn, repeat: int) -> float:

@@ -40,13 +40,13 @@ WARMUP = "from prefect import flow; flow(name='bench-warmup')(lambda: None)()"
 
 def plain_pipeline(root: Path) -> dict:
     """validate → prepare → train each candidate → ONNX export + parity + sha256 → measure → card → gate."""
-    from ottimo.card import measure_card
+    from ottimo.card.sections import measure_card
     from ottimo.config import load_params
-    from ottimo.data import load_splits, materialise_raw, prepare, read_table, validate_frame
-    from ottimo.export import export_onnx, parity_check, sha256
-    from ottimo.gate import GateFailed, check, select
-    from ottimo.measure import confusion_png, measure
-    from ottimo.train import fit
+    from ottimo.data.tables import load_splits, materialise_raw, prepare, read_table, validate_frame
+    from ottimo.models.train import fit
+    from ottimo.onnx.export import export_onnx, parity_check, sha256
+    from ottimo.onnx.measure import confusion_png, measure
+    from ottimo.registry.gate import GateFailed, check, select
 
     params = load_params(root / "params.yaml")
     raw = materialise_raw(root, params.data)

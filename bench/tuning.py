@@ -24,9 +24,9 @@ from pathlib import Path
 
 import optuna
 
-from ottimo import tune
 from ottimo.config import Params, load_params
-from ottimo.data import Splits, load_splits, materialise_raw, prepare
+from ottimo.data.tables import Splits, load_splits, materialise_raw, prepare
+from ottimo.models import tune
 
 REPO = Path(__file__).resolve().parent.parent
 ARMS = {"tpe+hyperband": ("tpe", "hyperband"), "random, no pruning": ("random", "none")}

@@ -7,8 +7,8 @@ from pathlib import Path
 from prefect import flow, runtime
 from prefect.deployments import run_deployment
 
-from ottimo import drift as policy
 from ottimo.config import Params, project_params
+from ottimo.monitor import drift as policy
 from tasks.drift import CheckSummary, add_training_data, check_window, close_check, collect_window, rollback_champion
 from tasks.score import load_champion
 

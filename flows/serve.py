@@ -1,6 +1,6 @@
 """The deployments `make up` serves: the training pipeline on its schedule, the tuning flow on demand.
 
-Run by `ottimo.servers` with PREFECT_API_URL pointing at the Prefect server and OTTIMO_TRACKING_URI at the
+Run by `ottimo.ops.servers` with PREFECT_API_URL pointing at the Prefect server and OTTIMO_TRACKING_URI at the
 MLflow server, so runs started from the UI or by the schedule log to the MLflow server.
 """
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from ottimo.config import Params, load_params, project_params
-from ottimo.tune import deadline
+from ottimo.models.tune import deadline
 from tasks.data import DataVersion, prepare_data, validate_raw
 from tasks.summary import fail_open_mlflow_runs
 from tasks.tune import TuneResult, close_study, open_study, run_trials, task_runner, worker_shares

@@ -235,7 +235,7 @@ class EvaluateCfg(Strict):
     parity_atol: float = Field(1e-4, gt=0)
 
 
-# The model card's scalar figures (ottimo.card.FIGURES says which way is better); a gate may bound any of them.
+# The model card's scalar figures (ottimo.card.sections.FIGURES says which way is better); a gate may bound any of them.
 CardFigure = Literal[
     "accuracy.accuracy", "accuracy.macro_f1",
     "robustness.noise", "robustness.scale", "robustness.missing",

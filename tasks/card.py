@@ -9,10 +9,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from ottimo import cardstore
-from ottimo import gate as gate_policy
+from ottimo.card import store as cardstore
 from ottimo.config import Params
-from ottimo.tracking import connect
+from ottimo.registry import gate as gate_policy
+from ottimo.registry.tracking import connect
 from tasks.evaluate import Evaluated
 from tasks.train import work_dir
 
@@ -20,7 +20,7 @@ from tasks.train import work_dir
 @dataclass(frozen=True)
 class CardRecord:
     version: str
-    figures: dict[str, float]  # ottimo.card.FIGURES, what `gate.card` may bound
+    figures: dict[str, float]  # ottimo.card.sections.FIGURES, what `gate.card` may bound
     card_uri: str  # runs:/<run id>/card/card.json
 
 

@@ -23,15 +23,15 @@ from mlflow.models import infer_signature
 from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
-from ottimo import compress, pareto, quantize
+from ottimo.compress import pareto, quantize, techniques
 from ottimo.config import Params
-from ottimo.data import Splits, load_splits
-from ottimo.export import export_guard, export_onnx, parity_check, sha256, verify_sha256
-from ottimo.faults import checkpoint
-from ottimo.gate import GateFailed
-from ottimo.measure import measure, predict, session
-from ottimo.models import build_model, count_parameters
-from ottimo.tracking import connect, flatten
+from ottimo.data.tables import Splits, load_splits
+from ottimo.models.architectures import build_model, count_parameters
+from ottimo.onnx.export import export_guard, export_onnx, parity_check, sha256, verify_sha256
+from ottimo.onnx.measure import measure, predict, session
+from ottimo.ops.faults import checkpoint
+from ottimo.registry.gate import GateFailed
+from ottimo.registry.tracking import connect, flatten
 from tasks.data import DataVersion
 from tasks.evaluate import Evaluated, Exported
 from tasks.train import FLOW_RUN_TAG, Candidate, work_dir
@@ -104,12 +104,12 @@ def _finish_torch(root: Path, params: Params, model: torch.nn.Module, name: str,
     client.log_metric(run_id, "parity_max_abs_diff", diff)
     client.log_artifact(run_id, str(out / "checkpoint.pt"))
     return Built(name, technique, base.name, base.family, run_id, str(path), digest, uri, base.n_features,
-                 base.n_classes, str(out / "checkpoint.pt"), arch, count_parameters(model), compress.sparsity(model),
+                 base.n_classes, str(out / "checkpoint.pt"), arch, count_parameters(model), techniques.sparsity(model),
                  settings)
 
 
-def _tune_spec(params: Params, epochs: int, lr: float) -> compress.TuneSpec:
-    return compress.TuneSpec(epochs=epochs, lr=lr, batch_size=params.train.batch_size, seed=params.project.seed)
+def _tune_spec(params: Params, epochs: int, lr: float) -> techniques.TuneSpec:
+    return techniques.TuneSpec(epochs=epochs, lr=lr, batch_size=params.train.batch_size, seed=params.project.seed)
 
 
 @task
@@ -120,14 +120,14 @@ def distill_student(root: Path, params: Params, teacher: Built, data: DataVersio
     arch = {cfg.student: getattr(cfg, cfg.student).model_dump()}
     lr = arch[cfg.student]["lr"]
     with export_guard.training():
-        student = compress.distill(load_model(teacher, params), splits, cfg.student, params.train.patched(arch),
+        student = techniques.distill(load_model(teacher, params), splits, cfg.student, params.train.patched(arch),
                                    _tune_spec(params, cfg.epochs, lr), cfg.temperature, cfg.alpha)
     name = f"student-{cfg.student}"
     settings = {"temperature": cfg.temperature, "alpha": cfg.alpha, "epochs": cfg.epochs, "student": arch}
     built = _finish_torch(root, params, student, name, "distill", teacher, arch, settings, splits, data,
                           parent_run_id)
     get_run_logger().info("%s distilled from %s: val acc %.4f, %d parameters (teacher %d)", name, teacher.name,
-                          compress.accuracy(student, splits.X_val, splits.y_val), built.parameters,
+                          techniques.accuracy(student, splits.X_val, splits.y_val), built.parameters,
                           teacher.parameters)
     return replace(built, family=cfg.student)
 
@@ -141,13 +141,13 @@ def prune_variant(root: Path, params: Params, base: Built, method: str, amount: 
     splits = load_splits(Path(data.prepared))
     model = load_model(base, params)
     if method == "unstructured":
-        model = compress.magnitude_prune(copy.deepcopy(model), amount)
+        model = techniques.magnitude_prune(copy.deepcopy(model), amount)
         arch, tag = base.arch, "u"
     else:
-        model, patch = compress.structured_prune(model, amount)
+        model, patch = techniques.structured_prune(model, amount)
         arch, tag = {base.family: {**base.arch.get(base.family, {}), **patch[base.family]}}, "s"
     with export_guard.training():
-        compress.make_permanent(compress.finetune(model, splits, _tune_spec(params, cfg.finetune_epochs, cfg.lr)))
+        techniques.make_permanent(techniques.finetune(model, splits, _tune_spec(params, cfg.finetune_epochs, cfg.lr)))
     name = f"{base.name}+prune-{tag}{round(amount * 100)}"
     settings = {"method": method, "amount": amount, "finetune_epochs": cfg.finetune_epochs, "lr": cfg.lr}
     built = _finish_torch(root, params, model, name, f"prune-{method}", base, arch, settings, splits, data,

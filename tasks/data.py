@@ -7,11 +7,11 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from ottimo import versioning
 from ottimo.config import Params
-from ottimo.data import materialise_raw, read_checked, validate_frame
-from ottimo.faults import checkpoint
-from ottimo.intake import DataValidationError, quarantine
+from ottimo.data import versioning
+from ottimo.data.intake import DataValidationError, quarantine
+from ottimo.data.tables import materialise_raw, read_checked, validate_frame
+from ottimo.ops.faults import checkpoint
 from tasks.retry import RETRY_TRANSIENT
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from ottimo import doctor
 from ottimo.config import Params
-from ottimo.tracking import connect
+from ottimo.ops import doctor
+from ottimo.registry.tracking import connect
 from tasks.retry import RETRY_TRANSIENT
 
 

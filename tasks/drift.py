@@ -13,14 +13,16 @@ import pandas as pd
 from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
-from ottimo import batches, monitor, registry, versioning
-from ottimo import drift as policy
 from ottimo.config import Params
-from ottimo.data import materialise_raw, read_table, validate_frame
-from ottimo.faults import checkpoint
-from ottimo.measure import predict
-from ottimo.security import fetch_verified, serving_session
-from ottimo.tracking import connect
+from ottimo.data import batches, versioning
+from ottimo.data.tables import materialise_raw, read_table, validate_frame
+from ottimo.monitor import drift as policy
+from ottimo.monitor import ledger
+from ottimo.onnx.measure import predict
+from ottimo.ops.faults import checkpoint
+from ottimo.registry import versions
+from ottimo.registry.security import fetch_verified, serving_session
+from ottimo.registry.tracking import connect
 from tasks.score import Champion
 from tasks.train import FLOW_RUN_TAG, work_dir
 
@@ -54,9 +56,9 @@ class CheckSummary:
 def collect_window(root: Path, params: Params) -> Window:
     """The scored batches since the last decided check (a missing batch file is skipped with a warning)."""
     log = get_run_logger()
-    client, exp = monitor.connect_monitoring(root, params)
+    client, exp = ledger.connect_monitoring(root, params)
     paths, runs, rows = [], [], 0
-    for run in monitor.unchecked(client, exp):
+    for run in ledger.unchecked(client, exp):
         path = Path(run.data.tags["batch.path"])
         if not path.is_file():
             log.warning("scored batch %s is gone; left out of the window", path)
@@ -77,7 +79,7 @@ def _previous_accuracy(root: Path, params: Params, cur: pd.DataFrame, features: 
     """previous-champion's accuracy on the labelled rows (its ONNX file verified too), or None without one."""
     client, _ = connect(root, params.mlflow)
     name = params.mlflow.registered_model
-    prev = registry.alias_version(client, name, registry.PREVIOUS)
+    prev = versions.alias_version(client, name, versions.PREVIOUS)
     if prev is None:
         return None
     path, mv = fetch_verified(client, name, prev.version, work_dir(root, f"serving-v{prev.version}"))
@@ -92,9 +94,9 @@ def check_window(root: Path, params: Params, champion: Champion, window: Window)
     (HTML reports, summary.json, metrics, tag `decision`). A check on this same window that a dead process
     decided and never closed is taken up again instead (one decision per window, never a second retrain)."""
     log = get_run_logger()
-    client, exp = monitor.connect_monitoring(root, params)
-    key = monitor.window_key(window.score_runs)
-    if (left := monitor.open_check(client, exp, key)) is not None:
+    client, exp = ledger.connect_monitoring(root, params)
+    key = ledger.window_key(window.score_runs)
+    if (left := ledger.open_check(client, exp, key)) is not None:
         log.warning("drift check %s on this window was decided (%s) but never carried out: carrying it out now",
                     left.info.run_id, left.data.tags["decision"])
         return _resume(client, left)
@@ -129,16 +131,16 @@ def check_window(root: Path, params: Params, champion: Champion, window: Window)
                 "quality": policy.read_quality(qsnap)}
         ev = policy.Evidence(rows=rows, reference_rows=len(reference), labelled_rows=len(labelled),
                              **found, **quality)
-    has_previous = registry.alias_version(client, params.mlflow.registered_model, registry.PREVIOUS) is not None
-    decision = policy.decide(ev, cfg, has_previous, monitor.in_cooldown(client, exp, cfg.cooldown_hours))
+    has_previous = versions.alias_version(client, params.mlflow.registered_model, versions.PREVIOUS) is not None
+    decision = policy.decide(ev, cfg, has_previous, ledger.in_cooldown(client, exp, cfg.cooldown_hours))
     summary = {"decision": decision.action, "reasons": decision.reasons, "champion": champion.version,
                "data_revision": champion.data_revision, "batches": [Path(b).name for b in window.batches],
                "evidence": ev.as_dict(), "policy": cfg.model_dump()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     run = client.create_run(exp, run_name="drift-check", tags={
-        monitor.KIND: monitor.CHECK, "decision": decision.action, "reasons": "; ".join(decision.reasons)[:5000],
+        ledger.KIND: ledger.CHECK, "decision": decision.action, "reasons": "; ".join(decision.reasons)[:5000],
         "champion": champion.version, "data.revision": champion.data_revision, FLOW_RUN_TAG: str(runtime.flow_run.id),
-        "batches": ",".join(Path(b).name for b in window.batches)[:5000], monitor.WINDOW: key, monitor.CLOSED: "false"})
+        "batches": ",".join(Path(b).name for b in window.batches)[:5000], ledger.WINDOW: key, ledger.CLOSED: "false"})
     numbers = {k: float(v) for k, v in ev.as_dict().items() if isinstance(v, int | float) and v is not None}
     for key, value in numbers.items():
         client.log_metric(run.info.run_id, key, value)
@@ -188,10 +190,10 @@ def rollback_champion(root: Path, params: Params, check: Check) -> dict[str, str
     champion is still the one the check judged; done already by this check (a rerun after a crash): no change."""
     client, _ = connect(root, params.mlflow)
     reason = f"drift check {check.run_id}: " + "; ".join(check.reasons)
-    after = registry.rollback(client, params.mlflow.registered_model, reason, check.champion,
+    after = versions.rollback(client, params.mlflow.registered_model, reason, check.champion,
                               f"drift-check {check.run_id}", params.reliability.lock_timeout_seconds)
     get_run_logger().warning("ROLLBACK: champion v%s -> v%s; aliases now %s", check.champion,
-                             after[registry.CHAMPION], after)
+                             after[versions.CHAMPION], after)
     return after
 
 
@@ -199,17 +201,17 @@ def rollback_champion(root: Path, params: Params, check: Check) -> dict[str, str
 def close_check(root: Path, params: Params, check: Check, window: Window, outcome: dict[str, str]) -> CheckSummary:
     """Record what the decision did on the check run, mark the window's batches as decided (not after
     "insufficient data": they wait for more rows), publish the check as a Prefect markdown artifact."""
-    client, _ = monitor.connect_monitoring(root, params)
+    client, _ = ledger.connect_monitoring(root, params)
     for key, value in outcome.items():
         client.set_tag(check.run_id, f"outcome.{key}", str(value)[:5000])
     if check.action != policy.INSUFFICIENT:
-        monitor.mark_checked(client, window.score_runs, check.run_id)
-    client.set_tag(check.run_id, monitor.CLOSED, "true")
+        ledger.mark_checked(client, window.score_runs, check.run_id)
+    client.set_tag(check.run_id, ledger.CLOSED, "true")
     ev = check.evidence
     fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = [f"# Drift check: **{check.action.upper()}**", "",
              f"Champion v{check.champion}; window of {ev['rows']} rows from {len(window.batches)} batch(es); "
-             f"MLflow run `{check.run_id}` in `{monitor.experiment_name(params)}` (drift_report.html, "
+             f"MLflow run `{check.run_id}` in `{ledger.experiment_name(params)}` (drift_report.html, "
              "quality_report.html, summary.json).", "", *[f"- {r}" for r in check.reasons], "",
              "| evidence | value |", "| --- | --- |"]
     lines += [f"| {k} | {fmt(ev.get(k))} |" for k in ("drifted_columns", "columns", "drift_share", "dataset_drift",

@@ -12,13 +12,13 @@ from mlflow.entities import Metric
 from mlflow.models import infer_signature
 from prefect import get_run_logger, task
 
-from ottimo import registry, security
 from ottimo.config import Params
-from ottimo.data import load_splits
-from ottimo.export import export_onnx, parity_check, sha256
-from ottimo.measure import confusion_png, measure, predict, session
-from ottimo.models import build_model
-from ottimo.tracking import connect
+from ottimo.data.tables import load_splits
+from ottimo.models.architectures import build_model
+from ottimo.onnx.export import export_onnx, parity_check, sha256
+from ottimo.onnx.measure import confusion_png, measure, predict, session
+from ottimo.registry import security, versions
+from ottimo.registry.tracking import connect
 from tasks.data import DataVersion
 from tasks.retry import RETRY_TRANSIENT
 from tasks.train import Candidate, work_dir
@@ -50,7 +50,7 @@ def export_candidate(root: Path, params: Params, cand: Candidate, data: DataVers
     client, _ = connect(root, params.mlflow)
     model = build_model(cand.family, cand.n_features, cand.n_classes, params.train.patched(cand.overrides))
     model.load_state_dict(torch.load(cand.checkpoint, weights_only=True))
-    path = export_onnx(model, cand.n_features, work_dir(root, cand.run_id) / registry.ONNX_FILE)
+    path = export_onnx(model, cand.n_features, work_dir(root, cand.run_id) / versions.ONNX_FILE)
     X_test = load_splits(Path(data.prepared)).X_test
     diff = parity_check(model, path, X_test, params.evaluate.parity_atol)
     digest = sha256(path)
@@ -89,10 +89,10 @@ def evaluate_champion(root: Path, params: Params, data: DataVersion) -> float | 
     """The champion's accuracy on this run's test split (its ONNX file verified by sha256), or None."""
     client, _ = connect(root, params.mlflow)
     name = params.mlflow.registered_model
-    if registry.alias_version(client, name, registry.CHAMPION) is None:
+    if versions.alias_version(client, name, versions.CHAMPION) is None:
         get_run_logger().info("no champion yet: the gate will not compare against one")
         return None
-    path, mv = security.fetch_verified(client, name, registry.CHAMPION, work_dir(root, "champion"))
+    path, mv = security.fetch_verified(client, name, versions.CHAMPION, work_dir(root, "champion"))
     splits = load_splits(Path(data.prepared))
     acc = float((predict(session(path), splits.X_test) == splits.y_test).mean())
     get_run_logger().info("champion v%s: accuracy %.4f on this test split", mv.version, acc)

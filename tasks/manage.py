@@ -8,14 +8,15 @@ from pathlib import Path
 from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
-from ottimo import cardstore, registry
-from ottimo import gate as gate_policy
+from ottimo.card import store as cardstore
 from ottimo.config import Params
-from ottimo.data import load_splits
-from ottimo.measure import predict, session
-from ottimo.promotion import PromotionError
-from ottimo.security import fetch_verified
-from ottimo.tracking import connect
+from ottimo.data.tables import load_splits
+from ottimo.onnx.measure import predict, session
+from ottimo.registry import gate as gate_policy
+from ottimo.registry import versions
+from ottimo.registry.promotion import PromotionError
+from ottimo.registry.security import fetch_verified
+from ottimo.registry.tracking import connect
 from tasks.train import work_dir
 
 
@@ -40,7 +41,7 @@ def gate_version(root: Path, params: Params, version: str) -> ManualVerdict:
     name = params.mlflow.registered_model
     if not str(version).isdigit():
         raise ValueError(f"version must be a version number of {name}, got {version!r}")
-    mv = registry.version(client, name, str(version))
+    mv = versions.version(client, name, str(version))
     prepared = root / "data" / "prepared"
     if not (prepared / "schema.json").is_file():
         prepared = cardstore.prepared_for(root, mv.tags.get("data_revision", ""))
@@ -48,7 +49,7 @@ def gate_version(root: Path, params: Params, version: str) -> ManualVerdict:
     run = client.get_run(mv.run_id).data.metrics
     metrics = {"accuracy": _accuracy(path, prepared), "p95_ms": run.get("test_p95_ms", float("inf")),
                "size_mb": run.get("test_size_mb", float("inf"))}
-    champ = registry.alias_version(client, name, registry.CHAMPION)
+    champ = versions.alias_version(client, name, versions.CHAMPION)
     champion_accuracy = None
     if champ is not None:
         cpath, _ = fetch_verified(client, name, champ.version, work_dir(root, f"serving-v{champ.version}"))
@@ -63,13 +64,14 @@ def gate_version(root: Path, params: Params, version: str) -> ManualVerdict:
 def promote_manually(root: Path, params: Params, verdict: ManualVerdict, force: bool, reason: str) -> dict[str, str]:
     """Move the aliases (champion -> previous-champion, version -> champion) when the gate passed or `force`
     with a reason; tag who and why on the version. Raises GateFailed otherwise, changing nothing. The move is
-    the pipeline's (ottimo.promotion): locked, journaled, refused if the champion changed since the gate ran."""
+    the pipeline's (ottimo.registry.promotion): locked, journaled, refused if the champion changed since the gate
+    ran."""
     name = params.mlflow.registered_model
     if not verdict.passed and not force:
         raise gate_policy.GateFailed(f"{name} v{verdict.version} fails the gate: {'; '.join(verdict.reasons)}. "
                                      "Nothing changed; run again with force=true and a reason to override.")
     client, _ = connect(root, params.mlflow)
-    after = registry.promote(client, name, verdict.version, verdict.champion, params.reliability.lock_timeout_seconds,
+    after = versions.promote(client, name, verdict.version, verdict.champion, params.reliability.lock_timeout_seconds,
                              gate=False)  # this flow ran the gate itself (or was forced); the sha256 is still required
     client.set_model_version_tag(name, verdict.version, "promoted_manually",
                                  ("FORCED past a failed gate: " if not verdict.passed else "gate passed: ")
@@ -81,15 +83,16 @@ def promote_manually(root: Path, params: Params, verdict: ManualVerdict, force: 
 
 @task
 def rollback_manually(root: Path, params: Params, reason: str) -> dict[str, str]:
-    """Swap champion and previous-champion (ottimo.promotion: locked, journaled, compare-then-set on the champion
-    read here); with no previous-champion, or a champion moved meanwhile, publish an alert and fail (no change)."""
+    """Swap champion and previous-champion (ottimo.registry.promotion: locked, journaled, compare-then-set on the
+    champion read here); with no previous-champion, or a champion moved meanwhile, publish an alert and fail (no
+    change)."""
     client, _ = connect(root, params.mlflow)
     name = params.mlflow.registered_model
-    champion = registry.aliases(client, name).get(registry.CHAMPION)
+    champion = versions.aliases(client, name).get(versions.CHAMPION)
     try:
-        after = registry.rollback(client, name, f"manual: {reason}", champion, f"flow-run {runtime.flow_run.id}",
+        after = versions.rollback(client, name, f"manual: {reason}", champion, f"flow-run {runtime.flow_run.id}",
                                   params.reliability.lock_timeout_seconds)
-    except (registry.NoPreviousChampion, PromotionError) as err:
+    except (versions.NoPreviousChampion, PromotionError) as err:
         create_markdown_artifact(markdown=f"# ALERT: rollback not done\n\n{err}", key="rollback-alert",
                                  description="Rollback refused: nothing changed")
         raise

@@ -15,10 +15,10 @@ from mlflow.exceptions import MlflowException, RestException
 from prefect.states import State
 
 from ottimo.config import ConfigError
-from ottimo.gate import GateFailed
-from ottimo.intake import DataValidationError
-from ottimo.promotion import PromotionError
-from ottimo.versioning import RemoteUnavailable
+from ottimo.data.intake import DataValidationError
+from ottimo.data.versioning import RemoteUnavailable
+from ottimo.registry.gate import GateFailed
+from ottimo.registry.promotion import PromotionError
 
 # never retried, even when caused by a transient error; anything not recognised as transient is not retried either
 NEVER = (GateFailed, DataValidationError, ConfigError, PromotionError)

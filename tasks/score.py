@@ -8,15 +8,17 @@ from pathlib import Path
 from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
-from ottimo import batches, monitor, registry
-from ottimo.cardstore import prepared_for
+from ottimo.card.store import prepared_for
 from ottimo.config import Params
-from ottimo.data import DataValidationError
-from ottimo.export import IntegrityError, sha256
-from ottimo.faults import checkpoint
-from ottimo.measure import predict
-from ottimo.security import fetch_verified, serving_session
-from ottimo.tracking import connect
+from ottimo.data import batches
+from ottimo.data.tables import DataValidationError
+from ottimo.monitor import ledger
+from ottimo.onnx.export import IntegrityError, sha256
+from ottimo.onnx.measure import predict
+from ottimo.ops.faults import checkpoint
+from ottimo.registry import versions
+from ottimo.registry.security import fetch_verified, serving_session
+from ottimo.registry.tracking import connect
 from tasks.train import FLOW_RUN_TAG, work_dir
 
 
@@ -61,14 +63,14 @@ def _transient(task, task_run, state) -> bool:
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient)
-def load_champion(root: Path, params: Params, ref: str = registry.CHAMPION) -> Champion:
+def load_champion(root: Path, params: Params, ref: str = versions.CHAMPION) -> Champion:
     """Download the champion's ONNX file and check its sha256 against the version tag (a mismatch raises
     IntegrityError: nothing is loaded); locate the data revision it was trained on."""
     client, _ = connect(root, params.mlflow)
     name = params.mlflow.registered_model
-    if registry.alias_version(client, name, ref) is None:
+    if versions.alias_version(client, name, ref) is None:
         raise LookupError(f"{name} has no {ref!r} version: run the training pipeline (`ottimo run`) first")
-    mv = registry.version(client, name, ref)
+    mv = versions.version(client, name, ref)
     path, mv = fetch_verified(client, name, mv.version, work_dir(root, f"serving-v{mv.version}"))
     revision = mv.tags.get("data_revision", "")
     prepared = prepared_for(root, revision)
@@ -86,7 +88,7 @@ def find_batches(root: Path, params: Params) -> list[str]:
 
 @task
 def score_batch(root: Path, params: Params, champion: Champion, batch: str) -> Scored:
-    """Check one batch as training data is checked (ottimo.batches.validate_batch) and write its predictions
+    """Check one batch as training data is checked (ottimo.data.batches.validate_batch) and write its predictions
     next to it; a malformed batch is moved to quarantine with a reason file instead (the flow fails at the end,
     naming it). Exactly once: the score run is looked up by the batch's sha256 before one is made, and the
     predictions file, which marks the batch done, is written last."""
@@ -101,9 +103,9 @@ def score_batch(root: Path, params: Params, champion: Champion, batch: str) -> S
         return Scored(path.name, False, reason=str(err), quarantined=str(moved or ""))
     pred = predict(champion.session(), df[schema["features"]].to_numpy(dtype="float32"))
     labelled = schema["target"] in df.columns
-    client, exp = monitor.connect_monitoring(root, params)
+    client, exp = ledger.connect_monitoring(root, params)
     out = batches.predictions_path(path)
-    run_id = monitor.record_score(client, exp, path, out, len(df), labelled, champion.version, sha256(path),
+    run_id = ledger.record_score(client, exp, path, out, len(df), labelled, champion.version, sha256(path),
                                   {FLOW_RUN_TAG: str(runtime.flow_run.id)})
     batches.write_predictions(path, pred, schema["labels"], champion.version)
     log.info("scored %s: %d rows%s with v%s -> %s", path.name, len(df), " (labelled)" if labelled else "",

@@ -9,7 +9,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from ottimo.config import Params, project_params
-from ottimo.tracking import connect, tracking_uri
+from ottimo.registry.tracking import connect, tracking_uri
 from tasks.data import DataVersion
 from tasks.evaluate import Evaluated
 from tasks.registry import Decision

@@ -12,12 +12,12 @@ from mlflow.entities import Metric
 from prefect import get_run_logger, runtime, task
 
 from ottimo.config import Params
-from ottimo.data import load_splits
-from ottimo.doctor import OWNER_TAG, owner
-from ottimo.faults import checkpoint
-from ottimo.models import count_parameters
-from ottimo.tracking import connect, flatten
-from ottimo.train import fit
+from ottimo.data.tables import load_splits
+from ottimo.models.architectures import count_parameters
+from ottimo.models.train import fit
+from ottimo.ops.doctor import OWNER_TAG, owner
+from ottimo.ops.faults import checkpoint
+from ottimo.registry.tracking import connect, flatten
 from tasks.data import DataVersion
 
 FLOW_RUN_TAG = "prefect.flow_run_id"

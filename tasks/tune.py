@@ -14,11 +14,11 @@ from mlflow.entities import Metric, Param
 from prefect import get_run_logger, runtime, task
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from ottimo import tune
 from ottimo.config import Params, TuneCfg
-from ottimo.data import load_splits
-from ottimo.doctor import OWNER_TAG, owner
-from ottimo.tracking import connect, flatten
+from ottimo.data.tables import load_splits
+from ottimo.models import tune
+from ottimo.ops.doctor import OWNER_TAG, owner
+from ottimo.registry.tracking import connect, flatten
 from tasks.data import DataVersion
 from tasks.train import FLOW_RUN_TAG, work_dir
 

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from ottimo import promotion, registry
 from ottimo.config import load_params
-from ottimo.tracking import connect
+from ottimo.registry import promotion, versions
+from ottimo.registry.tracking import connect
 
 
 def main(project: str, op: str, version: str, expected: str, barrier: str) -> int:
@@ -21,16 +21,16 @@ def main(project: str, op: str, version: str, expected: str, barrier: str) -> in
     params = load_params(root / "params.yaml")
     client, _ = connect(root, params.mlflow)
     name = params.mlflow.registered_model
-    registry.aliases(client, name)  # the store is open before the race starts
+    versions.aliases(client, name)  # the store is open before the race starts
     (Path(barrier) / f"ready-{os.getpid()}").touch()
     while not (Path(barrier) / "go").exists():
         time.sleep(0.01)
     try:
         if op == "promote":
-            after = registry.promote(client, name, version, expected)
+            after = versions.promote(client, name, version, expected)
         else:
-            after = registry.rollback(client, name, f"test {os.getpid()}", expected, f"worker {os.getpid()}")
-    except (promotion.PromotionError, registry.NoPreviousChampion) as err:
+            after = versions.rollback(client, name, f"test {os.getpid()}", expected, f"worker {os.getpid()}")
+    except (promotion.PromotionError, versions.NoPreviousChampion) as err:
         print(f"REFUSED {op}: {err}")
         return 1
     print(f"DONE {op}: {after}")

@@ -178,7 +178,7 @@ CONFIG = [c for c in CASES if c.kind == "config"]
 
 
 def good_frame() -> pd.DataFrame:
-    from ottimo.data import builtin_frame
+    from ottimo.data.tables import builtin_frame
 
     return builtin_frame("digits", TARGET)
 
@@ -221,7 +221,7 @@ def config_error(case: Case, root: Path) -> str:
 def data_error(case: Case, root: Path) -> str:
     """The message the training pipeline's validate_raw task raises for a data case (it also quarantines)."""
     from ottimo.config import project_params
-    from ottimo.intake import DataValidationError
+    from ottimo.data.intake import DataValidationError
     from tasks.data import validate_raw
 
     try:

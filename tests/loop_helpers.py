@@ -13,11 +13,12 @@ import onnx
 from mlflow import MlflowClient
 from onnx import TensorProto, helper, numpy_helper
 
-from ottimo import registry, versioning
 from ottimo.config import load_params
-from ottimo.data import materialise_raw
-from ottimo.export import sha256
-from ottimo.measure import INPUT, OUTPUT
+from ottimo.data import versioning
+from ottimo.data.tables import materialise_raw
+from ottimo.onnx.export import sha256
+from ottimo.onnx.measure import INPUT, OUTPUT
+from ottimo.registry import versions
 from tests.conftest import REPO
 from tests.reliability_helpers import store
 
@@ -40,10 +41,10 @@ def add_onnx_version(client: MlflowClient, exp: str, name: str, folder: Path, re
     """A registered version (gate passed, sha256 tagged) of a linear ONNX model on the 64 digits features."""
     run = client.create_run(exp, run_name="candidate", tags={"ottimo.kind": "candidate"})
     (folder / run.info.run_id).mkdir(parents=True)
-    path = linear_onnx(folder / run.info.run_id / registry.ONNX_FILE, 64, 10, seed)
+    path = linear_onnx(folder / run.info.run_id / versions.ONNX_FILE, 64, 10, seed)
     client.log_artifact(run.info.run_id, str(path), "model")
     digest = sha256(path)
-    mv = registry.register(client, name, f"runs:/{run.info.run_id}/model", run.info.run_id,
+    mv = versions.register(client, name, f"runs:/{run.info.run_id}/model", run.info.run_id,
                            {"family": "linear", "sha256": digest, "gate_verdict": "passed", "data_revision": revision})
     client.set_terminated(run.info.run_id, "FINISHED")
     return str(mv.version)
@@ -62,7 +63,7 @@ def loop_project(root: Path, overrides: dict | None = None, versions: int = 1):
     made = [add_onnx_version(client, exp, name, root.parent / "models", revision, seed) for seed in range(versions)]
     before = None
     for v in made:
-        registry.promote(client, name, v, before)
+        versions.promote(client, name, v, before)
         before = v
     return root, load_params(root / "params.yaml"), client, exp, made
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from prefect import flow
 
 from ottimo.config import load_params
-from ottimo.doctor import OWNER_TAG, owner
-from ottimo.tracking import connect
+from ottimo.ops.doctor import OWNER_TAG, owner
+from ottimo.registry.tracking import connect
 from tasks.registry import Decision, promote
 
 

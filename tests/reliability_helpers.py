@@ -11,10 +11,10 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from ottimo import registry
 from ottimo.config import load_params
-from ottimo.export import sha256
-from ottimo.tracking import connect
+from ottimo.onnx.export import sha256
+from ottimo.registry import versions
+from ottimo.registry.tracking import connect
 from tests.conftest import REPO, write_project
 
 _TEMPLATE: list[Path] = []
@@ -47,14 +47,14 @@ def add_version(client: MlflowClient, exp: str, name: str, tmp: Path, verdict: s
                             start_time=start_time)
     folder = tmp / run.info.run_id
     folder.mkdir(parents=True)
-    onnx = folder / registry.ONNX_FILE
+    onnx = folder / versions.ONNX_FILE
     onnx.write_bytes(os.urandom(64))
     client.log_artifact(run.info.run_id, str(onnx), "model")
     digest = sha256(onnx)
     client.set_tag(run.info.run_id, "onnx.sha256", digest)
     vtags = {"family": "mlp"} | ({"sha256": digest} if with_sha else {}) | (
         {"gate_verdict": verdict} if verdict else {})
-    mv = registry.register(client, name, f"runs:/{run.info.run_id}/model", run.info.run_id, vtags)
+    mv = versions.register(client, name, f"runs:/{run.info.run_id}/model", run.info.run_id, vtags)
     if status != "RUNNING":
         client.set_terminated(run.info.run_id, status)
     return str(mv.version)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from ottimo.config import LimitsCfg
-from ottimo.intake import quarantine
+from ottimo.data.intake import quarantine
 from tests import bad_inputs
 from tests.bad_inputs import CASES, CONFIG, DATA, Case
 

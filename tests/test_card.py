@@ -12,13 +12,14 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from ottimo import cardstore, gate
-from ottimo.card import FIGURES, SECTIONS, deterministic, fairness_section, measure_card, slice_masks
-from ottimo.card_render import DESCRIPTION_LIMIT, description, render
+from ottimo.card import store as cardstore
+from ottimo.card.render import DESCRIPTION_LIMIT, description, render
+from ottimo.card.sections import FIGURES, SECTIONS, deterministic, fairness_section, measure_card, slice_masks
 from ottimo.config import CardCfg, ConfigError, EvaluateCfg, GateCfg, SliceCfg, TrainCfg, parse_params
-from ottimo.data import Splits
-from ottimo.export import export_onnx
-from ottimo.train import fit
+from ottimo.data.tables import Splits
+from ottimo.models.train import fit
+from ottimo.onnx.export import export_onnx
+from ottimo.registry import gate
 
 FEATURES = ["signal", "group", *(f"noise_{i}" for i in range(6))]
 CFG = CardCfg(slices=[SliceCfg(column="group"), SliceCfg(column="noise_0", bins=3)], importance_rows=200,
@@ -139,9 +140,9 @@ def test_pipeline_cards_every_version_publishes_it_and_recomputes_it(project, pr
     from prefect.client.schemas.sorting import ArtifactSort
 
     from flows.pipeline import training_pipeline
-    from ottimo.cli import app
+    from ottimo.cli.main import app
     from ottimo.config import load_params
-    from ottimo.tracking import connect
+    from ottimo.registry.tracking import connect
 
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["gate"]["card"] = {"accuracy.accuracy": {"min": 0.5}, "deployment.single_thread_ok": {"min": 1}}

@@ -14,14 +14,15 @@ import yaml
 from conftest import write_project
 from typer.testing import CliRunner
 
-from ottimo import compress, pareto, quantize, registry
+from ottimo.compress import pareto, quantize, techniques
 from ottimo.config import ConfigError, Params, SelectCfg, parse_params
-from ottimo.data import Splits, builtin_frame, split_frame
-from ottimo.export import export_onnx
-from ottimo.gate import GateFailed
-from ottimo.measure import predict, session
-from ottimo.models import build_model, count_parameters
-from ottimo.train import fit
+from ottimo.data.tables import Splits, builtin_frame, split_frame
+from ottimo.models.architectures import build_model, count_parameters
+from ottimo.models.train import fit
+from ottimo.onnx.export import export_onnx
+from ottimo.onnx.measure import predict, session
+from ottimo.registry import versions
+from ottimo.registry.gate import GateFailed
 
 TINY_TRAIN = {"max_epochs": 15, "patience": 4, "mlp": {"hidden": [32]},
               "transformer": {"d_model": 16, "heads": 2, "layers": 1, "ff_dim": 32}}
@@ -45,31 +46,31 @@ def trained(splits) -> dict:
 
 
 def test_global_magnitude_pruning_reaches_target_sparsity_after_finetuning(trained, splits):
-    model = compress.magnitude_prune(copy.deepcopy(trained["transformer"]), 0.6)
-    assert compress.sparsity(model) == pytest.approx(0.6, abs=0.005)
-    compress.finetune(model, splits, compress.TuneSpec(epochs=6, lr=2e-3))
-    compress.make_permanent(model)
-    assert compress.sparsity(model) == pytest.approx(0.6, abs=0.005)  # fine-tuning kept the pruned weights at zero
+    model = techniques.magnitude_prune(copy.deepcopy(trained["transformer"]), 0.6)
+    assert techniques.sparsity(model) == pytest.approx(0.6, abs=0.005)
+    techniques.finetune(model, splits, techniques.TuneSpec(epochs=6, lr=2e-3))
+    techniques.make_permanent(model)
+    assert techniques.sparsity(model) == pytest.approx(0.6, abs=0.005)  # fine-tuning kept the pruned weights at zero
     assert not any(k.endswith(("_orig", "_mask")) for k in model.state_dict())
-    dense = compress.accuracy(trained["transformer"], splits.X_test, splits.y_test)
-    assert compress.accuracy(model, splits.X_test, splits.y_test) >= dense - 0.05, dense
+    dense = techniques.accuracy(trained["transformer"], splits.X_test, splits.y_test)
+    assert techniques.accuracy(model, splits.X_test, splits.y_test) >= dense - 0.05, dense
 
 
 @pytest.mark.parametrize("family", ["mlp", "transformer"])
 def test_structured_pruning_shrinks_parameters_and_onnx_file(family, trained, splits, tmp_path):
     dense = trained[family]
-    small, arch = compress.structured_prune(dense, 0.5)
+    small, arch = techniques.structured_prune(dense, 0.5)
     assert count_parameters(small) < 0.85 * count_parameters(dense)
-    assert compress.sparsity(small) == 0.0  # removed, not zeroed
+    assert techniques.sparsity(small) == 0.0  # removed, not zeroed
     rebuilt = build_model(family, 64, 10, trained["cfg"].patched(arch))  # the patch rebuilds the architecture
     rebuilt.load_state_dict(small.state_dict())
     if family == "mlp":  # the file too (exports take seconds; the pipeline test measures the transformer's)
         a = export_onnx(dense, 64, tmp_path / "dense.onnx").stat().st_size
         b = export_onnx(small, 64, tmp_path / "small.onnx").stat().st_size
         assert a - b >= 4 * 0.9 * (count_parameters(dense) - count_parameters(small)), (a, b)  # FP32 bytes removed
-    compress.finetune(small, splits, compress.TuneSpec(epochs=2, lr=1e-3))
-    dense_acc = compress.accuracy(dense, splits.X_test, splits.y_test)
-    assert compress.accuracy(small, splits.X_test, splits.y_test) >= dense_acc - 0.05, dense_acc
+    techniques.finetune(small, splits, techniques.TuneSpec(epochs=2, lr=1e-3))
+    dense_acc = techniques.accuracy(dense, splits.X_test, splits.y_test)
+    assert techniques.accuracy(small, splits.X_test, splits.y_test) >= dense_acc - 0.05, dense_acc
 
 
 def test_quantized_graphs_hold_integer_ops_and_keep_accuracy(trained, splits, tmp_path):
@@ -92,23 +93,23 @@ def test_distillation_loss_uses_the_teachers_soft_targets():
     gen = torch.Generator().manual_seed(0)
     student, teacher, other = (torch.randn(16, 10, generator=gen) for _ in range(3))
     y = torch.randint(0, 10, (16,), generator=gen)
-    base = compress.distillation_loss(student, teacher, y, temperature=4.0, alpha=0.7)
-    assert compress.distillation_loss(student, teacher, y, 1.0, 0.7) != pytest.approx(base.item())
-    assert compress.distillation_loss(student, other, y, 4.0, 0.7) != pytest.approx(base.item())
+    base = techniques.distillation_loss(student, teacher, y, temperature=4.0, alpha=0.7)
+    assert techniques.distillation_loss(student, teacher, y, 1.0, 0.7) != pytest.approx(base.item())
+    assert techniques.distillation_loss(student, other, y, 4.0, 0.7) != pytest.approx(base.item())
     # the student matching the teacher leaves only the hard-label term
-    same = compress.distillation_loss(teacher, teacher, y, 4.0, 0.7)
+    same = techniques.distillation_loss(teacher, teacher, y, 4.0, 0.7)
     assert same.item() == pytest.approx(0.3 * torch.nn.functional.cross_entropy(teacher, y).item(), rel=1e-5)
     # alpha 0: plain cross-entropy, whatever the teacher says
-    assert compress.distillation_loss(student, other, y, 4.0, 0.0).item() == pytest.approx(
+    assert techniques.distillation_loss(student, other, y, 4.0, 0.0).item() == pytest.approx(
         torch.nn.functional.cross_entropy(student, y).item())
 
 
 def test_distilled_student_reaches_the_accuracy_floor(trained, splits):
     cfg = trained["cfg"].patched({"mlp": {"hidden": [32], "dropout": 0.0}})
-    student = compress.distill(trained["transformer"], splits, "mlp", cfg, compress.TuneSpec(epochs=15, lr=3e-3),
+    student = techniques.distill(trained["transformer"], splits, "mlp", cfg, techniques.TuneSpec(epochs=15, lr=3e-3),
                                temperature=4.0, alpha=0.7)
     assert count_parameters(student) < count_parameters(trained["transformer"])
-    assert compress.accuracy(student, splits.X_test, splits.y_test) >= 0.9
+    assert techniques.accuracy(student, splits.X_test, splits.y_test) >= 0.9
 
 
 def row(name: str, acc: float, p95: float, size: float = 0.1, error: str | None = None) -> pareto.Row:
@@ -169,9 +170,9 @@ def test_pipeline_promotes_the_selected_compressed_candidate(tmp_path, prefect_h
     from prefect.client.schemas.sorting import ArtifactSort
 
     from flows.pipeline import training_pipeline
-    from ottimo.cli import app
+    from ottimo.cli.main import app
     from ottimo.config import load_params
-    from ottimo.tracking import connect
+    from ottimo.registry.tracking import connect
 
     project = write_project(tmp_path / "project", {"train": {"candidates": ["transformer"], "max_epochs": 8},
                                                    "compress": COMPRESS_TINY, "gate": {"min_accuracy": 0.5}})
@@ -195,7 +196,7 @@ def test_pipeline_promotes_the_selected_compressed_candidate(tmp_path, prefect_h
     assert {"compression/pareto.png", "compression/report.md", "compression/report.html"} <= {
         a.path for a in client.list_artifacts(summary.run_id, "compression")}
     assert [c["family"] for c in summary.candidates] == [chosen]  # only the contender is registered and gated
-    mv = registry.alias_version(client, params.mlflow.registered_model, "champion")
+    mv = versions.alias_version(client, params.mlflow.registered_model, "champion")
     assert mv.tags["family"] == chosen and mv.tags["gate_verdict"] == "passed"
     assert client.get_run(mv.run_id).data.tags["compress.base"]
     with get_client(sync_client=True) as prefect:  # every filter given: the 3.8 client sends None otherwise (422)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from ottimo.cli import app
+from ottimo.cli.main import app
 from ottimo.config import ConfigError, Params, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]

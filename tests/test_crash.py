@@ -1,5 +1,5 @@
 """Crash and resume (slow): `ottimo run` in its own process dies hard at a stage boundary; the next run reconciles
-and finishes the job. The points are ottimo.faults.POINTS; later stages add theirs there."""
+and finishes the job. The points are ottimo.ops.faults.POINTS; later stages add theirs there."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from collections import Counter
 import pytest
 
 from flows.pipeline import training_pipeline
-from ottimo import faults, promotion, registry, versioning
 from ottimo.config import load_params
-from ottimo.doctor import ABANDONED, examine
-from ottimo.tracking import connect
+from ottimo.data import versioning
+from ottimo.ops import faults
+from ottimo.ops.doctor import ABANDONED, examine
+from ottimo.registry import promotion
+from ottimo.registry.tracking import connect
 from tests.conftest import REPO, merge, write_project
 
 TINY_RUN = {"train": {"candidates": ["mlp"], "max_epochs": 3}}
@@ -67,7 +69,7 @@ def test_a_hard_crash_then_a_rerun_finishes_the_job(point, tmp_path, prefect_har
     verdicts = Counter(v.tags["gate_verdict"] for v in versions)
     assert set(verdicts) <= {"passed", "failed", ABANDONED}
     assert verdicts[ABANDONED] == (1 if point == "after-registering" else 0)
-    aliases = registry.aliases(client, name)
+    aliases = versions.aliases(client, name)
     assert aliases["champion"] == summary.champion
     # the promotion the crash cut in two was finished by the rerun's reconcile, so its version came in between
     assert aliases["previous-champion"] == ("2" if point == "between-alias-moves" else "1")
@@ -83,7 +85,7 @@ def _study_resumed(project, params, summary) -> None:
     and the rerun ran only the trials still missing."""
     from optuna.trial import TrialState
 
-    from ottimo import tune
+    from ottimo.models import tune
 
     url = tune.storage_url(project, params.tune)
     study = tune.open_study(url, tune.study_name(params.tune, "mlp", summary.data_revision), params.tune, "mlp", 0)

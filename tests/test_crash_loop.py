@@ -1,6 +1,6 @@
 """Crash and resume in the production loop (slow): `ottimo score` dies after its first batch of three, `ottimo
 drift-check` dies after it has decided and before it acts; the rerun finishes the job, scoring every batch exactly
-once and taking the one decision once. Points: ottimo.faults.LOOP_POINTS."""
+once and taking the one decision once. Points: ottimo.ops.faults.LOOP_POINTS."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import pytest
 
 from flows.drift import drift_check
 from flows.score import batch_scoring
-from ottimo import faults, monitor, registry
-from ottimo.data import builtin_frame
+from ottimo.data.tables import builtin_frame
+from ottimo.monitor import ledger
+from ottimo.ops import faults
+from ottimo.registry import versions
 from tests.conftest import REPO
 from tests.loop_helpers import loop_project
 
@@ -43,7 +45,7 @@ def _batches(root, incoming, n: int) -> list[str]:
 
 
 def _score_runs(client, exp):
-    return client.search_runs([exp], f"tags.`{monitor.KIND}` = '{monitor.SCORE}'")
+    return client.search_runs([exp], f"tags.`{ledger.KIND}` = '{ledger.SCORE}'")
 
 
 @pytest.mark.slow
@@ -57,7 +59,7 @@ def test_a_crash_mid_scoring_then_a_rerun_scores_every_batch_once(tmp_path, pref
     assert done == ["b0.predictions.parquet"]  # the first batch, and only it, was scored before the crash
 
     assert batch_scoring(project_dir=str(root), return_state=True).is_completed()
-    client, exp = monitor.connect_monitoring(root, params)
+    client, exp = ledger.connect_monitoring(root, params)
     runs = _score_runs(client, exp)
     assert Counter(r.data.tags["batch"] for r in runs) == Counter(names)  # every batch once, none twice
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -74,22 +76,22 @@ def test_a_crash_mid_drift_check_then_a_rerun_takes_the_decision_once(tmp_path, 
     name = params.mlflow.registered_model
     _batches(root, root / params.score.incoming, 2)
     assert batch_scoring(project_dir=str(root), return_state=True).is_completed()
-    aliases = registry.aliases(client, name)
+    aliases = versions.aliases(client, name)
 
     _crash("mid-drift-check", "drift-check", root)
-    mclient, exp = monitor.connect_monitoring(root, params)
-    [left] = mclient.search_runs([exp], f"tags.`{monitor.KIND}` = '{monitor.CHECK}'")
-    assert left.data.tags[monitor.CLOSED] == "false" and len(monitor.unchecked(mclient, exp)) == 2
+    mclient, exp = ledger.connect_monitoring(root, params)
+    [left] = mclient.search_runs([exp], f"tags.`{ledger.KIND}` = '{ledger.CHECK}'")
+    assert left.data.tags[ledger.CLOSED] == "false" and len(ledger.unchecked(mclient, exp)) == 2
 
     state = drift_check(project_dir=str(root), return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
-    checks = mclient.search_runs([exp], f"tags.`{monitor.KIND}` = '{monitor.CHECK}'")
+    checks = mclient.search_runs([exp], f"tags.`{ledger.KIND}` = '{ledger.CHECK}'")
     assert [c.info.run_id for c in checks] == [left.info.run_id] == [summary.run_id]  # one decision, taken once
     assert summary.action == left.data.tags["decision"]
-    assert mclient.get_run(left.info.run_id).data.tags[monitor.CLOSED] == "true"
-    assert monitor.unchecked(mclient, exp) == []
-    assert {r.data.tags[monitor.CHECKED] for r in _score_runs(mclient, exp)} == {left.info.run_id}
+    assert mclient.get_run(left.info.run_id).data.tags[ledger.CLOSED] == "true"
+    assert ledger.unchecked(mclient, exp) == []
+    assert {r.data.tags[ledger.CHECKED] for r in _score_runs(mclient, exp)} == {left.info.run_id}
     if summary.action != "rollback":
-        assert registry.aliases(client, name) == aliases
+        assert versions.aliases(client, name) == aliases
     assert not mclient.search_runs([exp], "attributes.status = 'RUNNING'")

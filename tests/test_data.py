@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from ottimo.config import DataCfg
-from ottimo.data import DataValidationError, builtin_frame, load_splits, prepare, split_frame, validate_frame
+from ottimo.data.tables import DataValidationError, builtin_frame, load_splits, prepare, split_frame, validate_frame
 
 CFG = DataCfg()
 

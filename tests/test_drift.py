@@ -7,10 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ottimo import batches, simulate
 from ottimo.config import DriftCfg, LimitsCfg
-from ottimo.data import DataValidationError, builtin_frame
-from ottimo.drift import INSUFFICIENT, NOTHING, RETRAIN, ROLLBACK, Evidence, decide, detect
+from ottimo.data import batches
+from ottimo.data.tables import DataValidationError, builtin_frame
+from ottimo.monitor import simulate
+from ottimo.monitor.drift import INSUFFICIENT, NOTHING, RETRAIN, ROLLBACK, Evidence, decide, detect
 
 CFG = DriftCfg(min_rows=100, drift_share=0.5, max_quality_drop=5.0, rollback_margin=5.0, cooldown_hours=24)
 DIGITS = builtin_frame("digits")

@@ -3,7 +3,7 @@
 import pytest
 
 from ottimo.config import GateCfg
-from ottimo.gate import Verdict, check, select
+from ottimo.registry.gate import Verdict, check, select
 
 CFG = GateCfg(min_accuracy=0.9, max_p95_latency_ms=2.0, max_size_mb=1.0, max_drop_vs_champion=1.0)
 GOOD = {"accuracy": 0.95, "p95_ms": 1.0, "size_mb": 0.5}

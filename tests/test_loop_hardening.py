@@ -1,4 +1,4 @@
-"""The production loop on the hardened paths: rollback and manual promotion through ottimo.promotion (lock,
+"""The production loop on the hardened paths: rollback and manual promotion through ottimo.registry.promotion (lock,
 journal, compare-then-set), racing alias moves, a half-done rollback repaired, and the bad-input corpus replayed
 as incoming batches through the real scoring flow (quarantined, named; champion and data versions untouched)."""
 
@@ -9,9 +9,10 @@ import shutil
 import pytest
 
 from flows.score import batch_scoring
-from ottimo import doctor, promotion, registry
-from ottimo.faults import EXIT_CODE
-from ottimo.registry import CHAMPION, PREVIOUS
+from ottimo.ops import doctor
+from ottimo.ops.faults import EXIT_CODE
+from ottimo.registry import promotion, versions
+from ottimo.registry.versions import CHAMPION, PREVIOUS
 from tests import bad_inputs
 from tests.loop_helpers import alias_worker, loop_project
 from tests.reliability_helpers import add_version, release, store
@@ -24,32 +25,32 @@ def reg(tmp_path):
     """v1 -> v2 promoted (v2 champion, v1 previous-champion), v3 registered and servable."""
     root, params, client, exp = store(tmp_path / "project")
     v1, v2, v3 = (add_version(client, exp, NAME, tmp_path / "files") for _ in range(3))
-    registry.promote(client, NAME, v1, None)
-    registry.promote(client, NAME, v2, v1)
+    versions.promote(client, NAME, v1, None)
+    versions.promote(client, NAME, v2, v1)
     return root, params, client, exp, (v1, v2, v3)
 
 
 def test_rollback_is_a_journaled_compare_then_set_move(reg):
     _, params, client, exp, (v1, v2, v3) = reg
-    assert registry.rollback(client, NAME, "drift", v2, "check-1") == {CHAMPION: v1, PREVIOUS: v2}
+    assert versions.rollback(client, NAME, "drift", v2, "check-1") == {CHAMPION: v1, PREVIOUS: v2}
     assert "replaced by v" + v1 in client.get_model_version(NAME, v2).tags[promotion.ROLLED_BACK]
     assert "restored over v" + v2 in client.get_model_version(NAME, v1).tags[promotion.RESTORED]
     assert promotion.journal(client, NAME) is None
     # the same decision again (a rerun after a crash) changes nothing; another decision on v2 is stale now
-    assert registry.rollback(client, NAME, "drift", v2, "check-1") == {CHAMPION: v1, PREVIOUS: v2}
+    assert versions.rollback(client, NAME, "drift", v2, "check-1") == {CHAMPION: v1, PREVIOUS: v2}
     with pytest.raises(promotion.ChampionChanged, match="champion of ottimo-classifier is now v1, not v2"):
-        registry.rollback(client, NAME, "drift", v2, "check-2")
+        versions.rollback(client, NAME, "drift", v2, "check-2")
     # a former champion that a gate later failed may still be rolled back to (its sha256 is what counts) ...
     client.set_model_version_tag(NAME, v2, "gate_verdict", "failed")
-    assert registry.rollback(client, NAME, "back again") == {CHAMPION: v2, PREVIOUS: v1}
+    assert versions.rollback(client, NAME, "back again") == {CHAMPION: v2, PREVIOUS: v1}
     # ... never one without a sha256, and never without a previous-champion
     client.delete_model_version_tag(NAME, v1, "sha256")
     with pytest.raises(promotion.PromotionError, match="no sha256"):
-        registry.rollback(client, NAME, "unverified")
+        versions.rollback(client, NAME, "unverified")
     client.delete_registered_model_alias(NAME, PREVIOUS)
-    with pytest.raises(registry.NoPreviousChampion, match="nothing changed"):
-        registry.rollback(client, NAME, "nothing to go back to")
-    assert registry.aliases(client, NAME) == {CHAMPION: v2}
+    with pytest.raises(versions.NoPreviousChampion, match="nothing changed"):
+        versions.rollback(client, NAME, "nothing to go back to")
+    assert versions.aliases(client, NAME) == {CHAMPION: v2}
 
 
 def test_promote_and_rollback_race_one_wins_the_other_is_refused(reg, tmp_path):
@@ -64,7 +65,7 @@ def test_promote_and_rollback_race_one_wins_the_other_is_refused(reg, tmp_path):
     won = "promote" if procs[0].returncode == 0 else "rollback"
     assert "champion of ottimo-classifier is now" in outs[1 if won == "promote" else 0]
     expected = {CHAMPION: v3, PREVIOUS: v2} if won == "promote" else {CHAMPION: v1, PREVIOUS: v2}
-    assert registry.aliases(client, NAME) == expected
+    assert versions.aliases(client, NAME) == expected
     assert promotion.journal(client, NAME) is None and doctor.examine(client, exp, NAME, params.reliability) == []
 
 
@@ -77,17 +78,17 @@ def test_a_rollback_killed_between_its_alias_moves_is_finished_by_the_doctor(reg
     release(barrier, [proc])
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == EXIT_CODE, out
-    assert registry.aliases(client, NAME) == {CHAMPION: v1, PREVIOUS: v1}  # cut in two
+    assert versions.aliases(client, NAME) == {CHAMPION: v1, PREVIOUS: v1}  # cut in two
     assert promotion.journal(client, NAME)["op"] == "rollback"
     found = doctor.examine(client, exp, NAME, params.reliability)
     assert [(f.check, f.repaired) for f in found][:1] == [("journal", False)] and "finish" in found[0].action
     doctor.examine(client, exp, NAME, params.reliability, repair=True)
-    assert registry.aliases(client, NAME) == {CHAMPION: v1, PREVIOUS: v2}
+    assert versions.aliases(client, NAME) == {CHAMPION: v1, PREVIOUS: v2}
     assert doctor.examine(client, exp, NAME, params.reliability) == []
 
 
 def _fingerprint(root, client):
-    return registry.aliases(client, NAME), (root / "dvc.lock").read_bytes(), (root / "data" / "raw").exists() and \
+    return versions.aliases(client, NAME), (root / "dvc.lock").read_bytes(), (root / "data" / "raw").exists() and \
         sorted(p.name for p in (root / "data" / "raw").iterdir())
 
 

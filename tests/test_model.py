@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from ottimo.config import DataCfg, TrainCfg
-from ottimo.data import builtin_frame, load_splits, prepare
-from ottimo.export import IntegrityError, ParityError, export_onnx, parity_check, sha256, verify_sha256
-from ottimo.measure import predict, session
-from ottimo.train import fit
+from ottimo.data.tables import builtin_frame, load_splits, prepare
+from ottimo.models.train import fit
+from ottimo.onnx.export import IntegrityError, ParityError, export_onnx, parity_check, sha256, verify_sha256
+from ottimo.onnx.measure import predict, session
 
 CFG = TrainCfg(max_epochs=15, patience=4, mlp={"hidden": [64]},
                transformer={"d_model": 16, "heads": 2, "layers": 1, "ff_dim": 32})

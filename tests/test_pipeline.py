@@ -9,13 +9,13 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from flows.pipeline import training_pipeline
-from ottimo import registry, versioning
-from ottimo.cli import app
+from ottimo.cli.main import app
 from ottimo.config import load_params
-from ottimo.data import load_splits
-from ottimo.export import sha256
-from ottimo.measure import predict, session
-from ottimo.tracking import connect
+from ottimo.data import versioning
+from ottimo.data.tables import load_splits
+from ottimo.onnx.export import sha256
+from ottimo.onnx.measure import predict, session
+from ottimo.registry.tracking import connect
 from tasks.train import FLOW_RUN_TAG
 
 
@@ -25,7 +25,7 @@ def run(project: Path):
 
 def registry_state(client: MlflowClient, name: str) -> tuple[dict, list]:
     versions = client.search_model_versions(f"name = '{name}'")
-    return registry.aliases(client, name), sorted((str(v.version), dict(v.tags)) for v in versions)
+    return versions.aliases(client, name), sorted((str(v.version), dict(v.tags)) for v in versions)
 
 
 def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(project, prefect_harness, tmp_path):
@@ -53,7 +53,7 @@ def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(proje
     assert versioning.status_cloud(project) == {}  # raw and prepared data are all in the remote
 
     # the champion's ONNX file, downloaded from models:/<name>@champion and verified, reproduces its test accuracy
-    path, mv = registry.download_verified(client, name, "champion", tmp_path / "champion")
+    path, mv = versions.download_verified(client, name, "champion", tmp_path / "champion")
     assert sha256(path) == mv.tags["sha256"]
     splits = load_splits(project / "data" / "prepared")
     accuracy = float((predict(session(path), splits.X_test) == splits.y_test).mean())
@@ -95,7 +95,7 @@ def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(proje
 
 def test_bad_raw_data_stops_before_anything_is_trained(project, prefect_harness):
     params = load_params(project / "params.yaml")
-    from ottimo.data import builtin_frame
+    from ottimo.data.tables import builtin_frame
 
     df = builtin_frame("digits")
     df.loc[[3, 8], "pixel_4_4"] = np.nan

@@ -17,12 +17,14 @@ from flows.manage import promote
 from flows.manage import rollback as manual_rollback
 from flows.pipeline import training_pipeline
 from flows.score import batch_scoring
-from ottimo import batches, monitor, registry, simulate, versioning
-from ottimo.cli import app
+from ottimo.cli.main import app
 from ottimo.config import load_params
-from ottimo.data import builtin_frame
-from ottimo.measure import predict, session
-from ottimo.tracking import connect
+from ottimo.data import batches, versioning
+from ottimo.data.tables import builtin_frame
+from ottimo.monitor import ledger, simulate
+from ottimo.onnx.measure import predict, session
+from ottimo.registry import versions
+from ottimo.registry.tracking import connect
 from tests.conftest import write_project
 
 OVERRIDES = {
@@ -42,7 +44,7 @@ def score_and_check(project: Path):
 
 
 def registry_state(client, name):
-    return registry.aliases(client, name), sorted(
+    return versions.aliases(client, name), sorted(
         (v.version, v.tags.get("sha256")) for v in client.search_model_versions(f"name = '{name}'"))
 
 
@@ -54,7 +56,7 @@ def test_production_loop(tmp_path, prefect_harness):
     # train: v1 is champion
     assert training_pipeline(project_dir=str(project), return_state=True).is_completed()
     client, _ = connect(project, params.mlflow)
-    v1 = registry.aliases(client, name)["champion"]
+    v1 = versions.aliases(client, name)["champion"]
     rev1 = versioning.revision(project)
     schema = batches.schema_of(project / "data" / "prepared")
     features = schema["features"]
@@ -63,7 +65,7 @@ def test_production_loop(tmp_path, prefect_harness):
     # no previous-champion yet: a rollback changes nothing and says why
     state = manual_rollback(reason="too early", project_dir=str(project), return_state=True)
     assert state.is_failed() and "no previous-champion" in state.message
-    assert registry.aliases(client, name) == {"champion": v1, "challenger": v1}
+    assert versions.aliases(client, name) == {"champion": v1, "challenger": v1}
 
     # a batch below drift.min_rows: scored, but the check decides nothing ("insufficient data") and keeps it
     simulate.write(simulate.batches(test, features, "target", "none", 0, 1, 30, seed=1), incoming, "a-small")
@@ -78,12 +80,12 @@ def test_production_loop(tmp_path, prefect_harness):
     assert check.action == "nothing", check.reasons
     assert check.evidence["rows"] == 150 and not check.evidence["dataset_drift"]
     assert check.evidence["accuracy"] > 0.8 and check.evidence["previous_accuracy"] is None
-    mclient, mexp = monitor.connect_monitoring(project, params)
-    run = monitor.last_check(mclient, mexp)
+    mclient, mexp = ledger.connect_monitoring(project, params)
+    run = ledger.last_check(mclient, mexp)
     assert run.data.tags["decision"] == "nothing"
     assert {a.path for a in mclient.list_artifacts(run.info.run_id)} >= {
         "drift_report.html", "quality_report.html", "summary.json"}
-    assert "drift_share" in run.data.metrics and monitor.unchecked(mclient, mexp) == []
+    assert "drift_share" in run.data.metrics and ledger.unchecked(mclient, mexp) == []
 
     # a drifted labelled batch (every pixel brighter by one std): retrain on the data plus the batch
     raw_rows = len(pd.read_csv(project / params.data.path))
@@ -95,17 +97,17 @@ def test_production_loop(tmp_path, prefect_harness):
     rev2 = versioning.revision(project)
     assert rev2 != rev1 and check.outcome["data_revision"] == rev2 and check.outcome["rows_added"] == "200"
     assert len(pd.read_csv(project / params.data.path)) == raw_rows + 200
-    aliases = registry.aliases(client, name)
+    aliases = versions.aliases(client, name)
     v2 = aliases["champion"]
     assert int(v2) > int(v1) and aliases["previous-champion"] == v1 and check.outcome["champion"] == v2
-    assert registry.version(client, name, v2).tags["data_revision"] == rev2
+    assert versions.version(client, name, v2).tags["data_revision"] == rev2
 
     # a labelled window on which v2 is worse than v1: rows of the digits data (and a noisy copy) that v1
     # classifies right and v2 wrong, topped up with rows both get right; built from the models' own predictions
     pool = builtin_frame("digits")
     pool = pd.concat([pool, simulate.shift(pool, features, "target", "noise", 0.5, seed=4)], ignore_index=True)
     X, y = pool[features].to_numpy(dtype="float32"), pool["target"].to_numpy()
-    right = {v: predict(session(registry.download_verified(client, name, v, tmp_path / f"v{v}")[0]), X) == y
+    right = {v: predict(session(versions.download_verified(client, name, v, tmp_path / f"v{v}")[0]), X) == y
              for v in (v1, v2)}
     worse = np.flatnonzero(right[v1] & ~right[v2])
     both = np.flatnonzero(right[v1] & right[v2])
@@ -115,10 +117,10 @@ def test_production_loop(tmp_path, prefect_harness):
     check = score_and_check(project)
     assert check.action == "rollback", check.reasons
     assert check.evidence["previous_accuracy"] - check.evidence["accuracy"] > 0.02
-    aliases = registry.aliases(client, name)
+    aliases = versions.aliases(client, name)
     assert aliases["champion"] == v1 and aliases["previous-champion"] == v2
-    assert "replaced by v" + v1 in registry.version(client, name, v2).tags["rolled_back"]
-    assert "restored over v" + v2 in registry.version(client, name, v1).tags["restored"]
+    assert "replaced by v" + v1 in versions.version(client, name, v2).tags["rolled_back"]
+    assert "restored over v" + v2 in versions.version(client, name, v1).tags["restored"]
 
     # a malformed batch (missing values) next to a good one: quarantined with a reason, the run fails naming it;
     # the good batch is scored; registry, data and the earlier predictions are untouched
@@ -137,7 +139,7 @@ def test_production_loop(tmp_path, prefect_harness):
     assert after == before
 
     # a champion whose ONNX file does not match its sha256 tag is never loaded: nothing is scored
-    sha1 = registry.version(client, name, v1).tags["sha256"]
+    sha1 = versions.version(client, name, v1).tags["sha256"]
     client.set_model_version_tag(name, v1, "sha256", "0" * 64)
     simulate.write(simulate.batches(test, features, "target", "none", 0, 1, 20, seed=7), incoming, "g-later")
     state = batch_scoring(project_dir=str(project), return_state=True)
@@ -149,10 +151,10 @@ def test_production_loop(tmp_path, prefect_harness):
     # manual flows: promote v2 back through the gate (it passes this test's gate), then roll back by hand
     assert promote(version=v2, force=True, project_dir=str(project), return_state=True).is_failed()  # no reason
     assert promote(version=v2, project_dir=str(project), return_state=True).is_completed()
-    assert registry.aliases(client, name)["champion"] == v2
-    assert "gate passed" in registry.version(client, name, v2).tags["promoted_manually"]
+    assert versions.aliases(client, name)["champion"] == v2
+    assert "gate passed" in versions.version(client, name, v2).tags["promoted_manually"]
     assert manual_rollback(reason="by hand", project_dir=str(project), return_state=True).is_completed()
-    assert registry.aliases(client, name)["champion"] == v1
+    assert versions.aliases(client, name)["champion"] == v1
 
     # `ottimo status` shows the last check and its decision
     out = CliRunner().invoke(app, ["status", "--project-dir", str(project)])

@@ -8,10 +8,11 @@ from collections import Counter
 import pytest
 from typer.testing import CliRunner
 
-from ottimo import doctor, promotion, registry
-from ottimo.cli import app
-from ottimo.faults import EXIT_CODE
-from ottimo.registry import CHALLENGER, CHAMPION, PREVIOUS
+from ottimo.cli.main import app
+from ottimo.ops import doctor
+from ottimo.ops.faults import EXIT_CODE
+from ottimo.registry import promotion, versions
+from ottimo.registry.versions import CHALLENGER, CHAMPION, PREVIOUS
 from tests.reliability_helpers import add_version, attempt, release, store
 
 NAME = "ottimo-classifier"
@@ -36,30 +37,30 @@ def reg(tmp_path):
 
 def test_compare_then_set_idempotent_and_refusals(reg, tmp_path):
     _, _, client, exp, (v1, v2, v3) = reg
-    assert registry.promote(client, NAME, v1, None) == {CHAMPION: v1}
-    assert registry.promote(client, NAME, v2, v1) == {CHAMPION: v2, PREVIOUS: v1}
+    assert versions.promote(client, NAME, v1, None) == {CHAMPION: v1}
+    assert versions.promote(client, NAME, v2, v1) == {CHAMPION: v2, PREVIOUS: v1}
     since = client.get_model_version(NAME, v2).tags[promotion.CHAMPION_SINCE]
 
     # the same promotion again (a rerun after success) changes nothing, not even the champion history
-    assert registry.promote(client, NAME, v2, v1) == {CHAMPION: v2, PREVIOUS: v1}
+    assert versions.promote(client, NAME, v2, v1) == {CHAMPION: v2, PREVIOUS: v1}
     assert client.get_model_version(NAME, v2).tags[promotion.CHAMPION_SINCE] == since
 
     # a decision taken against v1 is stale now that v2 is champion
     with pytest.raises(promotion.ChampionChanged, match="champion of ottimo-classifier is now v2, not v1"):
-        registry.promote(client, NAME, v3, v1)
+        versions.promote(client, NAME, v3, v1)
     # a version that failed the gate, or has no sha256, is never made champion
     failed = add_version(client, exp, NAME, tmp_path / "more", verdict="failed")
     unverified = add_version(client, exp, NAME, tmp_path / "more", with_sha=False)
     for bad in (failed, unverified):
         with pytest.raises(promotion.PromotionError, match="may not be champion"):
-            registry.promote(client, NAME, bad, v2)
-    assert registry.aliases(client, NAME) == {CHAMPION: v2, PREVIOUS: v1}
+            versions.promote(client, NAME, bad, v2)
+    assert versions.aliases(client, NAME) == {CHAMPION: v2, PREVIOUS: v1}
     assert promotion.journal(client, NAME) is None
     # the doctor restores the sha256 tag from the run's record once the file is checked against it
     [found] = doctor.examine(client, exp, NAME, reg[1].reliability, repair=True)
     assert (found.check, found.subject, found.repaired) == ("sha256-missing", f"v{unverified}", True)
     assert doctor.examine(client, exp, NAME, reg[1].reliability) == []
-    assert registry.promote(client, NAME, unverified, v2) == {CHAMPION: unverified, PREVIOUS: v2}
+    assert versions.promote(client, NAME, unverified, v2) == {CHAMPION: unverified, PREVIOUS: v2}
 
 
 class Flaky:
@@ -80,21 +81,21 @@ class Flaky:
 
 def test_an_error_mid_move_puts_every_alias_back(reg):
     _, params, client, exp, (v1, v2, _) = reg
-    registry.promote(client, NAME, v1, None)
+    versions.promote(client, NAME, v1, None)
     client.set_registered_model_alias(NAME, CHALLENGER, v2)
-    before = registry.aliases(client, NAME)
+    before = versions.aliases(client, NAME)
     with pytest.raises(ConnectionError):  # previous-champion was moved, champion was not: undone
         promotion.promote(Flaky(client, failures=1), NAME, v2, v1)
-    assert registry.aliases(client, NAME) == before
+    assert versions.aliases(client, NAME) == before
     assert promotion.journal(client, NAME) is None
 
     # the store stays away while undoing too: the journal stays, and the next move finishes the promotion first
     with pytest.raises(ConnectionError) as err:
         promotion.promote(Flaky(client, failures=2), NAME, v2, v1)
     assert "its journal stays" in str(err.value.__notes__)
-    assert registry.aliases(client, NAME) == before  # undoing got as far as removing previous-champion again
+    assert versions.aliases(client, NAME) == before  # undoing got as far as removing previous-champion again
     assert [f.check for f in doctor.examine(client, exp, NAME, params.reliability)] == ["journal"]
-    assert registry.promote(client, NAME, v2, v1) == {CHAMPION: v2, PREVIOUS: v1, CHALLENGER: v2}
+    assert versions.promote(client, NAME, v2, v1) == {CHAMPION: v2, PREVIOUS: v1, CHALLENGER: v2}
     assert promotion.journal(client, NAME) is None
 
 
@@ -102,14 +103,14 @@ def test_crash_between_alias_moves_is_found_and_finished(reg, api_url, tmp_path)
     """The promote task in its own process dies (os._exit) after moving previous-champion; `ottimo doctor` finds
     the half-done move and the run left RUNNING, --repair finishes both, and a rerun changes nothing."""
     root, _, client, exp, (v1, v2, _) = reg
-    registry.promote(client, NAME, v1, None)
+    versions.promote(client, NAME, v1, None)
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     proc = attempt(root, v2, v1, barrier, api_url, crash_at="between-alias-moves")
     release(barrier, [proc])
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == EXIT_CODE, out[-3000:]
-    assert registry.aliases(client, NAME) == {CHAMPION: v1, PREVIOUS: v1}  # half done
+    assert versions.aliases(client, NAME) == {CHAMPION: v1, PREVIOUS: v1}  # half done
     assert promotion.journal(client, NAME)["target"] == {PREVIOUS: v1, CHAMPION: v2}
     [crashed] = client.search_runs([exp], "tags.`ottimo.kind` = 'pipeline'")
     assert crashed.info.status == "RUNNING"
@@ -119,11 +120,11 @@ def test_crash_between_alias_moves_is_found_and_finished(reg, api_url, tmp_path)
     assert report.exit_code == 1, report.output
     assert {"journal", "stale-run", "previous-is-champion"} <= {line.split()[1] for line in report.output.splitlines()
                                                                if line.startswith("found ")}, report.output
-    assert registry.aliases(client, NAME) == {CHAMPION: v1, PREVIOUS: v1}  # a report changes nothing
+    assert versions.aliases(client, NAME) == {CHAMPION: v1, PREVIOUS: v1}  # a report changes nothing
 
     fixed = cli.invoke(app, ["doctor", "-C", str(root), "--repair"])
     assert fixed.exit_code == 0, fixed.output
-    assert registry.aliases(client, NAME) == {CHAMPION: v2, PREVIOUS: v1}
+    assert versions.aliases(client, NAME) == {CHAMPION: v2, PREVIOUS: v1}
     assert promotion.journal(client, NAME) is None
     run = client.get_run(crashed.info.run_id)
     assert run.info.status == "FAILED" and "process died" in run.data.tags["failure"]
@@ -132,8 +133,8 @@ def test_crash_between_alias_moves_is_found_and_finished(reg, api_url, tmp_path)
 
     # the rerun: registering again finds the version of each run id, promoting again moves nothing
     mv = client.get_model_version(NAME, v2)
-    assert registry.register(client, NAME, mv.source, mv.run_id, {}).version == mv.version
-    assert registry.promote(client, NAME, v2, v1) == {CHAMPION: v2, PREVIOUS: v1}
+    assert versions.register(client, NAME, mv.source, mv.run_id, {}).version == mv.version
+    assert versions.promote(client, NAME, v2, v1) == {CHAMPION: v2, PREVIOUS: v1}
     runs = [v.run_id for v in client.search_model_versions(f"name = '{NAME}'")]
     assert len(runs) == len(set(runs)) == 3
 
@@ -142,7 +143,7 @@ def test_four_promotions_at_once_make_exactly_one_champion(tmp_path, api_url):
     """Four processes, each a Prefect flow run, all decided against champion v1, released together."""
     root, params, client, exp = store(tmp_path / "project")
     v1 = add_version(client, exp, NAME, tmp_path / "files")
-    registry.promote(client, NAME, v1, None)
+    versions.promote(client, NAME, v1, None)
     candidates = [add_version(client, exp, NAME, tmp_path / "files") for _ in range(4)]
     barrier = tmp_path / "barrier"
     barrier.mkdir()
@@ -153,7 +154,7 @@ def test_four_promotions_at_once_make_exactly_one_champion(tmp_path, api_url):
     assert codes == {0: 1, 1: 3}, outputs
 
     winner = candidates[[p.returncode for p in procs].index(0)]
-    assert registry.aliases(client, NAME) == {CHAMPION: winner, PREVIOUS: v1}
+    assert versions.aliases(client, NAME) == {CHAMPION: winner, PREVIOUS: v1}
     assert promotion.journal(client, NAME) is None
     # every attempt is recorded on its own run: one promotion, three refusals naming the new champion
     runs = client.search_runs([exp], "tags.`ottimo.kind` = 'pipeline'")
@@ -184,7 +185,7 @@ def test_pipeline_start_reconciles_what_a_crash_left(reg, api_url):
         return reconcile_task(root, params)
 
     root, params, client, _, (v1, v2, _) = reg
-    registry.promote(client, NAME, v1, None)
+    versions.promote(client, NAME, v1, None)
     entry = {"op": "promote", "before": {PREVIOUS: None, CHAMPION: v1}, "target": {PREVIOUS: v1, CHAMPION: v2},
              "at": time.time()}
     client.set_registered_model_tag(NAME, promotion.JOURNAL, json.dumps(entry))
@@ -194,9 +195,9 @@ def test_pipeline_start_reconciles_what_a_crash_left(reg, api_url):
     lines = reconcile(root, report_only)
     assert [line.split()[0] for line in lines] == ["journal", "previous-is-champion"]
     assert all(line.endswith("(not repaired)") for line in lines)
-    assert registry.aliases(client, NAME) == {CHAMPION: v1, PREVIOUS: v1}
+    assert versions.aliases(client, NAME) == {CHAMPION: v1, PREVIOUS: v1}
 
     [line] = reconcile(root, params)
     assert line.startswith("journal ") and line.endswith("(done)")
-    assert registry.aliases(client, NAME) == {CHAMPION: v2, PREVIOUS: v1}
+    assert versions.aliases(client, NAME) == {CHAMPION: v2, PREVIOUS: v1}
     assert reconcile(root, params) == []

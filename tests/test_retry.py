@@ -14,11 +14,11 @@ import pytest
 import requests
 from mlflow.exceptions import MlflowException, RestException
 
-from ottimo import versioning
 from ottimo.config import ConfigError, load_params
-from ottimo.gate import GateFailed
-from ottimo.intake import DataValidationError
-from ottimo.promotion import ChampionChanged
+from ottimo.data import versioning
+from ottimo.data.intake import DataValidationError
+from ottimo.registry.gate import GateFailed
+from ottimo.registry.promotion import ChampionChanged
 from tasks.retry import RETRY_TRANSIENT, is_transient
 from tests.conftest import write_project
 
@@ -198,7 +198,8 @@ def test_pipeline_survives_the_mlflow_server_going_away_mid_run(tmp_path, prefec
     from mlflow import MlflowClient
 
     from flows.pipeline import training_pipeline
-    from ottimo import registry, servers
+    from ottimo.ops import servers
+    from ottimo.registry import versions
     from tests.test_security import _free_port
 
     root = write_project(tmp_path / "project", {"deploy": {"mlflow_port": _free_port()},
@@ -239,7 +240,7 @@ def test_pipeline_survives_the_mlflow_server_going_away_mid_run(tmp_path, prefec
         assert not [r for r in runs if r.info.status == "RUNNING"]
         versions = client.search_model_versions(f"name = '{params.mlflow.registered_model}'")
         assert len(versions) == 1 and versions[0].tags["gate_verdict"] == "passed"
-        assert registry.aliases(client, params.mlflow.registered_model)["champion"] == versions[0].version
+        assert versions.aliases(client, params.mlflow.registered_model)["champion"] == versions[0].version
     finally:
         servers.down(root)
         shutil.rmtree(root / ".run", ignore_errors=True)

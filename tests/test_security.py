@@ -19,11 +19,13 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from ottimo import registry, security, servers, versioning
 from ottimo.config import load_params
-from ottimo.export import IntegrityError, export_onnx, sha256
-from ottimo.models import build_model
-from ottimo.tracking import connect, flatten
+from ottimo.data import versioning
+from ottimo.models.architectures import build_model
+from ottimo.onnx.export import IntegrityError, export_onnx, sha256
+from ottimo.ops import servers
+from ottimo.registry import security, versions
+from ottimo.registry.tracking import connect, flatten
 from tests import bad_inputs
 from tests.conftest import REPO, write_project
 
@@ -276,7 +278,7 @@ def _snapshot(root: Path) -> dict:
     params = load_params(root / "params.yaml")
     client, _ = connect(root, params.mlflow)
     name = params.mlflow.registered_model
-    return {"aliases": registry.aliases(client, name),
+    return {"aliases": versions.aliases(client, name),
             "versions": len(client.search_model_versions(f"name = '{name}'")),
             "dvc.lock": (root / "dvc.lock").read_text(),
             "raw.dvc": (root / f"{params.data.path}.dvc").read_text(),

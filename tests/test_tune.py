@@ -21,12 +21,13 @@ from conftest import merge, write_project
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from ottimo import tune, versioning
-from ottimo.cli import app
+from ottimo.cli.main import app
 from ottimo.config import ConfigError, Params, TuneCfg, load_params, parse_params
-from ottimo.data import Splits, load_splits, materialise_raw, prepare
-from ottimo.models import build_model
-from ottimo.tracking import connect
+from ottimo.data import versioning
+from ottimo.data.tables import Splits, load_splits, materialise_raw, prepare
+from ottimo.models import tune
+from ottimo.models.architectures import build_model
+from ottimo.registry.tracking import connect
 from tasks.data import DataVersion
 from tasks.train import FLOW_RUN_TAG
 
@@ -188,7 +189,7 @@ def test_multi_objective_trials_measure_onnx_latency_and_plot_the_front(tmp_path
 HAMMER = textwrap.dedent("""
     import sys
     import optuna
-    from ottimo.tune import open_storage
+    from ottimo.models.tune import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.load_study(study_name="hammer", storage=open_storage(sys.argv[1]))
@@ -236,10 +237,10 @@ def test_parallel_writers_on_sqlite_do_not_lock(tmp_path):
 CRASH = textwrap.dedent("""
     import os, sys
     from pathlib import Path
-    from ottimo import tune
+    from ottimo.models import tune
     from ottimo.config import load_params
-    from ottimo.data import load_splits
-    from ottimo.tracking import connect
+    from ottimo.data.tables import load_splits
+    from ottimo.registry.tracking import connect
 
     root = Path(sys.argv[1]); params = load_params(root / "params.yaml"); cfg = params.tune
     client, exp = connect(root, params.mlflow)

@@ -1,4 +1,4 @@
-"""System test in a real browser: `ottimo.servers` starts Prefect, MLflow and the deployments on free ports in a
+"""System test in a real browser: `ottimo.ops.servers` starts Prefect, MLflow and the deployments on free ports in a
 temporary project; headless Chromium runs the training deployment from the Prefect UI and finds the new champion
 in the MLflow UI. Screenshots and the servers' logs go to test-output/ui/."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ottimo import servers
+from ottimo.ops import servers
 from tests.conftest import REPO, write_project
 
 pytestmark = pytest.mark.e2e

@@ -1,7 +1,7 @@
 """Production batches: find them in data/incoming, check them as training data is checked, quarantine the bad.
 
 A batch is a CSV or Parquet file of the training features, with or without the target column. It passes the
-same pre-read guards as training data (ottimo.intake: inside the project, size and row limits, UTF-8, no
+same pre-read guards as training data (ottimo.data.intake: inside the project, size and row limits, UTF-8, no
 duplicate header) and the same schema checks, and a rejected batch is moved to the same quarantine. Scoring
 writes `<stem>.predictions.parquet` next to it (atomically); a batch without that file is still to be scored.
 """
@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 from pandera.errors import SchemaErrors
 
-from ottimo import intake
 from ottimo.config import LimitsCfg
-from ottimo.data import DataValidationError, check_bounds, check_target, raw_schema, read_table, summarise_errors
+from ottimo.data import intake
+from ottimo.data.tables import DataValidationError, check_bounds, check_target, raw_schema, read_table, summarise_errors
 
 PREDICTIONS = ".predictions.parquet"
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
-from ottimo.cli_card import card_app
-from ottimo.cli_compress import compress as compress_cmd
-from ottimo.cli_doctor import doctor
-from ottimo.cli_drift import drift_app, print_last_check
-from ottimo.config import ConfigError, load_params
+from ottimo.cli.card import card_app
+from ottimo.cli.common import PARAMS, PROJECT, console, finish, params_or_exit
+from ottimo.cli.compress import compress as compress_cmd
+from ottimo.cli.doctor import doctor
+from ottimo.cli.monitor import monitor_app, print_last_check
+from ottimo.cli.registry import registry_app
 
 app = typer.Typer(
     help="Ottimo: DVC-versioned data → train → ONNX → evaluate → gated promotion in the MLflow registry, "
@@ -25,11 +25,9 @@ app = typer.Typer(
 app.add_typer(card_app, name="card")  # `ottimo card show VERSION`, `ottimo card compare A B`
 app.command(name="compress")(compress_cmd)  # `ottimo compress --run-id RUN`
 app.command("doctor")(doctor)  # `ottimo doctor [--repair]`
-app.registered_commands += drift_app.registered_commands  # simulate-drift, score, drift-check, promote, rollback
-console = Console()
+app.registered_commands += monitor_app.registered_commands  # simulate-drift, score, drift-check
+app.registered_commands += registry_app.registered_commands  # promote, rollback
 
-PROJECT = typer.Option(Path("."), "--project-dir", "-C", help="Project folder (holds params.yaml, dvc.yaml, data/).")
-PARAMS = typer.Option("params.yaml", "--params", "-p", help="Config file, relative to the project folder.")
 
 
 @app.callback()
@@ -40,19 +38,11 @@ def _quiet() -> None:
         os.environ.setdefault(key, value)
 
 
-def _params_or_exit(root: Path, params_file: str):
-    try:
-        return load_params(root / params_file)
-    except ConfigError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
-
-
 @app.command()
 def run(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     """Run the whole training pipeline once (validate, version data, train, export, evaluate, gate, promote)."""
     root = project_dir.resolve()
-    _params_or_exit(root, params_file)  # fail before Prefect starts
+    params_or_exit(root, params_file)  # fail before Prefect starts
     from flows.pipeline import training_pipeline
 
     state = training_pipeline(project_dir=str(root), params_file=params_file, return_state=True)
@@ -81,13 +71,11 @@ def tune(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     """Run the tuning stage alone (settings under `tune:`): an Optuna study per model family, resumed if an
     earlier run was interrupted, trials n_jobs at a time on threads or Dask, each trial an MLflow run."""
     root = project_dir.resolve()
-    _params_or_exit(root, params_file)
+    params_or_exit(root, params_file)
     from flows.tune import with_runner
 
     state = with_runner(str(root), params_file)(project_dir=str(root), params_file=params_file, return_state=True)
-    if not state.is_completed():
-        console.print(f"\n[red bold]Tuning {state.name}:[/red bold] {state.message}")
-        raise typer.Exit(1)
+    finish(state, "Tuning")
     table = Table(title="Tuning: the configuration chosen per family")
     for col in ("family", "study", "trial", "val acc", "p95 ms", "complete", "pruned", "failed", "epochs"):
         table.add_column(col)
@@ -106,15 +94,15 @@ def tune(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
 @app.command()
 def status(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     """Show champion, previous-champion and challenger with their metrics and data revision."""
-    from ottimo import registry
-    from ottimo.tracking import connect
+    from ottimo.registry import versions
+    from ottimo.registry.tracking import connect
 
     root = project_dir.resolve()
-    params = _params_or_exit(root, params_file)
+    params = params_or_exit(root, params_file)
     client, _ = connect(root, params.mlflow)
     name = params.mlflow.registered_model
-    versions = {alias: registry.alias_version(client, name, alias)
-                for alias in (registry.CHAMPION, registry.PREVIOUS, registry.CHALLENGER)}
+    versions = {alias: versions.alias_version(client, name, alias)
+                for alias in (versions.CHAMPION, versions.PREVIOUS, versions.CHALLENGER)}
     table = Table(title=f"Registered model {name}")
     table.add_column("")
     for alias in versions:
@@ -136,7 +124,7 @@ def status(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
                          ("gate", "gate_verdict")):
         table.add_row(label, *[cell(mv, field) for mv in versions.values()])
     console.print(table)
-    if versions[registry.CHAMPION] is None:
+    if versions[versions.CHAMPION] is None:
         console.print("No champion yet: run [cyan]ottimo run[/cyan] (or [cyan]make run[/cyan]).")
     print_last_check(console, root, params)
 

@@ -1,6 +1,6 @@
 """Raw data: write a builtin data set, read CSV/Parquet, validate it, split it.
 
-`python -m ottimo.data prepare` is the command of the DVC `prepare` stage (see dvc.yaml).
+`python -m ottimo.data.tables prepare` is the command of the DVC `prepare` stage (see dvc.yaml).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sklearn import datasets
 from sklearn.model_selection import train_test_split
 
 from ottimo.config import DataCfg, LimitsCfg, load_params
-from ottimo.intake import DataValidationError, preflight
+from ottimo.data.intake import DataValidationError, preflight
 
 SPLITS = ("train", "val", "test", "reference")
 BUILTINS = {
@@ -202,7 +202,7 @@ def split_frame(df: pd.DataFrame, cfg: DataCfg) -> dict[str, pd.DataFrame]:
 
 
 def read_checked(root: Path, path: Path, limits: LimitsCfg) -> pd.DataFrame:
-    """The file read into a frame after every check that needs no reading (ottimo.intake.preflight)."""
+    """The file read into a frame after every check that needs no reading (ottimo.data.intake.preflight)."""
     preflight(root, path, limits)
     return read_table(path)
 
@@ -239,7 +239,7 @@ def load_splits(prepared: Path) -> Splits:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "prepare":
-        print("usage: python -m ottimo.data prepare PARAMS_YAML", file=sys.stderr)
+        print("usage: python -m ottimo.data.tables prepare PARAMS_YAML", file=sys.stderr)
         return 2
     params_path = Path(argv[1]).resolve()
     params = load_params(params_path)

@@ -1,7 +1,7 @@
 """Hyperparameter search with Optuna: samplers, pruners, the objective, resume and the choice handed to training.
 
 A study lives in RDB storage (SQLite under mlruns/ by default) so that several workers, threads or
-processes, share it and a crashed run can be resumed. Every trial trains with `ottimo.train.fit`, reports
+processes, share it and a crashed run can be resumed. Every trial trains with `ottimo.models.train.fit`, reports
 val accuracy per epoch so the pruner can stop it early, and is logged to MLflow as a run nested under the
 study's run. No Prefect here: tasks/tune.py and flows/tune.py schedule this.
 """
@@ -30,11 +30,11 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 from ottimo.config import EvaluateCfg, FloatRange, IntRange, TrainCfg, TuneCfg
-from ottimo.data import Splits
-from ottimo.export import export_guard
-from ottimo.faults import checkpoint
-from ottimo.tracking import in_project
-from ottimo.train import fit
+from ottimo.data.tables import Splits
+from ottimo.models.train import fit
+from ottimo.onnx.export import export_guard
+from ottimo.ops.faults import checkpoint
+from ottimo.registry.tracking import in_project
 
 SQLITE_TIMEOUT_S = 120  # how long a writer waits for SQLite's lock before "database is locked"
 INTERRUPTED = "interrupted: left RUNNING by a run that stopped (crash or kill); marked failed on resume"
@@ -288,10 +288,10 @@ class TrialRuns:
 
 
 def onnx_p95_ms(model, X: np.ndarray, cfg: EvaluateCfg) -> float:
-    """p95 latency at batch 1 of the model exported to ONNX, in onnxruntime (ottimo.export + ottimo.measure).
+    """p95 latency at batch 1 of the model exported to ONNX, in onnxruntime (ottimo.onnx.export + ottimo.onnx.measure).
     Trials training beside it share the CPUs, so compare these figures within a study, not with `evaluate`."""
-    from ottimo.export import export_onnx
-    from ottimo.measure import latency_ms, session
+    from ottimo.onnx.export import export_onnx
+    from ottimo.onnx.measure import latency_ms, session
 
     with export_guard.exclusive(), tempfile.TemporaryDirectory(prefix="ottimo-trial-") as tmp:
         path = export_onnx(model, X.shape[1], Path(tmp) / "model.onnx")

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from ottimo.data import Splits
-from ottimo.models import MLP, PatchTransformer, build_model
-from ottimo.train import OPTIMIZERS
+from ottimo.data.tables import Splits
+from ottimo.models.architectures import MLP, PatchTransformer, build_model
+from ottimo.models.train import OPTIMIZERS
 
 _SEED_LOCK = threading.Lock()  # torch's global RNG is shared by threads: seed + init under one lock
 

@@ -6,7 +6,7 @@ page leaves out the confusion-matrix table and the longer lists (they stay in ca
 
 from __future__ import annotations
 
-from ottimo.card import KINDS, SECTIONS, ModelCard
+from ottimo.card.sections import KINDS, SECTIONS, ModelCard
 
 DESCRIPTION_LIMIT = 5000
 

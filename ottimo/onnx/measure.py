@@ -12,7 +12,7 @@ from matplotlib.figure import Figure  # the object API needs no backend or pyplo
 from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, f1_score
 
 from ottimo.config import EvaluateCfg
-from ottimo.export import INPUT, OUTPUT
+from ottimo.onnx.export import INPUT, OUTPUT
 
 
 @dataclass(frozen=True)

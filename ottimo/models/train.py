@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ottimo.config import TrainCfg
-from ottimo.data import Splits
-from ottimo.models import build_model
+from ottimo.data.tables import Splits
+from ottimo.models.architectures import build_model
 
 OPTIMIZERS = {
     "sgd": lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=wd),

@@ -51,11 +51,11 @@ def promote(client: MlflowClient, name: str, version: str, expected_champion: st
             timeout: float = 120, gate: bool = True) -> dict[str, str]:
     """champion -> previous-champion, `version` -> champion; return the aliases after the move.
 
-    Locked, journaled and compare-then-set (ottimo.promotion.promote): pass the champion your decision was based
-    on as `expected_champion` (None: there was none); True takes the champion as it is now. `gate=False`: the
+    Locked, journaled and compare-then-set (ottimo.registry.promotion.promote): pass the champion your decision was
+    based on as `expected_champion` (None: there was none); True takes the champion as it is now. `gate=False`: the
     version need not carry a passed gate verdict (a manual promotion that ran its own gate, or was forced).
     """
-    from ottimo import promotion  # it builds on this module
+    from ottimo.registry import promotion  # it builds on this module
 
     if expected_champion is True:
         expected_champion = aliases(client, name).get(CHAMPION)
@@ -69,7 +69,7 @@ def version(client: MlflowClient, name: str, ref: str):
 
 def download_verified(client: MlflowClient, name: str, ref: str, dst: Path) -> tuple[Path, object]:
     """Download the ONNX file of `name` version/alias `ref` and check it against the version's sha256 tag."""
-    from ottimo.export import verify_sha256  # imports torch: only where a file is downloaded
+    from ottimo.onnx.export import verify_sha256  # imports torch: only where a file is downloaded
 
     mv = version(client, name, ref)
     expected = mv.tags.get("sha256")
@@ -86,7 +86,7 @@ class NoPreviousChampion(RuntimeError):
 def rollback(client: MlflowClient, name: str, reason: str, expected_champion: str | None = None,
              decision: str | None = None, timeout: float = 120) -> dict[str, str]:
     """previous-champion <-> champion, tagged on both versions; locked, journaled and compare-then-set like every
-    alias move (ottimo.promotion.rollback). Raises NoPreviousChampion or ChampionChanged, changing nothing."""
-    from ottimo import promotion  # it builds on this module
+    alias move (ottimo.registry.promotion.rollback). Raises NoPreviousChampion or ChampionChanged, changing nothing."""
+    from ottimo.registry import promotion  # it builds on this module
 
     return promotion.rollback(client, name, reason, expected_champion, decision, timeout)

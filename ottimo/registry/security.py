@@ -17,9 +17,9 @@ import onnxruntime as ort
 from mlflow import MlflowClient
 from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
-from ottimo import registry
-from ottimo.export import verify_sha256
-from ottimo.measure import session
+from ottimo.onnx.export import verify_sha256
+from ottimo.onnx.measure import session
+from ottimo.registry import versions
 
 NO_PICKLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 PREFECT_SERVER_AUTH, PREFECT_CLIENT_AUTH = "PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING"
@@ -59,7 +59,7 @@ def fetch_verified(client: MlflowClient, name: str, ref: str, dst: Path):
     """The ONNX file of `name` version/alias `ref`: downloaded with pickle off, checked against its sha256 tag
     and refused if it uses external data. Returns (path, model version)."""
     with no_pickle():
-        path, mv = registry.download_verified(client, name, ref, dst)
+        path, mv = versions.download_verified(client, name, ref, dst)
     return refuse_external_data(path), mv
 
 

@@ -25,8 +25,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ottimo import security
 from ottimo.config import load_params
+from ottimo.registry import security
 
 CODE = Path(__file__).resolve().parents[1]  # where flows/ lives: the serve process runs from here
 ORDER = ("prefect", "mlflow", "serve")

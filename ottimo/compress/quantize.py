@@ -17,7 +17,7 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from ottimo.export import INPUT
+from ottimo.onnx.export import INPUT
 
 INTEGER_OPS = {"MatMulInteger", "QLinearMatMul", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
                "DynamicQuantizeMatMul", "QGemm", "QAttention", "MatMulIntegerToFloat"}

@@ -9,31 +9,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from ottimo.cli.common import PARAMS, PROJECT, console, finish, params_or_exit
 
-PROJECT = typer.Option(Path("."), "--project-dir", "-C", help="Project folder (holds params.yaml, dvc.yaml, data/).")
-PARAMS = typer.Option("params.yaml", "--params", "-p", help="Config file, relative to the project folder.")
 RUN_ID = typer.Option(..., "--run-id", "-r", help="MLflow run id of a pipeline run or of a trained candidate.")
 
 
 def compress(run_id: str = RUN_ID, project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     """Compress a trained model (settings under `compress:`): distil, prune, quantize, measure side by side in
     onnxruntime, write the Pareto report and the choice to MLflow. Registers nothing."""
-    from ottimo.cli import _params_or_exit  # the main app; it imports this module at load time
 
     root = project_dir.resolve()
-    _params_or_exit(root, params_file)
+    params_or_exit(root, params_file)
     from flows.compress import with_runner
 
     state = with_runner(str(root), params_file)(project_dir=str(root), params_file=params_file, run_id=run_id,
                                                  return_state=True)
-    if not state.is_completed():
-        console.print(f"\n[red bold]Compression {state.name}:[/red bold] {state.message}")
-        raise typer.Exit(1)
-    result = state.result()
+    result = finish(state, "Compression")
     table = Table(title=f"Compression candidates (objective: {result.selection.objective})")
     for col in ("candidate", "technique", "accuracy", "p50 ms", "p95 ms", "rows/s @64", "size kB", "params"):
         table.add_column(col)

@@ -1,4 +1,4 @@
-"""`ottimo simulate-drift | score | drift-check | promote | rollback`, and the last drift check for `status`."""
+"""`ottimo simulate-drift | score | drift-check`, and the last drift check for `status`."""
 
 from __future__ import annotations
 
@@ -8,31 +8,14 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from ottimo.config import ConfigError, Params, load_params
+from ottimo.cli.common import PARAMS, PROJECT, console, fail, finish, params_or_exit
+from ottimo.config import Params
 
-drift_app = typer.Typer()
-console = Console()
-PROJECT = typer.Option(Path("."), "--project-dir", "-C", help="Project folder (holds params.yaml, dvc.yaml, data/).")
-PARAMS = typer.Option("params.yaml", "--params", "-p", help="Config file, relative to the project folder.")
+monitor_app = typer.Typer()
 COLUMNS = typer.Option(None, "--column", help="Features to shift (repeat the option); default: all.")
 
 
-def _params(root: Path, params_file: str) -> Params:
-    try:
-        return load_params(root / params_file)
-    except ConfigError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
-
-
-def _finish(state, what: str):
-    if not state.is_completed():
-        console.print(f"\n[red bold]{what} {state.name}:[/red bold] {state.message}")
-        raise typer.Exit(1)
-    return state.result()
-
-
-@drift_app.command("simulate-drift")
+@monitor_app.command("simulate-drift")
 def simulate_drift(
     kind: str = typer.Option("none", help="none | shift | scale | noise | rotate | blur | prior | missing"),
     severity: float = typer.Option(0.0, help="shift/noise: std units; scale: +fraction; rotate: x45 degrees; "
@@ -47,14 +30,13 @@ def simulate_drift(
     """Write seeded batches with a controlled shift into data/incoming, drawn from a held-out split."""
     import pandas as pd
 
-    from ottimo import simulate
+    from ottimo.monitor import simulate
 
     root = project_dir.resolve()
-    params = _params(root, params_file)
+    params = params_or_exit(root, params_file)
     split = root / "data" / "prepared" / f"{source}.parquet"
     if source not in ("test", "val", "reference") or not split.is_file():
-        console.print(f"[red]{split} not found: run `ottimo run` first (source is test, val or reference)[/red]")
-        raise typer.Exit(2)
+        raise fail(f"{split} not found: run `ottimo run` first (source is test, val or reference)", 2)
     df = pd.read_parquet(split)
     features = [c for c in df.columns if c != params.data.target]
     try:
@@ -62,34 +44,33 @@ def simulate_drift(
                                   columns=columns or None, image_shape=params.card.image_shape)
         paths = simulate.write(frames, root / params.score.incoming, f"sim-{kind}-{seed}", fmt)
     except simulate.SimulationError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
+        raise fail(str(err), 2) from None
     console.print(f"wrote {len(paths)} batch(es) of {rows} rows ({kind}, severity {severity}) to "
                   f"{params.score.incoming}: {', '.join(p.name for p in paths)}")
 
 
-@drift_app.command()
+@monitor_app.command()
 def score(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     """Score every new batch in data/incoming with the champion (malformed batches go to data/quarantine)."""
     root = project_dir.resolve()
-    _params(root, params_file)
+    params_or_exit(root, params_file)
     from flows.score import batch_scoring
 
-    results = _finish(batch_scoring(project_dir=str(root), params_file=params_file, return_state=True), "Scoring")
+    results = finish(batch_scoring(project_dir=str(root), params_file=params_file, return_state=True), "Scoring")
     for r in results:
         console.print(f"{r.batch}: {r.rows} rows{' (labelled)' if r.labelled else ''} -> {Path(r.predictions).name}")
     if not results:
         console.print("no new batches")
 
 
-@drift_app.command("drift-check")
+@monitor_app.command("drift-check")
 def drift_check(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     """Run the drift check once: Evidently on the scored batches → nothing | retrain | rollback."""
     root = project_dir.resolve()
-    _params(root, params_file)
+    params_or_exit(root, params_file)
     from flows.drift import drift_check as flow
 
-    summary = _finish(flow(project_dir=str(root), params_file=params_file, return_state=True), "Drift check")
+    summary = finish(flow(project_dir=str(root), params_file=params_file, return_state=True), "Drift check")
     console.print(f"[bold]decision: {summary.action}[/bold]")
     for reason in summary.reasons:
         console.print(f"  - {reason}")
@@ -97,42 +78,15 @@ def drift_check(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
         console.print(f"  {key}: {value}")
 
 
-@drift_app.command()
-def promote(version: str, force: bool = typer.Option(False, help="Promote even if the gate fails."),
-            reason: str = typer.Option("", help="Why; required with --force."),
-            project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
-    """Make VERSION the champion through the gate (or past it with --force and --reason)."""
-    root = project_dir.resolve()
-    _params(root, params_file)
-    from flows.manage import promote as flow
-
-    after = _finish(flow(version=version, force=force, reason=reason, project_dir=str(root),
-                         params_file=params_file, return_state=True), "Promote")
-    console.print(f"aliases now {after}")
-
-
-@drift_app.command()
-def rollback(reason: str = typer.Option("manual rollback", help="Why (tagged on both versions)."),
-             project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
-    """Swap champion and previous-champion back in one step."""
-    root = project_dir.resolve()
-    _params(root, params_file)
-    from flows.manage import rollback as flow
-
-    after = _finish(flow(reason=reason, project_dir=str(root), params_file=params_file, return_state=True),
-                    "Rollback")
-    console.print(f"aliases now {after}")
-
-
 def print_last_check(out: Console, root: Path, params: Params) -> None:
     """The newest drift check, its decision and reasons, and how many scored batches wait for the next one."""
-    from ottimo import monitor
-    from ottimo.tracking import connect
+    from ottimo.monitor import ledger
+    from ottimo.registry.tracking import connect
 
     client, _ = connect(root, params.mlflow)
-    found = client.get_experiment_by_name(monitor.experiment_name(params))  # not created by looking
-    run = monitor.last_check(client, found.experiment_id) if found else None
-    waiting = len(monitor.unchecked(client, found.experiment_id)) if found else 0
+    found = client.get_experiment_by_name(ledger.experiment_name(params))  # not created by looking
+    run = ledger.last_check(client, found.experiment_id) if found else None
+    waiting = len(ledger.unchecked(client, found.experiment_id)) if found else 0
     if run is None:
         out.print(f"Last drift check: none yet ({waiting} scored batch(es) waiting); run `ottimo drift-check`.")
         return

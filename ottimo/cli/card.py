@@ -16,33 +16,32 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ottimo.cli.common import PARAMS, PROJECT, params_or_exit
 from ottimo.config import Params
 
 card_app = typer.Typer(help="Model cards of registered versions: show one, compare two.", no_args_is_help=True)
 console = Console()
 err = Console(stderr=True)
 
-PROJECT = typer.Option(Path("."), "--project-dir", "-C", help="Project folder (holds params.yaml, dvc.yaml, data/).")
-PARAMS = typer.Option("params.yaml", "--params", "-p", help="Config file, relative to the project folder.")
 MODEL = typer.Option(None, "--model", "-m", help="Registered model; default: mlflow.registered_model in params.")
 
 
 def _open(project_dir: Path, params_file: str, model: str | None):
-    from ottimo.cli import _params_or_exit  # the main app; it imports this module at load time
-    from ottimo.tracking import connect
+    from ottimo.registry.tracking import connect
 
     root = project_dir.resolve()
-    params = _params_or_exit(root, params_file)
+    params = params_or_exit(root, params_file)
     client, _ = connect(root, params.mlflow)
     return root, params, client, model or params.mlflow.registered_model
 
 
 def _card(root: Path, params: Params, client, name: str, ref: str, recompute: bool, work: Path):
     """The stored card of `ref`, or a fresh measurement when asked or when none is stored."""
-    from ottimo import cardstore, registry
+    from ottimo.card import store as cardstore
+    from ottimo.registry import versions
 
     if not recompute:
-        stored = cardstore.load_stored(client, registry.version(client, name, ref))
+        stored = cardstore.load_stored(client, versions.version(client, name, ref))
         if stored is not None:
             return stored
         err.print(f"{name} {ref} has no stored card: measuring it now")
@@ -60,14 +59,15 @@ def show(
     params_file: str = PARAMS,
 ) -> None:
     """Recompute a version's card from its ONNX file and data revision and print it (markdown)."""
-    from ottimo import cardstore, registry
-    from ottimo.card import deterministic
-    from ottimo.card_render import render
+    from ottimo.card import store as cardstore
+    from ottimo.card.render import render
+    from ottimo.card.sections import deterministic
+    from ottimo.registry import versions
 
     root, params, client, name = _open(project_dir, params_file, model)
     with tempfile.TemporaryDirectory() as tmp:
         if stored:
-            card = cardstore.load_stored(client, registry.version(client, name, version))
+            card = cardstore.load_stored(client, versions.version(client, name, version))
             if card is None:
                 err.print(f"[red]{name} {version} has no stored card[/red]; run without --stored to measure it")
                 raise typer.Exit(1)
@@ -101,8 +101,8 @@ def compare(
     params_file: str = PARAMS,
 ) -> None:
     """Two cards side by side, marking the better one on every figure and on each of the eight dimensions."""
-    from ottimo.card import SECTIONS
-    from ottimo.card import compare as compare_cards
+    from ottimo.card.sections import SECTIONS
+    from ottimo.card.sections import compare as compare_cards
 
     root, params, client, name = _open(project_dir, params_file, model)
     with tempfile.TemporaryDirectory() as tmp:

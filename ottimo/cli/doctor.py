@@ -5,12 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-console = Console()
-
-PROJECT = typer.Option(Path("."), "--project-dir", "-C", help="Project folder (holds params.yaml, dvc.yaml, data/).")
-PARAMS = typer.Option("params.yaml", "--params", "-p", help="Config file, relative to the project folder.")
+from ottimo.cli.common import PARAMS, PROJECT, console, params_or_exit
 
 
 def doctor(
@@ -21,12 +17,11 @@ def doctor(
     """Check the registry and MLflow runs for what a crash leaves: a half-done alias move, runs left RUNNING,
     versions without a gate verdict or sha256, a missing champion, previous-champion = champion. Exit code 1 while
     anything is left unrepaired."""
-    from ottimo.cli import _params_or_exit  # the main app; it imports this module at load time
-    from ottimo.doctor import examine
-    from ottimo.tracking import connect
+    from ottimo.ops.doctor import examine
+    from ottimo.registry.tracking import connect
 
     root = project_dir.resolve()
-    params = _params_or_exit(root, params_file)
+    params = params_or_exit(root, params_file)
     client, exp = connect(root, params.mlflow)
     findings = examine(client, exp, params.mlflow.registered_model, params.reliability, repair=repair)
     if not findings:

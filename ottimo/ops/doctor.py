@@ -20,9 +20,9 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 
-from ottimo import promotion
 from ottimo.config import ReliabilityCfg
-from ottimo.registry import CHALLENGER, CHAMPION, ONNX_FILE, PREVIOUS, aliases
+from ottimo.registry import promotion
+from ottimo.registry.versions import CHALLENGER, CHAMPION, ONNX_FILE, PREVIOUS, aliases
 
 OWNER_TAG = "ottimo.owner"  # on a pipeline (or stand-alone study) run: the process that runs it (JSON)
 VERDICTS = ("passed", "failed")
@@ -165,7 +165,7 @@ class Doctor:
                            "cannot be verified, so it is never served; promote another version", None)
 
     def _artifact_sha256(self, version: str) -> str | None:
-        from ottimo.export import sha256  # imports torch: only when a version lacks its sha256 tag
+        from ottimo.onnx.export import sha256  # imports torch: only when a version lacks its sha256 tag
 
         with tempfile.TemporaryDirectory() as tmp:
             try:

@@ -20,12 +20,13 @@ from mlflow.artifacts import download_artifacts
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from ottimo import registry, security, versioning
-from ottimo.card import ModelCard, measure_card
-from ottimo.card_render import description, render
+from ottimo.card.render import description, render
+from ottimo.card.sections import ModelCard, measure_card
 from ottimo.config import CardCfg, Params
-from ottimo.data import load_splits
-from ottimo.gate import Verdict
+from ottimo.data import versioning
+from ottimo.data.tables import load_splits
+from ottimo.registry import security, versions
+from ottimo.registry.gate import Verdict
 
 CARD_DIR = "card"
 COMMIT_TAG = "ottimo.code_commit"
@@ -99,7 +100,7 @@ def build(root: Path, params: Params, client: MlflowClient, name: str, ref: str,
     `verdict_for` (the pipeline, before the gate has tagged the version) gives the verdict the gate policy
     returns for these figures; otherwise the verdict is the one tagged on the version.
     """
-    mv = registry.version(client, name, ref)
+    mv = versions.version(client, name, ref)
     lin = lineage(client, name, mv)
     cfg = cfg or params.card
     if not mv.tags.get("data_revision"):
@@ -142,7 +143,7 @@ def load_stored(client: MlflowClient, mv: ModelVersion) -> ModelCard | None:
 def recompute(root: Path, params: Params, client: MlflowClient, name: str, ref: str, work: Path,
               ) -> tuple[ModelCard, ModelCard | None, ModelVersion]:
     """Measure a version again (with its stored card's settings when it has one); return it and the stored card."""
-    stored = load_stored(client, registry.version(client, name, ref))
+    stored = load_stored(client, versions.version(client, name, ref))
     cfg = CardCfg.model_validate(stored.lineage["card_config"]) if stored and "card_config" in stored.lineage \
         else None
     card, mv = build(root, params, client, name, ref, work, cfg)

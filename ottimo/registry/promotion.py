@@ -20,8 +20,8 @@ from filelock import FileLock, Timeout
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from ottimo.faults import checkpoint
-from ottimo.registry import CHAMPION, PREVIOUS, NoPreviousChampion, aliases
+from ottimo.ops.faults import checkpoint
+from ottimo.registry.versions import CHAMPION, PREVIOUS, NoPreviousChampion, aliases
 
 JOURNAL = "ottimo.journal"  # registered-model tag: the alias move in progress (JSON), absent when none
 CHAMPION_SINCE = "champion_since"  # version tag: epoch seconds it last became champion (the champion history)

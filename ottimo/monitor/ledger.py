@@ -13,7 +13,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from ottimo.config import Params
-from ottimo.tracking import connect
+from ottimo.registry.tracking import connect
 
 KIND = "ottimo.kind"
 SCORE, CHECK = "score", "drift-check"

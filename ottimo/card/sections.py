@@ -1,7 +1,7 @@
 """Model cards: the eight dimensions a team weighs before deploying, measured from an ONNX file and the data.
 
 Pure functions: an ONNX path, the prepared splits and `CardCfg` in; a `ModelCard` (JSON-ready sections), PNG
-plots and markdown out. Nothing here talks to MLflow or Prefect (ottimo.cardstore does), so the card of any old
+plots and markdown out. Nothing here talks to MLflow or Prefect (ottimo.card.store does), so the card of any old
 version can be recomputed from its registered ONNX file and its data revision.
 """
 
@@ -29,9 +29,9 @@ from sklearn.inspection import permutation_importance
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from ottimo.config import CardCfg, CardFigure, EvaluateCfg, SliceCfg
-from ottimo.data import Splits
-from ottimo.export import INPUT, OUTPUT
-from ottimo.measure import confusion_png, latency_ms, predict, session
+from ottimo.data.tables import Splits
+from ottimo.onnx.export import INPUT, OUTPUT
+from ottimo.onnx.measure import confusion_png, latency_ms, predict, session
 
 SECTIONS = {
     "accuracy": "1. Accuracy",

@@ -29,7 +29,7 @@ class Verdict:
 def check(metrics: dict[str, float], cfg: GateCfg, champion_accuracy: float | None,
           card: dict[str, float] | None = None) -> Verdict:
     """Apply every threshold to one candidate's metrics (accuracy in [0, 1], latency in ms, size in MB),
-    and `gate.card` bounds to its model-card figures (ottimo.card.ModelCard.figures())."""
+    and `gate.card` bounds to its model-card figures (ottimo.card.sections.ModelCard.figures())."""
     acc, p95, size = metrics["accuracy"], metrics["p95_ms"], metrics["size_mb"]
     rules = [
         (acc >= cfg.min_accuracy, f"accuracy {acc:.4f} {'>=' if acc >= cfg.min_accuracy else '<'} "

@@ -1,0 +1,5 @@
+"""`python -m ottimo.cli`: the same app as the `ottimo` command."""
+
+from ottimo.cli.main import app
+
+app()
