@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: install run status up down browser test test-slow lint bench clean
+.PHONY: install run status up down browser test test-unit test-slow lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,9 +35,12 @@ browser:                            ## Debian's chromium + chromedriver for the 
 	  { $(SUDO) apt-get update -q && \
 	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
-test: install browser               ## lint, then the whole test suite (tests/test_ui.py drives headless Chromium)
+test: install browser               ## lint, then the whole test suite (tests/system/test_ui.py drives headless Chromium)
 	$(BIN)/ruff check ottimo tasks flows tests bench
 	$(BIN)/python -m pytest
+
+test-unit: install                  ## the fast loop: unit tests of the core (tests/unit), no Prefect, no servers
+	$(BIN)/python -m pytest tests/unit
 
 test-slow: install browser          ## the slow suites: crash matrix, servers killed mid-run (CI runs them after `make test`)
 	$(BIN)/python -m pytest -m slow

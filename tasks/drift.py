@@ -20,7 +20,7 @@ from ottimo.monitor import drift as policy
 from ottimo.monitor import ledger
 from ottimo.onnx.measure import predict
 from ottimo.ops.faults import checkpoint
-from ottimo.registry import versions
+from ottimo.registry import promotion, versions
 from ottimo.registry.security import fetch_verified, serving_session
 from ottimo.registry.tracking import connect
 from tasks.score import Champion
@@ -190,7 +190,7 @@ def rollback_champion(root: Path, params: Params, check: Check) -> dict[str, str
     champion is still the one the check judged; done already by this check (a rerun after a crash): no change."""
     client, _ = connect(root, params.mlflow)
     reason = f"drift check {check.run_id}: " + "; ".join(check.reasons)
-    after = versions.rollback(client, params.mlflow.registered_model, reason, check.champion,
+    after = promotion.rollback(client, params.mlflow.registered_model, reason, check.champion,
                               f"drift-check {check.run_id}", params.reliability.lock_timeout_seconds)
     get_run_logger().warning("ROLLBACK: champion v%s -> v%s; aliases now %s", check.champion,
                              after[versions.CHAMPION], after)

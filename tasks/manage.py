@@ -13,7 +13,7 @@ from ottimo.config import Params
 from ottimo.data.tables import load_splits
 from ottimo.onnx.measure import predict, session
 from ottimo.registry import gate as gate_policy
-from ottimo.registry import versions
+from ottimo.registry import promotion, versions
 from ottimo.registry.promotion import PromotionError
 from ottimo.registry.security import fetch_verified
 from ottimo.registry.tracking import connect
@@ -71,7 +71,7 @@ def promote_manually(root: Path, params: Params, verdict: ManualVerdict, force: 
         raise gate_policy.GateFailed(f"{name} v{verdict.version} fails the gate: {'; '.join(verdict.reasons)}. "
                                      "Nothing changed; run again with force=true and a reason to override.")
     client, _ = connect(root, params.mlflow)
-    after = versions.promote(client, name, verdict.version, verdict.champion, params.reliability.lock_timeout_seconds,
+    after = promotion.promote(client, name, verdict.version, verdict.champion, params.reliability.lock_timeout_seconds,
                              gate=False)  # this flow ran the gate itself (or was forced); the sha256 is still required
     client.set_model_version_tag(name, verdict.version, "promoted_manually",
                                  ("FORCED past a failed gate: " if not verdict.passed else "gate passed: ")
@@ -90,9 +90,9 @@ def rollback_manually(root: Path, params: Params, reason: str) -> dict[str, str]
     name = params.mlflow.registered_model
     champion = versions.aliases(client, name).get(versions.CHAMPION)
     try:
-        after = versions.rollback(client, name, f"manual: {reason}", champion, f"flow-run {runtime.flow_run.id}",
+        after = promotion.rollback(client, name, f"manual: {reason}", champion, f"flow-run {runtime.flow_run.id}",
                                   params.reliability.lock_timeout_seconds)
-    except (versions.NoPreviousChampion, PromotionError) as err:
+    except (promotion.NoPreviousChampion, PromotionError) as err:
         create_markdown_artifact(markdown=f"# ALERT: rollback not done\n\n{err}", key="rollback-alert",
                                  description="Rollback refused: nothing changed")
         raise

@@ -11,9 +11,10 @@ from prefect import get_run_logger, task
 from ottimo.config import Params
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import gate as gate_policy
-from ottimo.registry import versions
+from ottimo.registry import promotion
 from ottimo.registry.promotion import PromotionError
 from ottimo.registry.tracking import connect
+from ottimo.registry.versions import CHALLENGER, CHAMPION, aliases, register
 from tasks.retry import RETRY_TRANSIENT
 
 if TYPE_CHECKING:  # annotations only: a promotion alone need not import the training stack
@@ -35,7 +36,7 @@ class Decision:
 def register_candidate(root: Path, params: Params, cand: Evaluated, data: DataVersion) -> str:
     """Register the candidate's ONNX model as a new version (once per run) tagged with its lineage."""
     client, _ = connect(root, params.mlflow)
-    mv = versions.register(client, params.mlflow.registered_model, cand.model_uri, cand.run_id, {
+    mv = register(client, params.mlflow.registered_model, cand.model_uri, cand.run_id, {
         "data_revision": data.revision, "sha256": cand.sha256, "family": cand.family,
         "gate_verdict": "pending"})
     get_run_logger().info("%s registered as %s v%s", cand.family, params.mlflow.registered_model, mv.version)
@@ -55,7 +56,7 @@ def gate(root: Path, params: Params, parent_run_id: str, candidates: list[Evalua
     log = get_run_logger()
     client, _ = connect(root, params.mlflow)
     name = params.mlflow.registered_model
-    expected = versions.aliases(client, name).get(versions.CHAMPION)
+    expected = aliases(client, name).get(CHAMPION)
     if (expected is None) != (champion_accuracy is None):
         raise PromotionError(f"champion of {name} changed while this run was evaluating (now "
                              f"{'v' + expected if expected else 'none'}); nothing was promoted. "
@@ -71,7 +72,7 @@ def gate(root: Path, params: Params, parent_run_id: str, candidates: list[Evalua
         log.info("gate %s v%s: %s", c.family, version, v.summary)
     chosen = gate_policy.select(verdicts)
     version = versions[[c.family for c in candidates].index(chosen)]
-    client.set_registered_model_alias(name, versions.CHALLENGER, version)
+    client.set_registered_model_alias(name, CHALLENGER, version)
     verdict = verdicts[chosen][1]
     client.set_tag(parent_run_id, "gate.verdict", "passed" if verdict.passed else "failed")
     client.set_tag(parent_run_id, "gate.selected", f"{chosen} v{version}")
@@ -93,7 +94,7 @@ def promote(root: Path, params: Params, parent_run_id: str, decision: Decision) 
     client, exp = connect(root, params.mlflow)
     was = decision.expected_champion
     try:
-        after = versions.promote(client, params.mlflow.registered_model, decision.version, was,
+        after = promotion.promote(client, params.mlflow.registered_model, decision.version, was,
                                  params.reliability.lock_timeout_seconds)
     except PromotionError as err:
         client.set_tag(parent_run_id, "promotion", f"refused v{decision.version}: {err}"[:5000])

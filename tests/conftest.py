@@ -22,7 +22,7 @@ TINY = {
     "tune": {"enabled": False, "n_trials": 3, "n_jobs": 1, "space": {
         "mlp": {"width": [16, 32], "epochs": 3},
         "transformer": {"d_model": [16], "heads": [2], "layers": {"low": 1, "high": 1}, "epochs": 3}}},
-    "compress": {"enabled": False},  # compression off for the older pipeline tests; tests/test_compress.py turns it on
+    "compress": {"enabled": False},  # off for the older pipeline tests; tests/flows/test_compress.py turns it on
 }
 
 

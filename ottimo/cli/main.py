@@ -101,11 +101,11 @@ def status(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     params = params_or_exit(root, params_file)
     client, _ = connect(root, params.mlflow)
     name = params.mlflow.registered_model
-    versions = {alias: versions.alias_version(client, name, alias)
+    by_alias = {alias: versions.alias_version(client, name, alias)
                 for alias in (versions.CHAMPION, versions.PREVIOUS, versions.CHALLENGER)}
     table = Table(title=f"Registered model {name}")
     table.add_column("")
-    for alias in versions:
+    for alias in by_alias:
         table.add_column(alias)
 
     def cell(mv, field: str) -> str:
@@ -118,13 +118,13 @@ def status(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
         value = client.get_run(mv.run_id).data.metrics.get(field)
         return "" if value is None else f"{value:.4f}"
 
-    table.add_row("version", *[str(mv.version) if mv else "-" for mv in versions.values()])
+    table.add_row("version", *[str(mv.version) if mv else "-" for mv in by_alias.values()])
     for label, field in (("family", "family"), ("accuracy", "test_accuracy"), ("macro F1", "test_macro_f1"),
                          ("p95 ms", "test_p95_ms"), ("size MB", "test_size_mb"), ("data revision", "data_revision"),
                          ("gate", "gate_verdict")):
-        table.add_row(label, *[cell(mv, field) for mv in versions.values()])
+        table.add_row(label, *[cell(mv, field) for mv in by_alias.values()])
     console.print(table)
-    if versions[versions.CHAMPION] is None:
+    if by_alias[versions.CHAMPION] is None:
         console.print("No champion yet: run [cyan]ottimo run[/cyan] (or [cyan]make run[/cyan]).")
     print_last_check(console, root, params)
 

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from ottimo.ops.faults import checkpoint
-from ottimo.registry.versions import CHAMPION, PREVIOUS, NoPreviousChampion, aliases
+from ottimo.registry.versions import CHAMPION, PREVIOUS, aliases
 
 JOURNAL = "ottimo.journal"  # registered-model tag: the alias move in progress (JSON), absent when none
 CHAMPION_SINCE = "champion_since"  # version tag: epoch seconds it last became champion (the champion history)
@@ -30,6 +30,10 @@ PASSED = "passed"
 
 class PromotionError(RuntimeError):
     """An alias move was refused; the registry is as it was."""
+
+
+class NoPreviousChampion(RuntimeError):
+    """Rollback asked for, but there is no `previous-champion` (or no champion) to swap with: nothing changed."""
 
 
 class ChampionChanged(PromotionError):

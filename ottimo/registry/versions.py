@@ -47,21 +47,6 @@ def register(client: MlflowClient, name: str, model_uri: str, run_id: str, tags:
                                        model_id=model_id)
 
 
-def promote(client: MlflowClient, name: str, version: str, expected_champion: str | None | bool = True,
-            timeout: float = 120, gate: bool = True) -> dict[str, str]:
-    """champion -> previous-champion, `version` -> champion; return the aliases after the move.
-
-    Locked, journaled and compare-then-set (ottimo.registry.promotion.promote): pass the champion your decision was
-    based on as `expected_champion` (None: there was none); True takes the champion as it is now. `gate=False`: the
-    version need not carry a passed gate verdict (a manual promotion that ran its own gate, or was forced).
-    """
-    from ottimo.registry import promotion  # it builds on this module
-
-    if expected_champion is True:
-        expected_champion = aliases(client, name).get(CHAMPION)
-    return promotion.promote(client, name, version, expected_champion or None, timeout, gate)
-
-
 def version(client: MlflowClient, name: str, ref: str):
     """A version by number ("3") or by alias ("champion")."""
     return client.get_model_version(name, ref) if str(ref).isdigit() else client.get_model_version_by_alias(name, ref)
@@ -77,16 +62,3 @@ def download_verified(client: MlflowClient, name: str, ref: str, dst: Path) -> t
         raise MlflowException(f"{name} v{mv.version} has no sha256 tag; it cannot be verified, so it is not loaded")
     local = Path(download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst)))
     return verify_sha256(local / ONNX_FILE, expected), mv
-
-
-class NoPreviousChampion(RuntimeError):
-    """Rollback asked for, but there is no `previous-champion` (or no champion) to swap with: nothing changed."""
-
-
-def rollback(client: MlflowClient, name: str, reason: str, expected_champion: str | None = None,
-             decision: str | None = None, timeout: float = 120) -> dict[str, str]:
-    """previous-champion <-> champion, tagged on both versions; locked, journaled and compare-then-set like every
-    alias move (ottimo.registry.promotion.rollback). Raises NoPreviousChampion or ChampionChanged, changing nothing."""
-    from ottimo.registry import promotion  # it builds on this module
-
-    return promotion.rollback(client, name, reason, expected_champion, decision, timeout)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import write_project
 from typer.testing import CliRunner
 
 from ottimo.compress import pareto, quantize, techniques
@@ -23,6 +22,7 @@ from ottimo.onnx.export import export_onnx
 from ottimo.onnx.measure import predict, session
 from ottimo.registry import versions
 from ottimo.registry.gate import GateFailed
+from tests.conftest import write_project
 
 TINY_TRAIN = {"max_epochs": 15, "patience": 4, "mlp": {"hidden": [32]},
               "transformer": {"d_model": 16, "heads": 2, "layers": 1, "ff_dim": 32}}

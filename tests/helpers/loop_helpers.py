@@ -18,9 +18,9 @@ from ottimo.data import versioning
 from ottimo.data.tables import materialise_raw
 from ottimo.onnx.export import sha256
 from ottimo.onnx.measure import INPUT, OUTPUT
-from ottimo.registry import versions
+from ottimo.registry import promotion, versions
 from tests.conftest import REPO
-from tests.reliability_helpers import store
+from tests.helpers.reliability_helpers import store
 
 
 def linear_onnx(path: Path, n_features: int, n_classes: int, seed: int) -> Path:
@@ -63,19 +63,19 @@ def loop_project(root: Path, overrides: dict | None = None, versions: int = 1):
     made = [add_onnx_version(client, exp, name, root.parent / "models", revision, seed) for seed in range(versions)]
     before = None
     for v in made:
-        versions.promote(client, name, v, before)
+        promotion.promote(client, name, v, before)
         before = v
     return root, load_params(root / "params.yaml"), client, exp, made
 
 
 def alias_worker(project: Path, op: str, version: str, expected: str, barrier: Path,
                  crash_at: str | None = None) -> subprocess.Popen:
-    """`python -m tests.alias_worker` in its own process: one promote or rollback after `barrier/go` appears."""
+    """`python -m tests.helpers.alias_worker` in its own process: one promote or rollback after `barrier/go` appears."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     env.pop("OTTIMO_CRASH_AT", None)
     if crash_at:
         env["OTTIMO_CRASH_AT"] = crash_at
-    return subprocess.Popen([sys.executable, "-m", "tests.alias_worker", str(project), op, version, expected,
+    return subprocess.Popen([sys.executable, "-m", "tests.helpers.alias_worker", str(project), op, version, expected,
                              str(barrier)], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 

@@ -1,4 +1,5 @@
-"""One promotion attempt in its own process, for tests: `python tests/promote_worker.py PROJECT VERSION EXPECTED DIR`.
+"""One promotion attempt in its own process, for tests:
+`python tests/helpers/promote_worker.py PROJECT VERSION EXPECTED DIR`.
 
 A Prefect flow (on the API named by PREFECT_API_URL) opens a pipeline-like MLflow run owned by this process, writes
 DIR/ready-VERSION and waits for DIR/go, so that every attempt has decided on the same champion before they race,

@@ -62,14 +62,15 @@ def add_version(client: MlflowClient, exp: str, name: str, tmp: Path, verdict: s
 
 def attempt(project: Path, version: str, expected: str | None, barrier: Path, api_url: str,
             crash_at: str | None = None) -> subprocess.Popen:
-    """tests/promote_worker.py in its own process, on the test's Prefect API; it waits for `release(barrier)`."""
+    """tests/helpers/promote_worker.py in its own process, on the test's Prefect API; it waits for
+    `release(barrier)`."""
     env = dict(os.environ, PYTHONPATH=str(REPO), PREFECT_API_URL=api_url, OMP_NUM_THREADS="1")
     env.pop("OTTIMO_CRASH_AT", None)
     if crash_at:
         env["OTTIMO_CRASH_AT"] = crash_at
-    return subprocess.Popen([sys.executable, str(REPO / "tests" / "promote_worker.py"), str(project), version,
-                             expected or "none", str(barrier)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    worker = REPO / "tests" / "helpers" / "promote_worker.py"
+    return subprocess.Popen([sys.executable, str(worker), str(project), version, expected or "none", str(barrier)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def release(barrier: Path, procs: list[subprocess.Popen], timeout: float = 120) -> None:

@@ -1,5 +1,5 @@
 """Unit tests of the production loop's core: the decision policy, the drift simulator, Evidently detection,
-and batch validation and quarantine (registry rollback: tests/test_production_loop.py)."""
+and batch validation and quarantine (registry rollback: tests/flows/test_production_loop.py)."""
 
 from pathlib import Path
 
@@ -123,7 +123,7 @@ def test_batch_validation_and_quarantine(tmp_path):
 def test_drift_and_score_sections_are_validated():
     from ottimo.config import ConfigError, load_params, parse_params
 
-    p = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    p = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
     assert (p.drift.min_rows, p.drift.drift_share, p.score.incoming) == (100, 0.5, "data/incoming")
     with pytest.raises(ConfigError, match="drift.drift_share"):
         parse_params({"drift": {"drift_share": 1.5}})

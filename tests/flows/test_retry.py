@@ -116,7 +116,7 @@ def test_the_real_gate_task_fails_once_without_retrying(tmp_path, harness):
 
     from tasks.evaluate import Evaluated
     from tasks.registry import gate
-    from tests.reliability_helpers import add_version, store
+    from tests.helpers.reliability_helpers import add_version, store
 
     root, params, client, exp = store(tmp_path / "project", {"gate": {"min_accuracy": 0.99}})
     name = params.mlflow.registered_model
@@ -196,11 +196,11 @@ def test_push_data_retries_until_the_dvc_remote_is_back(tmp_path, harness):
 @pytest.mark.timeout(600)
 def test_pipeline_survives_the_mlflow_server_going_away_mid_run(tmp_path, prefect_harness, monkeypatch):
     from mlflow import MlflowClient
+    from tests.test_security import _free_port
 
     from flows.pipeline import training_pipeline
     from ottimo.ops import servers
     from ottimo.registry import versions
-    from tests.test_security import _free_port
 
     root = write_project(tmp_path / "project", {"deploy": {"mlflow_port": _free_port()},
                                                 "train": {"candidates": ["mlp"], "max_epochs": 12}})

@@ -18,7 +18,7 @@ from ottimo.monitor import ledger
 from ottimo.ops import faults
 from ottimo.registry import versions
 from tests.conftest import REPO
-from tests.loop_helpers import loop_project
+from tests.helpers.loop_helpers import loop_project
 
 SMALL = {"drift": {"min_rows": 60, "max_rows": 200}}
 

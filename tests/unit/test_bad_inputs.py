@@ -1,4 +1,4 @@
-"""The bad-input corpus (tests/bad_inputs.py) through the training pipeline's validate_raw task and the config
+"""The bad-input corpus (tests/helpers/bad_inputs.py) through the training pipeline's validate_raw task and the config
 loader: each case is refused with a message naming the problem, a bad data file is kept in the quarantine, the
 user's file and the data versions are untouched. README's table must match what the code says today."""
 
@@ -11,8 +11,8 @@ import pytest
 
 from ottimo.config import LimitsCfg
 from ottimo.data.intake import quarantine
-from tests import bad_inputs
-from tests.bad_inputs import CASES, CONFIG, DATA, Case
+from tests.helpers import bad_inputs
+from tests.helpers.bad_inputs import CASES, CONFIG, DATA, Case
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,10 @@ def main(project: str, op: str, version: str, expected: str, barrier: str) -> in
         time.sleep(0.01)
     try:
         if op == "promote":
-            after = versions.promote(client, name, version, expected)
+            after = promotion.promote(client, name, version, expected)
         else:
-            after = versions.rollback(client, name, f"test {os.getpid()}", expected, f"worker {os.getpid()}")
-    except (promotion.PromotionError, versions.NoPreviousChampion) as err:
+            after = promotion.rollback(client, name, f"test {os.getpid()}", expected, f"worker {os.getpid()}")
+    except (promotion.PromotionError, promotion.NoPreviousChampion) as err:
         print(f"REFUSED {op}: {err}")
         return 1
     print(f"DONE {op}: {after}")

@@ -15,7 +15,7 @@ from ottimo.config import ReliabilityCfg
 from ottimo.ops.doctor import ABANDONED, OWNER_TAG, examine, owner, owner_alive
 from ottimo.registry import promotion, versions
 from ottimo.registry.versions import CHALLENGER, CHAMPION, PREVIOUS
-from tests.reliability_helpers import add_version, store
+from tests.helpers.reliability_helpers import add_version, store
 
 CFG = ReliabilityCfg(stale_run_hours=1)
 DEAD = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": 0.0})  # a pid since reused
@@ -49,7 +49,7 @@ def test_owner_liveness():
 def test_consistent_registry_has_no_findings(case):
     client, exp, name, add = case
     v1, v2 = add(), add()
-    versions.promote(client, name, v1, None)
+    promotion.promote(client, name, v1, None)
     client.set_registered_model_alias(name, CHALLENGER, v2)
     add(status="RUNNING", tags={OWNER_TAG: owner()})  # a run in progress in a live process is left alone
     assert checks(client, exp, name) == []
@@ -58,8 +58,8 @@ def test_consistent_registry_has_no_findings(case):
 def test_missing_champion_is_restored_from_the_champion_history(case):
     client, exp, name, add = case
     v1, v2 = add(), add()
-    versions.promote(client, name, v1, None)
-    versions.promote(client, name, v2, v1)
+    promotion.promote(client, name, v1, None)
+    promotion.promote(client, name, v2, v1)
     client.delete_registered_model_alias(name, CHAMPION)
     assert checks(client, exp, name) == [("champion-missing", False)]
     assert checks(client, exp, name, repair=True) == [("champion-missing", True)]
@@ -70,8 +70,8 @@ def test_missing_champion_is_restored_from_the_champion_history(case):
 def test_deleted_champion_version_falls_back_to_the_one_before(case):
     client, exp, name, add = case
     v1, v2 = add(), add()
-    versions.promote(client, name, v1, None)
-    versions.promote(client, name, v2, v1)
+    promotion.promote(client, name, v1, None)
+    promotion.promote(client, name, v2, v1)
     client.delete_model_version(name, v2)
     assert checks(client, exp, name, repair=True) == [("champion-missing", True)]
     assert versions.aliases(client, name) == {CHAMPION: v1}
@@ -88,7 +88,7 @@ def test_previous_equal_to_champion_points_back_at_the_champion_before(case):
     client, exp, name, add = case
     v1, v2, v3 = add(), add(), add()
     for new, old in ((v1, None), (v2, v1), (v3, v2)):
-        versions.promote(client, name, new, old)
+        promotion.promote(client, name, new, old)
     client.set_registered_model_alias(name, PREVIOUS, v3)
     assert checks(client, exp, name, repair=True) == [("previous-is-champion", True)]
     assert versions.aliases(client, name) == {CHAMPION: v3, PREVIOUS: v2}
@@ -98,7 +98,7 @@ def test_challenger_without_verdict_whose_run_died(case):
     client, exp, name, add = case
     v1, v2 = add(), add(verdict="failed")
     v3 = add(verdict="pending", status="FAILED")
-    versions.promote(client, name, v1, None)
+    promotion.promote(client, name, v1, None)
     client.set_registered_model_alias(name, CHALLENGER, v3)
     assert checks(client, exp, name) == [("pending-verdict", False), ("challenger-unknown", False)]
     checks(client, exp, name, repair=True)
@@ -113,7 +113,7 @@ def test_runs_left_running_by_dead_processes_are_failed(case):
     live = add(verdict="pending", status="RUNNING", tags={OWNER_TAG: owner()})
     old_elsewhere = add(status="RUNNING", tags={OWNER_TAG: ELSEWHERE}, start_time=int((time.time() - 7200) * 1000))
     new_elsewhere = add(status="RUNNING", tags={OWNER_TAG: ELSEWHERE})
-    versions.promote(client, name, old_elsewhere, None)
+    promotion.promote(client, name, old_elsewhere, None)
     assert sorted(checks(client, exp, name, repair=True)) == [
         ("pending-verdict", True), ("stale-run", True), ("stale-run", True)]
     status = {v: client.get_run(client.get_model_version(name, v).run_id).info.status
@@ -136,7 +136,7 @@ def test_unverifiable_version_is_reported_and_left_alone(case):
 def test_half_done_move_to_an_unservable_version_is_undone(case):
     client, exp, name, add = case
     v1, bad = add(), add(verdict="failed")
-    versions.promote(client, name, v1, None)
+    promotion.promote(client, name, v1, None)
     entry = {"op": "promote", "before": {PREVIOUS: None, CHAMPION: v1}, "target": {PREVIOUS: v1, CHAMPION: bad},
              "at": time.time()}
     client.set_registered_model_tag(name, promotion.JOURNAL, json.dumps(entry))

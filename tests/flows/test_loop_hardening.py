@@ -13,9 +13,9 @@ from ottimo.ops import doctor
 from ottimo.ops.faults import EXIT_CODE
 from ottimo.registry import promotion, versions
 from ottimo.registry.versions import CHAMPION, PREVIOUS
-from tests import bad_inputs
-from tests.loop_helpers import alias_worker, loop_project
-from tests.reliability_helpers import add_version, release, store
+from tests.helpers import bad_inputs
+from tests.helpers.loop_helpers import alias_worker, loop_project
+from tests.helpers.reliability_helpers import add_version, release, store
 
 NAME = "ottimo-classifier"
 
@@ -25,31 +25,31 @@ def reg(tmp_path):
     """v1 -> v2 promoted (v2 champion, v1 previous-champion), v3 registered and servable."""
     root, params, client, exp = store(tmp_path / "project")
     v1, v2, v3 = (add_version(client, exp, NAME, tmp_path / "files") for _ in range(3))
-    versions.promote(client, NAME, v1, None)
-    versions.promote(client, NAME, v2, v1)
+    promotion.promote(client, NAME, v1, None)
+    promotion.promote(client, NAME, v2, v1)
     return root, params, client, exp, (v1, v2, v3)
 
 
 def test_rollback_is_a_journaled_compare_then_set_move(reg):
     _, params, client, exp, (v1, v2, v3) = reg
-    assert versions.rollback(client, NAME, "drift", v2, "check-1") == {CHAMPION: v1, PREVIOUS: v2}
+    assert promotion.rollback(client, NAME, "drift", v2, "check-1") == {CHAMPION: v1, PREVIOUS: v2}
     assert "replaced by v" + v1 in client.get_model_version(NAME, v2).tags[promotion.ROLLED_BACK]
     assert "restored over v" + v2 in client.get_model_version(NAME, v1).tags[promotion.RESTORED]
     assert promotion.journal(client, NAME) is None
     # the same decision again (a rerun after a crash) changes nothing; another decision on v2 is stale now
-    assert versions.rollback(client, NAME, "drift", v2, "check-1") == {CHAMPION: v1, PREVIOUS: v2}
+    assert promotion.rollback(client, NAME, "drift", v2, "check-1") == {CHAMPION: v1, PREVIOUS: v2}
     with pytest.raises(promotion.ChampionChanged, match="champion of ottimo-classifier is now v1, not v2"):
-        versions.rollback(client, NAME, "drift", v2, "check-2")
+        promotion.rollback(client, NAME, "drift", v2, "check-2")
     # a former champion that a gate later failed may still be rolled back to (its sha256 is what counts) ...
     client.set_model_version_tag(NAME, v2, "gate_verdict", "failed")
-    assert versions.rollback(client, NAME, "back again") == {CHAMPION: v2, PREVIOUS: v1}
+    assert promotion.rollback(client, NAME, "back again") == {CHAMPION: v2, PREVIOUS: v1}
     # ... never one without a sha256, and never without a previous-champion
     client.delete_model_version_tag(NAME, v1, "sha256")
     with pytest.raises(promotion.PromotionError, match="no sha256"):
-        versions.rollback(client, NAME, "unverified")
+        promotion.rollback(client, NAME, "unverified")
     client.delete_registered_model_alias(NAME, PREVIOUS)
-    with pytest.raises(versions.NoPreviousChampion, match="nothing changed"):
-        versions.rollback(client, NAME, "nothing to go back to")
+    with pytest.raises(promotion.NoPreviousChampion, match="nothing changed"):
+        promotion.rollback(client, NAME, "nothing to go back to")
     assert versions.aliases(client, NAME) == {CHAMPION: v2}
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import merge, write_project
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
@@ -30,8 +29,9 @@ from ottimo.models.architectures import build_model
 from ottimo.registry.tracking import connect
 from tasks.data import DataVersion
 from tasks.train import FLOW_RUN_TAG
+from tests.conftest import merge, write_project
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REV = "0123abcd"  # data revision of the projects prepared here without DVC
 
 

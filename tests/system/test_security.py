@@ -26,8 +26,8 @@ from ottimo.onnx.export import IntegrityError, export_onnx, sha256
 from ottimo.ops import servers
 from ottimo.registry import security, versions
 from ottimo.registry.tracking import connect, flatten
-from tests import bad_inputs
 from tests.conftest import REPO, write_project
+from tests.helpers import bad_inputs
 
 PLANTED = "PLANTED-0b5e55ed"  # in every secret value below; must appear nowhere in the MLflow store
 SECRET_ENV = {"OTTIMO_API_KEY": f"sk-{PLANTED}-1", "MY_SECRET_TOKEN": f"tok-{PLANTED}-2",

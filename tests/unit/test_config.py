@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from ottimo.cli.main import app
 from ottimo.config import ConfigError, Params, load_params, parse_params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_repo_params_are_valid_and_complete():

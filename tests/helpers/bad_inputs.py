@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 BEGIN, END = "<!-- bad-inputs:begin (python -m tests.bad_inputs --readme) -->", "<!-- bad-inputs:end -->"
 TARGET = "target"

@@ -13,7 +13,7 @@ from ottimo.ops import doctor
 from ottimo.ops.faults import EXIT_CODE
 from ottimo.registry import promotion, versions
 from ottimo.registry.versions import CHALLENGER, CHAMPION, PREVIOUS
-from tests.reliability_helpers import add_version, attempt, release, store
+from tests.helpers.reliability_helpers import add_version, attempt, release, store
 
 NAME = "ottimo-classifier"
 
@@ -37,30 +37,30 @@ def reg(tmp_path):
 
 def test_compare_then_set_idempotent_and_refusals(reg, tmp_path):
     _, _, client, exp, (v1, v2, v3) = reg
-    assert versions.promote(client, NAME, v1, None) == {CHAMPION: v1}
-    assert versions.promote(client, NAME, v2, v1) == {CHAMPION: v2, PREVIOUS: v1}
+    assert promotion.promote(client, NAME, v1, None) == {CHAMPION: v1}
+    assert promotion.promote(client, NAME, v2, v1) == {CHAMPION: v2, PREVIOUS: v1}
     since = client.get_model_version(NAME, v2).tags[promotion.CHAMPION_SINCE]
 
     # the same promotion again (a rerun after success) changes nothing, not even the champion history
-    assert versions.promote(client, NAME, v2, v1) == {CHAMPION: v2, PREVIOUS: v1}
+    assert promotion.promote(client, NAME, v2, v1) == {CHAMPION: v2, PREVIOUS: v1}
     assert client.get_model_version(NAME, v2).tags[promotion.CHAMPION_SINCE] == since
 
     # a decision taken against v1 is stale now that v2 is champion
     with pytest.raises(promotion.ChampionChanged, match="champion of ottimo-classifier is now v2, not v1"):
-        versions.promote(client, NAME, v3, v1)
+        promotion.promote(client, NAME, v3, v1)
     # a version that failed the gate, or has no sha256, is never made champion
     failed = add_version(client, exp, NAME, tmp_path / "more", verdict="failed")
     unverified = add_version(client, exp, NAME, tmp_path / "more", with_sha=False)
     for bad in (failed, unverified):
         with pytest.raises(promotion.PromotionError, match="may not be champion"):
-            versions.promote(client, NAME, bad, v2)
+            promotion.promote(client, NAME, bad, v2)
     assert versions.aliases(client, NAME) == {CHAMPION: v2, PREVIOUS: v1}
     assert promotion.journal(client, NAME) is None
     # the doctor restores the sha256 tag from the run's record once the file is checked against it
     [found] = doctor.examine(client, exp, NAME, reg[1].reliability, repair=True)
     assert (found.check, found.subject, found.repaired) == ("sha256-missing", f"v{unverified}", True)
     assert doctor.examine(client, exp, NAME, reg[1].reliability) == []
-    assert versions.promote(client, NAME, unverified, v2) == {CHAMPION: unverified, PREVIOUS: v2}
+    assert promotion.promote(client, NAME, unverified, v2) == {CHAMPION: unverified, PREVIOUS: v2}
 
 
 class Flaky:
@@ -81,7 +81,7 @@ class Flaky:
 
 def test_an_error_mid_move_puts_every_alias_back(reg):
     _, params, client, exp, (v1, v2, _) = reg
-    versions.promote(client, NAME, v1, None)
+    promotion.promote(client, NAME, v1, None)
     client.set_registered_model_alias(NAME, CHALLENGER, v2)
     before = versions.aliases(client, NAME)
     with pytest.raises(ConnectionError):  # previous-champion was moved, champion was not: undone
@@ -95,7 +95,7 @@ def test_an_error_mid_move_puts_every_alias_back(reg):
     assert "its journal stays" in str(err.value.__notes__)
     assert versions.aliases(client, NAME) == before  # undoing got as far as removing previous-champion again
     assert [f.check for f in doctor.examine(client, exp, NAME, params.reliability)] == ["journal"]
-    assert versions.promote(client, NAME, v2, v1) == {CHAMPION: v2, PREVIOUS: v1, CHALLENGER: v2}
+    assert promotion.promote(client, NAME, v2, v1) == {CHAMPION: v2, PREVIOUS: v1, CHALLENGER: v2}
     assert promotion.journal(client, NAME) is None
 
 
@@ -103,7 +103,7 @@ def test_crash_between_alias_moves_is_found_and_finished(reg, api_url, tmp_path)
     """The promote task in its own process dies (os._exit) after moving previous-champion; `ottimo doctor` finds
     the half-done move and the run left RUNNING, --repair finishes both, and a rerun changes nothing."""
     root, _, client, exp, (v1, v2, _) = reg
-    versions.promote(client, NAME, v1, None)
+    promotion.promote(client, NAME, v1, None)
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     proc = attempt(root, v2, v1, barrier, api_url, crash_at="between-alias-moves")
@@ -134,7 +134,7 @@ def test_crash_between_alias_moves_is_found_and_finished(reg, api_url, tmp_path)
     # the rerun: registering again finds the version of each run id, promoting again moves nothing
     mv = client.get_model_version(NAME, v2)
     assert versions.register(client, NAME, mv.source, mv.run_id, {}).version == mv.version
-    assert versions.promote(client, NAME, v2, v1) == {CHAMPION: v2, PREVIOUS: v1}
+    assert promotion.promote(client, NAME, v2, v1) == {CHAMPION: v2, PREVIOUS: v1}
     runs = [v.run_id for v in client.search_model_versions(f"name = '{NAME}'")]
     assert len(runs) == len(set(runs)) == 3
 
@@ -143,7 +143,7 @@ def test_four_promotions_at_once_make_exactly_one_champion(tmp_path, api_url):
     """Four processes, each a Prefect flow run, all decided against champion v1, released together."""
     root, params, client, exp = store(tmp_path / "project")
     v1 = add_version(client, exp, NAME, tmp_path / "files")
-    versions.promote(client, NAME, v1, None)
+    promotion.promote(client, NAME, v1, None)
     candidates = [add_version(client, exp, NAME, tmp_path / "files") for _ in range(4)]
     barrier = tmp_path / "barrier"
     barrier.mkdir()
@@ -185,7 +185,7 @@ def test_pipeline_start_reconciles_what_a_crash_left(reg, api_url):
         return reconcile_task(root, params)
 
     root, params, client, _, (v1, v2, _) = reg
-    versions.promote(client, NAME, v1, None)
+    promotion.promote(client, NAME, v1, None)
     entry = {"op": "promote", "before": {PREVIOUS: None, CHAMPION: v1}, "target": {PREVIOUS: v1, CHAMPION: v2},
              "at": time.time()}
     client.set_registered_model_tag(NAME, promotion.JOURNAL, json.dumps(entry))
