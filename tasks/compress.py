@@ -23,6 +23,7 @@ from mlflow.models import infer_signature
 from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
+from ottimo import vocab
 from ottimo.compress import pareto, quantize, techniques
 from ottimo.config import Params
 from ottimo.data.tables import Splits, load_splits
@@ -34,7 +35,7 @@ from ottimo.registry.gate import GateFailed
 from ottimo.registry.tracking import connect, flatten
 from tasks.data import DataVersion
 from tasks.evaluate import Evaluated, Exported
-from tasks.train import FLOW_RUN_TAG, Candidate, work_dir
+from tasks.train import Candidate, work_dir
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ def _open_run(root: Path, params: Params, parent_run_id: str, name: str, techniq
               settings: dict, data: DataVersion) -> str:
     client, exp = connect(root, params.mlflow)
     run = client.create_run(exp, run_name=name, tags={
-        "mlflow.parentRunId": parent_run_id, FLOW_RUN_TAG: str(runtime.flow_run.id), "ottimo.kind": "compressed",
-        "data.revision": data.revision, "model.family": base.family, "compress.technique": technique,
+        vocab.PARENT: parent_run_id, vocab.FLOW_RUN: str(runtime.flow_run.id), vocab.KIND: vocab.COMPRESSED,
+        vocab.DATA_REVISION: data.revision, "model.family": base.family, "compress.technique": technique,
         "compress.base": base.name, "teacher": params.compress.teacher})
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten(
         {"technique": technique, "base": base.name, **settings}).items()])
@@ -239,13 +240,13 @@ def report_and_select(root: Path, params: Params, rows: list[pareto.Row], teache
     for r in rows:
         client.set_tag(r.run_id, "compress.selection", selection.reasons[r.name][:5000])
     client.set_tag(parent_run_id, "compress.selected", selection.chosen or "none")
-    client.set_tag(parent_run_id, "compress.reasons", "; ".join(f"{k}: {v}" for k, v in
-                                                                selection.reasons.items())[:5000])
+    client.set_tag(parent_run_id, "compress.reasons", vocab.clip("; ".join(f"{k}: {v}" for k, v in
+                                                                selection.reasons.items())))
     get_run_logger().info("compression: %s", selection.summary)
     if selection.chosen is None:
         if gate:
-            client.set_tag(parent_run_id, "gate.verdict", "failed")
-            client.set_tag(parent_run_id, "gate.reasons", selection.summary[:5000])
+            client.set_tag(parent_run_id, vocab.GATE_VERDICT, "failed")
+            client.set_tag(parent_run_id, vocab.GATE_REASONS, vocab.clip(selection.summary))
         raise GateFailed(f"gate failed: {selection.summary}. champion unchanged. Relax compress.select "
                          "(max_drop_vs_teacher, min_accuracy) in params.yaml or the compression settings.")
     return selection
@@ -278,21 +279,22 @@ def resolve_teacher(root: Path, params: Params, run_id: str, data: DataVersion) 
     training run itself) rebuilt from its logged checkpoint and params, exported again; and its pipeline run."""
     client, exp = connect(root, params.mlflow)
     run = client.get_run(run_id)
-    kind = run.data.tags.get("ottimo.kind")
-    if kind == "pipeline":
+    kind = run.data.tags.get(vocab.KIND)
+    if kind == vocab.PIPELINE:
         family = params.compress.teacher
-        found = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`ottimo.kind` = "
-                                   f"'candidate' and tags.`model.family` = '{family}'", order_by=["start_time DESC"])
+        found = client.search_runs([exp], f"tags.`{vocab.PARENT}` = '{run_id}' and tags.`{vocab.KIND}` = "
+                                   f"'{vocab.CANDIDATE}' and tags.`model.family` = '{family}'",
+                                   order_by=["start_time DESC"])
         if not found:
             raise ValueError(f"pipeline run {run_id} has no trained {family!r} model; set compress.teacher to a "
                              "family it trained, or pass that training run's id")
         run, parent = found[0], run_id
-    elif kind == "candidate":
-        parent = run.data.tags.get("mlflow.parentRunId", run_id)
+    elif kind == vocab.CANDIDATE:
+        parent = run.data.tags.get(vocab.PARENT, run_id)
     else:
         raise ValueError(f"run {run_id} is a {kind!r} run; pass a pipeline run or a trained candidate's run "
                          "(ottimo.kind 'pipeline' or 'candidate')")
-    rev = run.data.tags.get("data.revision")
+    rev = run.data.tags.get(vocab.DATA_REVISION)
     if rev != data.revision:
         raise ValueError(f"run {run.info.run_id} was trained on data revision {str(rev)[:12]}, the project's data "
                          f"is at {data.revision[:12]}; check that data out (git + dvc checkout) and run again")

@@ -13,6 +13,7 @@ import pandas as pd
 from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
+from ottimo import vocab
 from ottimo.config import Params
 from ottimo.data import batches, versioning
 from ottimo.data.tables import materialise_raw, read_table, validate_frame
@@ -24,7 +25,7 @@ from ottimo.registry import promotion, versions
 from ottimo.registry.security import fetch_verified, serving_session
 from ottimo.registry.tracking import connect
 from tasks.score import Champion
-from tasks.train import FLOW_RUN_TAG, work_dir
+from tasks.train import work_dir
 
 
 @dataclass(frozen=True)
@@ -138,9 +139,10 @@ def check_window(root: Path, params: Params, champion: Champion, window: Window)
                "evidence": ev.as_dict(), "policy": cfg.model_dump()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     run = client.create_run(exp, run_name="drift-check", tags={
-        ledger.KIND: ledger.CHECK, "decision": decision.action, "reasons": "; ".join(decision.reasons)[:5000],
-        "champion": champion.version, "data.revision": champion.data_revision, FLOW_RUN_TAG: str(runtime.flow_run.id),
-        "batches": ",".join(Path(b).name for b in window.batches)[:5000], ledger.WINDOW: key, ledger.CLOSED: "false"})
+        vocab.KIND: vocab.CHECK, "decision": decision.action, "reasons": vocab.clip("; ".join(decision.reasons)),
+        "champion": champion.version, vocab.DATA_REVISION: champion.data_revision,
+        vocab.FLOW_RUN: str(runtime.flow_run.id), "batches": vocab.clip(",".join(Path(b).name for b in window.batches)),
+        vocab.WINDOW: key, vocab.CLOSED: "false"})
     numbers = {k: float(v) for k, v in ev.as_dict().items() if isinstance(v, int | float) and v is not None}
     for key, value in numbers.items():
         client.log_metric(run.info.run_id, key, value)
@@ -203,10 +205,10 @@ def close_check(root: Path, params: Params, check: Check, window: Window, outcom
     "insufficient data": they wait for more rows), publish the check as a Prefect markdown artifact."""
     client, _ = ledger.connect_monitoring(root, params)
     for key, value in outcome.items():
-        client.set_tag(check.run_id, f"outcome.{key}", str(value)[:5000])
+        client.set_tag(check.run_id, f"outcome.{key}", vocab.clip(str(value)))
     if check.action != policy.INSUFFICIENT:
         ledger.mark_checked(client, window.score_runs, check.run_id)
-    client.set_tag(check.run_id, ledger.CLOSED, "true")
+    client.set_tag(check.run_id, vocab.CLOSED, "true")
     ev = check.evidence
     fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = [f"# Drift check: **{check.action.upper()}**", "",

@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
+from ottimo import vocab
 from ottimo.card import store as cardstore
 from ottimo.config import Params
 from ottimo.data.tables import load_splits
@@ -44,7 +45,7 @@ def gate_version(root: Path, params: Params, version: str) -> ManualVerdict:
     mv = versions.version(client, name, str(version))
     prepared = root / "data" / "prepared"
     if not (prepared / "schema.json").is_file():
-        prepared = cardstore.prepared_for(root, mv.tags.get("data_revision", ""))
+        prepared = cardstore.prepared_for(root, vocab.tag(mv.tags, vocab.DATA_REVISION, ""))
     path, _ = fetch_verified(client, name, mv.version, work_dir(root, f"serving-v{mv.version}"))
     run = client.get_run(mv.run_id).data.metrics
     metrics = {"accuracy": _accuracy(path, prepared), "p95_ms": run.get("test_p95_ms", float("inf")),

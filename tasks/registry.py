@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from prefect import get_run_logger, task
 
+from ottimo import vocab
 from ottimo.config import Params
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import gate as gate_policy
@@ -37,8 +38,8 @@ def register_candidate(root: Path, params: Params, cand: Evaluated, data: DataVe
     """Register the candidate's ONNX model as a new version (once per run) tagged with its lineage."""
     client, _ = connect(root, params.mlflow)
     mv = register(client, params.mlflow.registered_model, cand.model_uri, cand.run_id, {
-        "data_revision": data.revision, "sha256": cand.sha256, "family": cand.family,
-        "gate_verdict": "pending"})
+        vocab.DATA_REVISION: data.revision, "sha256": cand.sha256, "family": cand.family,
+        vocab.GATE_VERDICT: vocab.PENDING})
     get_run_logger().info("%s registered as %s v%s", cand.family, params.mlflow.registered_model, mv.version)
     checkpoint("after-registering")
     return str(mv.version)
@@ -66,17 +67,17 @@ def gate(root: Path, params: Params, parent_run_id: str, candidates: list[Evalua
                 for c, f in zip(candidates, figures, strict=True)}
     for c, version in zip(candidates, versions, strict=True):
         v = verdicts[c.family][1]
-        client.set_model_version_tag(name, version, "gate_verdict", "passed" if v.passed else "failed")
-        client.set_model_version_tag(name, version, "gate_reasons", "; ".join(v.reasons)[:5000])
-        client.set_tag(c.run_id, "gate.verdict", v.summary[:5000])
+        client.set_model_version_tag(name, version, vocab.GATE_VERDICT, vocab.PASSED if v.passed else vocab.FAILED)
+        client.set_model_version_tag(name, version, vocab.GATE_REASONS, vocab.clip("; ".join(v.reasons)))
+        client.set_tag(c.run_id, vocab.GATE_VERDICT, vocab.clip(v.summary))
         log.info("gate %s v%s: %s", c.family, version, v.summary)
     chosen = gate_policy.select(verdicts)
     version = versions[[c.family for c in candidates].index(chosen)]
     client.set_registered_model_alias(name, CHALLENGER, version)
     verdict = verdicts[chosen][1]
-    client.set_tag(parent_run_id, "gate.verdict", "passed" if verdict.passed else "failed")
+    client.set_tag(parent_run_id, vocab.GATE_VERDICT, vocab.PASSED if verdict.passed else vocab.FAILED)
     client.set_tag(parent_run_id, "gate.selected", f"{chosen} v{version}")
-    client.set_tag(parent_run_id, "gate.reasons", "; ".join(verdict.reasons)[:5000])
+    client.set_tag(parent_run_id, vocab.GATE_REASONS, vocab.clip("; ".join(verdict.reasons)))
     if not verdict.passed:
         client.set_terminated(parent_run_id, "FAILED")
         raise gate_policy.GateFailed(
@@ -97,13 +98,13 @@ def promote(root: Path, params: Params, parent_run_id: str, decision: Decision) 
         after = promotion.promote(client, params.mlflow.registered_model, decision.version, was,
                                  params.reliability.lock_timeout_seconds)
     except PromotionError as err:
-        client.set_tag(parent_run_id, "promotion", f"refused v{decision.version}: {err}"[:5000])
+        client.set_tag(parent_run_id, "promotion", vocab.clip(f"refused v{decision.version}: {err}"))
         client.set_terminated(parent_run_id, "FAILED")
         raise
     client.set_tag(parent_run_id, "promotion", f"promoted v{decision.version} (champion was "
                    f"{'v' + was if was else 'none'})")
     client.set_tag(parent_run_id, "champion", decision.version)
-    for child in client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
+    for child in client.search_runs([exp], f"tags.`{vocab.PARENT}` = '{parent_run_id}' and "
                                     "attributes.status = 'RUNNING'"):  # candidates: done, not left RUNNING
         client.set_terminated(child.info.run_id, "FINISHED")
     client.set_terminated(parent_run_id, "FINISHED")

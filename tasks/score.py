@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
+from ottimo import vocab
 from ottimo.card.store import prepared_for
 from ottimo.config import Params
 from ottimo.data import batches
@@ -19,7 +20,7 @@ from ottimo.ops.faults import checkpoint
 from ottimo.registry import versions
 from ottimo.registry.security import fetch_verified, serving_session
 from ottimo.registry.tracking import connect
-from tasks.train import FLOW_RUN_TAG, work_dir
+from tasks.train import work_dir
 
 
 class BatchRejected(ValueError):
@@ -72,7 +73,7 @@ def load_champion(root: Path, params: Params, ref: str = versions.CHAMPION) -> C
         raise LookupError(f"{name} has no {ref!r} version: run the training pipeline (`ottimo run`) first")
     mv = versions.version(client, name, ref)
     path, mv = fetch_verified(client, name, mv.version, work_dir(root, f"serving-v{mv.version}"))
-    revision = mv.tags.get("data_revision", "")
+    revision = vocab.tag(mv.tags, vocab.DATA_REVISION, "")
     prepared = prepared_for(root, revision)
     get_run_logger().info("%s v%s (%s) loaded, sha256 verified; trained on data revision %s", name, mv.version,
                           ref, revision[:12])
@@ -106,7 +107,7 @@ def score_batch(root: Path, params: Params, champion: Champion, batch: str) -> S
     client, exp = ledger.connect_monitoring(root, params)
     out = batches.predictions_path(path)
     run_id = ledger.record_score(client, exp, path, out, len(df), labelled, champion.version, sha256(path),
-                                  {FLOW_RUN_TAG: str(runtime.flow_run.id)})
+                                  {vocab.FLOW_RUN: str(runtime.flow_run.id)})
     batches.write_predictions(path, pred, schema["labels"], champion.version)
     log.info("scored %s: %d rows%s with v%s -> %s", path.name, len(df), " (labelled)" if labelled else "",
              champion.version, out.name)

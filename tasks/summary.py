@@ -8,12 +8,12 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
+from ottimo import vocab
 from ottimo.config import Params, project_params
 from ottimo.registry.tracking import connect, tracking_uri
 from tasks.data import DataVersion
 from tasks.evaluate import Evaluated
 from tasks.registry import Decision
-from tasks.train import FLOW_RUN_TAG
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def fail_open_mlflow_runs(flow, flow_run, state) -> None:
     except Exception:  # invalid config: nothing was logged
         return
     client, exp = connect(root, params.mlflow)
-    runs = client.search_runs([exp], f"tags.`{FLOW_RUN_TAG}` = '{flow_run.id}' and attributes.status = 'RUNNING'")
+    runs = client.search_runs([exp], f"tags.`{vocab.FLOW_RUN}` = '{flow_run.id}' and attributes.status = 'RUNNING'")
     for run in runs:
-        client.set_tag(run.info.run_id, "failure", (state.message or "flow failed")[:5000])
+        client.set_tag(run.info.run_id, vocab.FAILURE, vocab.clip(state.message or "flow failed"))
         client.set_terminated(run.info.run_id, "FAILED")

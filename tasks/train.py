@@ -11,17 +11,15 @@ import torch
 from mlflow.entities import Metric
 from prefect import get_run_logger, runtime, task
 
+from ottimo import vocab
 from ottimo.config import Params
 from ottimo.data.tables import load_splits
 from ottimo.models.architectures import count_parameters
 from ottimo.models.train import fit
-from ottimo.ops.doctor import OWNER_TAG, owner
+from ottimo.ops.doctor import owner
 from ottimo.ops.faults import checkpoint
 from ottimo.registry.tracking import connect, flatten
 from tasks.data import DataVersion
-
-FLOW_RUN_TAG = "prefect.flow_run_id"
-FLOW_RUN_URL_TAG = "prefect.flow_run_url"
 
 
 def flow_run_url() -> str | None:
@@ -60,9 +58,9 @@ def start_pipeline_run(root: Path, params: Params, data: DataVersion) -> str:
     client, exp = connect(root, params.mlflow)
     url = flow_run_url()
     run = client.create_run(exp, run_name="pipeline", tags={
-        FLOW_RUN_TAG: str(runtime.flow_run.id), "data.revision": data.revision, "ottimo.kind": "pipeline",
-        OWNER_TAG: owner(),  # `ottimo doctor` fails the run if this process dies with it RUNNING
-        **({FLOW_RUN_URL_TAG: url} if url else {})})
+        vocab.FLOW_RUN: str(runtime.flow_run.id), vocab.DATA_REVISION: data.revision, vocab.KIND: vocab.PIPELINE,
+        vocab.OWNER: owner(),  # `ottimo doctor` fails the run if this process dies with it RUNNING
+        **({vocab.FLOW_RUN_URL: url} if url else {})})
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in flatten(
         params.model_dump()).items()])
     train = pd.read_parquet(Path(data.prepared) / "train.parquet")
@@ -82,8 +80,8 @@ def train_candidate(root: Path, params: Params, family: str, data: DataVersion, 
     client, exp = connect(root, params.mlflow)
     cfg = params.train.patched(overrides)
     run = client.create_run(exp, run_name=family, tags={
-        "mlflow.parentRunId": parent_run_id, FLOW_RUN_TAG: str(runtime.flow_run.id),
-        "data.revision": data.revision, "ottimo.kind": "candidate", "model.family": family,
+        vocab.PARENT: parent_run_id, vocab.FLOW_RUN: str(runtime.flow_run.id),
+        vocab.DATA_REVISION: data.revision, vocab.KIND: vocab.CANDIDATE, "model.family": family,
         "tuned": str(bool(overrides)).lower()})
     run_id = run.info.run_id
     family_cfg = getattr(cfg, family).model_dump()

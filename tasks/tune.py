@@ -14,13 +14,14 @@ from mlflow.entities import Metric, Param
 from prefect import get_run_logger, runtime, task
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from ottimo import vocab
 from ottimo.config import Params, TuneCfg
 from ottimo.data.tables import load_splits
 from ottimo.models import tune
-from ottimo.ops.doctor import OWNER_TAG, owner
+from ottimo.ops.doctor import owner
 from ottimo.registry.tracking import connect, flatten
 from tasks.data import DataVersion
-from tasks.train import FLOW_RUN_TAG, work_dir
+from tasks.train import work_dir
 
 
 @dataclass(frozen=True)
@@ -82,20 +83,20 @@ def open_study(root: Path, params: Params, family: str, data: DataVersion, paren
     left = tune.remaining(study, cfg.n_trials)
     flow_run_id = str(runtime.flow_run.id)
     client, exp = connect(root, params.mlflow)
-    tags = {FLOW_RUN_TAG: flow_run_id, "ottimo.kind": "study", "optuna.study": name, "model.family": family,
-            "data.revision": data.revision, "optuna.resumed_trials": str(len(study.trials) - len(interrupted)),
+    tags = {vocab.FLOW_RUN: flow_run_id, vocab.KIND: vocab.STUDY, "optuna.study": name, "model.family": family,
+            vocab.DATA_REVISION: data.revision, "optuna.resumed_trials": str(len(study.trials) - len(interrupted)),
             "optuna.interrupted": ",".join(map(str, interrupted))}
     if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
+        tags[vocab.PARENT] = parent_run_id
     else:
-        tags[OWNER_TAG] = owner()  # stand-alone: `ottimo doctor` fails the run if this process dies with it RUNNING
+        tags[vocab.OWNER] = owner()  # stand-alone: `ottimo doctor` fails the run if this process dies with it RUNNING
     run = client.create_run(exp, run_name=f"tune-{family}", tags=tags)
     for t in study.get_trials(deepcopy=False):  # MLflow runs of interrupted trials, and of their study, fail too
         if t.number in interrupted and t.user_attrs.get("mlflow_run_id"):
             trial_run = client.get_run(t.user_attrs["mlflow_run_id"])
-            for run_id in (trial_run.info.run_id, trial_run.data.tags.get("mlflow.parentRunId")):
+            for run_id in (trial_run.info.run_id, trial_run.data.tags.get(vocab.PARENT)):
                 if run_id and client.get_run(run_id).info.status == "RUNNING":
-                    client.set_tag(run_id, "failure", tune.INTERRUPTED)
+                    client.set_tag(run_id, vocab.FAILURE, tune.INTERRUPTED)
                     client.set_terminated(run_id, "FAILED")
             client.set_tag(trial_run.info.run_id, "trial.state", "failed")
     space = getattr(cfg.space, family).model_dump()
@@ -113,7 +114,7 @@ def run_trials(root: Path, params: Params, ref: StudyRef, data: DataVersion, wor
     cfg = params.tune
     study = tune.open_study(ref.storage, ref.name, cfg, ref.family, ref.seed, worker)
     client, exp = connect(root, params.mlflow)
-    runs = tune.TrialRuns(client, exp, ref.mlflow_run_id, {FLOW_RUN_TAG: ref.flow_run_id, "optuna.study": ref.name,
+    runs = tune.TrialRuns(client, exp, ref.mlflow_run_id, {vocab.FLOW_RUN: ref.flow_run_id, "optuna.study": ref.name,
                                                           "model.family": ref.family})
     objective = tune.objective(ref.family, load_splits(Path(data.prepared)), params.train, cfg, params.evaluate,
                                ref.seed, runs)
@@ -145,7 +146,7 @@ def close_study(root: Path, params: Params, ref: StudyRef) -> TuneResult:
         best = tune.choose(study, cfg)
     except tune.TuningFailed as err:
         client.log_batch(ref.mlflow_run_id, metrics=metrics)
-        client.set_tag(ref.mlflow_run_id, "failure", str(err)[:5000])
+        client.set_tag(ref.mlflow_run_id, vocab.FAILURE, vocab.clip(str(err)))
         client.set_terminated(ref.mlflow_run_id, "FAILED")
         raise
     pareto = [{"trial": t.number, "val_accuracy": t.values[0], "p95_ms": t.values[1]}

@@ -20,6 +20,7 @@ from mlflow.artifacts import download_artifacts
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from ottimo import vocab
 from ottimo.card.render import description, render
 from ottimo.card.sections import ModelCard, measure_card
 from ottimo.config import CardCfg, Params
@@ -29,7 +30,6 @@ from ottimo.registry import security, versions
 from ottimo.registry.gate import Verdict
 
 CARD_DIR = "card"
-COMMIT_TAG = "ottimo.code_commit"
 TEACHER_TAGS = ("teacher", "teacher_version", "teacher_run_id")  # version tags, then run tags, first found wins
 
 
@@ -49,10 +49,10 @@ def code_commit() -> str:
 def record_commit(client: MlflowClient, run_id: str) -> str:
     """Tag the training run with the code commit once (the pipeline calls this; recomputations read the tag)."""
     tags = client.get_run(run_id).data.tags
-    if COMMIT_TAG not in tags:
-        client.set_tag(run_id, COMMIT_TAG, code_commit())
-        return client.get_run(run_id).data.tags[COMMIT_TAG]
-    return tags[COMMIT_TAG]
+    if vocab.COMMIT not in tags:
+        client.set_tag(run_id, vocab.COMMIT, code_commit())
+        return client.get_run(run_id).data.tags[vocab.COMMIT]
+    return tags[vocab.COMMIT]
 
 
 def prepared_for(root: Path, revision: str) -> Path:
@@ -74,19 +74,20 @@ def prepared_for(root: Path, revision: str) -> Path:
 def lineage(client: MlflowClient, name: str, mv: ModelVersion) -> dict:
     """What the version is made of and how it was judged, from its tags and its training and pipeline runs."""
     run = client.get_run(mv.run_id)
-    parent_id = run.data.tags.get("mlflow.parentRunId")
+    parent_id = run.data.tags.get(vocab.PARENT)
     parent = client.get_run(parent_id).data.params if parent_id else {}
-    reasons = mv.tags.get("gate_reasons", "")
+    reasons = vocab.tag(mv.tags, vocab.GATE_REASONS, "")
     teacher = next((src[t] for src in (mv.tags, run.data.tags) for t in TEACHER_TAGS if src.get(t)), None)
     return {
         "model": name, "version": str(mv.version), "family": mv.tags.get("family"),
         "run_id": mv.run_id, "parent_run_id": parent_id,
-        "data_revision": mv.tags.get("data_revision"),
-        "code_commit": run.data.tags.get(COMMIT_TAG, "unknown (not recorded for this version)"),
+        "data_revision": vocab.tag(mv.tags, vocab.DATA_REVISION),
+        "code_commit": run.data.tags.get(vocab.COMMIT, "unknown (not recorded for this version)"),
         "params": dict(sorted(run.data.params.items())),
         "teacher": teacher,
         "sha256": mv.tags.get("sha256"),
-        "gate": {"verdict": mv.tags.get("gate_verdict", "pending"), "reasons": reasons.split("; ") if reasons else [],
+        "gate": {"verdict": vocab.tag(mv.tags, vocab.GATE_VERDICT, vocab.PENDING),
+                 "reasons": reasons.split("; ") if reasons else [],
                  "thresholds": {k.removeprefix("gate."): v for k, v in sorted(parent.items())
                                 if k.startswith("gate.")}},
     }
@@ -103,10 +104,10 @@ def build(root: Path, params: Params, client: MlflowClient, name: str, ref: str,
     mv = versions.version(client, name, ref)
     lin = lineage(client, name, mv)
     cfg = cfg or params.card
-    if not mv.tags.get("data_revision"):
+    if not vocab.tag(mv.tags, vocab.DATA_REVISION):
         raise MlflowException(f"{name} v{mv.version} has no data_revision tag: its test data is unknown")
     path, _ = security.fetch_verified(client, name, str(mv.version), work / "model")
-    splits = load_splits(prepared_for(root, mv.tags["data_revision"]))
+    splits = load_splits(prepared_for(root, vocab.tag(mv.tags, vocab.DATA_REVISION)))
     max_p95 = float(lin["gate"]["thresholds"].get("max_p95_latency_ms", params.gate.max_p95_latency_ms))
     out = work / CARD_DIR
     shutil.rmtree(out, ignore_errors=True)

@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
+from ottimo import vocab
 from ottimo.config import EvaluateCfg, FloatRange, IntRange, TrainCfg, TuneCfg
 from ottimo.data.tables import Splits
 from ottimo.models.train import fit
@@ -269,7 +270,7 @@ class TrialRuns:
 
     def start(self, trial: Trial, params: dict) -> str:
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags={
-            **self.tags, "mlflow.parentRunId": self.study_run_id, "ottimo.kind": "trial",
+            **self.tags, vocab.PARENT: self.study_run_id, vocab.KIND: vocab.TRIAL,
             "optuna.trial": str(trial.number), "trial.state": "running"})
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
@@ -283,7 +284,7 @@ class TrialRuns:
             self.client.log_batch(run_id, metrics=metrics[i:i + 900])
         self.client.set_tag(run_id, "trial.state", state)
         if reason:
-            self.client.set_tag(run_id, "failure", reason[:5000])
+            self.client.set_tag(run_id, vocab.FAILURE, vocab.clip(reason))
         self.client.set_terminated(run_id, {"complete": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED"))
 
 

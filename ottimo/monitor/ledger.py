@@ -12,12 +12,9 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from ottimo import vocab
 from ottimo.config import Params
 from ottimo.registry.tracking import connect
-
-KIND = "ottimo.kind"
-SCORE, CHECK = "score", "drift-check"
-CHECKED = "drift.checked"  # on a score run: "false", or the id of the drift-check run that used it
 
 
 def experiment_name(params: Params) -> str:
@@ -33,17 +30,17 @@ def record_score(client: MlflowClient, exp: str, batch: Path, predictions: Path,
                  version: str, batch_sha256: str, tags: dict[str, str]) -> str:
     """One finished run for a scored batch; it waits in the next drift window (drift.checked = false). A run for
     the same file and content made by a process that died before it wrote the predictions is reused (no double)."""
-    for old in client.search_runs([exp], f"tags.`{KIND}` = '{SCORE}' and tags.`batch.sha256` = '{batch_sha256}'",
-                                  max_results=100):
+    same = f"tags.`{vocab.KIND}` = '{vocab.SCORE}' and tags.`batch.sha256` = '{batch_sha256}'"
+    for old in client.search_runs([exp], same, max_results=100):
         if old.data.tags.get("batch.path") == str(batch):
             if old.info.status != "FINISHED":
                 client.log_metric(old.info.run_id, "rows", rows)
                 client.set_terminated(old.info.run_id, "FINISHED")
             return old.info.run_id
     run = client.create_run(exp, run_name=f"score {batch.name}", tags={
-        KIND: SCORE, "batch": batch.name, "batch.path": str(batch), "batch.sha256": batch_sha256,
+        vocab.KIND: vocab.SCORE, "batch": batch.name, "batch.path": str(batch), "batch.sha256": batch_sha256,
         "predictions.path": str(predictions), "model.version": str(version), "labelled": str(labelled).lower(),
-        CHECKED: "false", **tags})
+        vocab.CHECKED: "false", **tags})
     client.log_metric(run.info.run_id, "rows", rows)
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
@@ -51,11 +48,10 @@ def record_score(client: MlflowClient, exp: str, batch: Path, predictions: Path,
 
 def unchecked(client: MlflowClient, exp: str) -> list:
     """Score runs no drift check has decided on yet, oldest first."""
-    return client.search_runs([exp], f"tags.`{KIND}` = '{SCORE}' and tags.`{CHECKED}` = 'false'",
+    return client.search_runs([exp], f"tags.`{vocab.KIND}` = '{vocab.SCORE}' and tags.`{vocab.CHECKED}` = 'false'",
                               order_by=["attributes.start_time ASC"], max_results=10_000)
 
 
-WINDOW, CLOSED = "window", "check.closed"  # on a drift-check run: the hash of its score runs; "false" until closed
 
 
 def window_key(score_run_ids: list[str]) -> str:
@@ -66,19 +62,20 @@ def window_key(score_run_ids: list[str]) -> str:
 def open_check(client: MlflowClient, exp: str, key: str):
     """A drift-check run on this very window whose decision was never carried out and closed (its process died
     in between), or None: a rerun takes that decision instead of deciding again."""
-    runs = client.search_runs([exp], f"tags.`{KIND}` = '{CHECK}' and tags.`{WINDOW}` = '{key}' "
-                              f"and tags.`{CLOSED}` = 'false'", order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs([exp], f"tags.`{vocab.KIND}` = '{vocab.CHECK}' and tags.`{vocab.WINDOW}` = '{key}' "
+                              f"and tags.`{vocab.CLOSED}` = 'false'", order_by=["attributes.start_time DESC"],
+                              max_results=1)
     return runs[0] if runs else None
 
 
 def mark_checked(client: MlflowClient, score_run_ids: list[str], check_run_id: str) -> None:
     for run_id in score_run_ids:
-        client.set_tag(run_id, CHECKED, check_run_id)
+        client.set_tag(run_id, vocab.CHECKED, check_run_id)
 
 
 def last_check(client: MlflowClient, exp: str, decision: str | None = None):
     """The newest drift-check run (with that decision when given), or None."""
-    where = f"tags.`{KIND}` = '{CHECK}'" + (f" and tags.decision = '{decision}'" if decision else "")
+    where = f"tags.`{vocab.KIND}` = '{vocab.CHECK}'" + (f" and tags.decision = '{decision}'" if decision else "")
     runs = client.search_runs([exp], where, order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 

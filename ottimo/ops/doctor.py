@@ -20,13 +20,12 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 
+from ottimo import vocab
 from ottimo.config import ReliabilityCfg
 from ottimo.registry import promotion
 from ottimo.registry.versions import CHALLENGER, CHAMPION, ONNX_FILE, PREVIOUS, aliases
 
-OWNER_TAG = "ottimo.owner"  # on a pipeline (or stand-alone study) run: the process that runs it (JSON)
 VERDICTS = ("passed", "failed")
-ABANDONED = "abandoned"  # gate_verdict of a version whose run died before the gate
 
 
 @dataclass(frozen=True)
@@ -103,12 +102,12 @@ class Doctor:
         node, seen = run, set()
         while node is not None and node.info.run_id not in seen:
             seen.add(node.info.run_id)
-            alive = owner_alive(node.data.tags.get(OWNER_TAG))
+            alive = owner_alive(node.data.tags.get(vocab.OWNER))
             if alive is not None:
                 return not alive
-            if OWNER_TAG in node.data.tags:
+            if vocab.OWNER in node.data.tags:
                 break  # owner on another host
-            node = self._run(node.data.tags.get("mlflow.parentRunId"))
+            node = self._run(node.data.tags.get(vocab.PARENT))
         return time.time() - run.info.start_time / 1000 > self.cfg.stale_run_hours * 3600
 
     def stale_runs(self) -> None:
@@ -119,7 +118,7 @@ class Doctor:
                 continue
 
             def fail(run_id=run.info.run_id) -> None:
-                self.client.set_tag(run_id, "failure", "process died (found RUNNING by ottimo doctor)")
+                self.client.set_tag(run_id, vocab.FAILURE, "process died (found RUNNING by ottimo doctor)")
                 self.client.set_terminated(run_id, "FAILED")
 
             self._note("stale-run", f"run {run.info.run_id} ({run.info.run_name})",
@@ -138,17 +137,18 @@ class Doctor:
 
     def pending_verdicts(self, versions: list) -> None:
         for mv in versions:
-            if mv.tags.get("gate_verdict") in (*VERDICTS, ABANDONED) or not self.dead(self._run(mv.run_id)):
+            settled = vocab.tag(mv.tags, vocab.GATE_VERDICT) in (*VERDICTS, vocab.ABANDONED)
+            if settled or not self.dead(self._run(mv.run_id)):
                 continue
 
             def abandon(v=mv.version) -> None:
-                self.client.set_model_version_tag(self.name, v, "gate_verdict", ABANDONED)
-                self.client.set_model_version_tag(self.name, v, "gate_reasons",
+                self.client.set_model_version_tag(self.name, v, vocab.GATE_VERDICT, vocab.ABANDONED)
+                self.client.set_model_version_tag(self.name, v, vocab.GATE_REASONS,
                                                   "its run died before the gate; run the pipeline again")
 
             self._note("pending-verdict", f"v{mv.version}",
                        f"gate verdict {mv.tags.get('gate_verdict', 'missing')!r}, and its run is over",
-                       f"tag gate_verdict={ABANDONED} (never served)", abandon)
+                       f"tag {vocab.GATE_VERDICT}={vocab.ABANDONED} (never served)", abandon)
 
     def sha256_missing(self, versions: list) -> None:
         for mv in versions:
@@ -178,8 +178,8 @@ class Doctor:
     def alias_states(self, versions: list) -> None:
         now = aliases(self.client, self.name)
         by_version = {str(v.version): v for v in versions}
-        history = sorted((v for v in versions if promotion.CHAMPION_SINCE in v.tags),
-                         key=lambda v: float(v.tags[promotion.CHAMPION_SINCE]), reverse=True)
+        history = sorted((v for v in versions if vocab.CHAMPION_SINCE in v.tags),
+                         key=lambda v: float(v.tags[vocab.CHAMPION_SINCE]), reverse=True)
         champion = now.get(CHAMPION)
         if champion is None and versions:
             restore = next((v for v in [str(h.version) for h in history] + [now.get(PREVIOUS)]
@@ -192,21 +192,22 @@ class Doctor:
                            f"{'v' + rest if rest else 'none'}",
                            lambda: self._set({CHAMPION: restore, PREVIOUS: rest}))
                 champion, now = restore, {**now, CHAMPION: restore, PREVIOUS: rest}
-            elif any(v.tags.get("gate_verdict") == "passed" for v in versions):
+            elif any(vocab.tag(v.tags, vocab.GATE_VERDICT) == vocab.PASSED for v in versions):
                 self._note("champion-missing", f"aliases of {self.name}",
                            "no champion, and no version was ever champion", "run the pipeline again", None)
         if champion is not None and now.get(PREVIOUS) == champion:
-            since = float(by_version[champion].tags.get(promotion.CHAMPION_SINCE, "inf")) if champion in by_version \
+            since = float(by_version[champion].tags.get(vocab.CHAMPION_SINCE, "inf")) if champion in by_version \
                 else float("inf")
             rest = next((str(h.version) for h in history if str(h.version) != champion
-                         and float(h.tags[promotion.CHAMPION_SINCE]) < since), None)
+                         and float(h.tags[vocab.CHAMPION_SINCE]) < since), None)
             self._note("previous-is-champion", f"aliases of {self.name}", f"previous-champion = champion = v{champion}",
                        f"previous-champion -> {'v' + rest if rest else 'none'} (the champion before it)",
                        lambda: self._set({PREVIOUS: rest}))
         challenger = now.get(CHALLENGER)
         mv = by_version.get(challenger)
-        if challenger is not None and (mv is None or mv.tags.get("gate_verdict") not in VERDICTS):
-            latest = next((str(v.version) for v in reversed(versions) if v.tags.get("gate_verdict") in VERDICTS), None)
+        if challenger is not None and (mv is None or vocab.tag(mv.tags, vocab.GATE_VERDICT) not in VERDICTS):
+            latest = next((str(v.version) for v in reversed(versions)
+                           if vocab.tag(v.tags, vocab.GATE_VERDICT) in VERDICTS), None)
             self._note("challenger-unknown", f"challenger v{challenger}",
                        f"gate verdict {mv.tags.get('gate_verdict', 'missing') if mv else 'version gone'!r}",
                        f"challenger -> {'v' + latest if latest else 'none'} (the latest version with a verdict)",

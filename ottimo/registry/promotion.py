@@ -20,12 +20,9 @@ from filelock import FileLock, Timeout
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from ottimo import vocab
 from ottimo.ops.faults import checkpoint
 from ottimo.registry.versions import CHAMPION, PREVIOUS, aliases
-
-JOURNAL = "ottimo.journal"  # registered-model tag: the alias move in progress (JSON), absent when none
-CHAMPION_SINCE = "champion_since"  # version tag: epoch seconds it last became champion (the champion history)
-PASSED = "passed"
 
 
 class PromotionError(RuntimeError):
@@ -79,7 +76,7 @@ def exclusive(client: MlflowClient, name: str, timeout: float = 120) -> Iterator
 def journal(client: MlflowClient, name: str) -> dict | None:
     """The alias move a process started and did not finish, or None."""
     try:
-        raw = client.get_registered_model(name).tags.get(JOURNAL)
+        raw = client.get_registered_model(name).tags.get(vocab.JOURNAL)
     except MlflowException:
         return None
     return json.loads(raw) if raw else None
@@ -94,7 +91,7 @@ def servable(client: MlflowClient, name: str, version: str | None, gate: bool = 
         tags = client.get_model_version(name, version).tags
     except MlflowException:
         return False
-    return (not gate or tags.get("gate_verdict") == PASSED) and bool(tags.get("sha256"))
+    return (not gate or vocab.tag(tags, vocab.GATE_VERDICT) == vocab.PASSED) and bool(tags.get(vocab.SHA256))
 
 
 def finishable(client: MlflowClient, name: str, entry: dict) -> bool:
@@ -114,7 +111,7 @@ def _apply(client: MlflowClient, name: str, target: dict[str, str | None], histo
         else:
             client.set_registered_model_alias(name, alias, str(version))
     if history and target.get(CHAMPION):
-        client.set_model_version_tag(name, target[CHAMPION], CHAMPION_SINCE, f"{time.time():.3f}")
+        client.set_model_version_tag(name, target[CHAMPION], vocab.CHAMPION_SINCE, f"{time.time():.3f}")
 
 
 def recover(client: MlflowClient, name: str) -> str | None:
@@ -126,7 +123,7 @@ def recover(client: MlflowClient, name: str) -> str | None:
     target, before = entry["target"], entry["before"]
     finish = finishable(client, name, entry)
     _apply(client, name, target if finish else before, history=finish)
-    client.delete_registered_model_tag(name, JOURNAL)
+    client.delete_registered_model_tag(name, vocab.JOURNAL)
     done = "finished" if finish else "undone (its new champion is not servable)"
     return f"interrupted {entry['op']} {before} -> {target} {done}"
 
@@ -156,18 +153,18 @@ def move(client: MlflowClient, name: str, target: dict[str, str | None], expecte
                                  "tag, so it may not be champion; nothing was changed.")
         entry = {"op": op, "before": {a: before.get(a) for a in target}, "target": target, "at": time.time(),
                  "gate": gate}
-        client.set_registered_model_tag(name, JOURNAL, json.dumps(entry))
+        client.set_registered_model_tag(name, vocab.JOURNAL, json.dumps(entry))
         try:
             _apply(client, name, target)
         except BaseException as err:
             try:
                 _apply(client, name, entry["before"], history=False)
-                client.delete_registered_model_tag(name, JOURNAL)
+                client.delete_registered_model_tag(name, vocab.JOURNAL)
             except Exception:  # noqa: BLE001 - the store is still away: the journal stays for the next move
                 err.add_note(f"Undoing the {op} failed too; its journal stays on {name}: the next promotion, "
                              "`ottimo doctor --repair` or the next pipeline run finishes or undoes it.")
             raise
-        client.delete_registered_model_tag(name, JOURNAL)
+        client.delete_registered_model_tag(name, vocab.JOURNAL)
         return aliases(client, name)
 
 
@@ -180,9 +177,6 @@ def promote(client: MlflowClient, name: str, version: str, expected_champion: st
         return move(client, name, {CHAMPION: version}, current, "promote", timeout, gate)
     target: dict[str, str | None] = {PREVIOUS: expected_champion} if expected_champion not in (None, version) else {}
     return move(client, name, target | {CHAMPION: version}, expected_champion, "promote", timeout, gate)
-
-
-ROLLED_BACK, RESTORED, ROLLBACK_BY = "rolled_back", "restored", "rolled_back.by"
 
 
 def rollback(client: MlflowClient, name: str, reason: str, expected_champion: str | None = None,
@@ -202,7 +196,7 @@ def rollback(client: MlflowClient, name: str, reason: str, expected_champion: st
         current, previous = now.get(CHAMPION), now.get(PREVIOUS)
         expected = current if expected_champion is None else str(expected_champion)
         if current != expected:
-            by = client.get_model_version(name, expected).tags.get(ROLLBACK_BY) if previous == expected else None
+            by = client.get_model_version(name, expected).tags.get(vocab.ROLLBACK_BY) if previous == expected else None
             if decision and by == decision:  # this very rollback was carried out before (a rerun)
                 return now
             raise ChampionChanged(
@@ -215,10 +209,12 @@ def rollback(client: MlflowClient, name: str, reason: str, expected_champion: st
                 "nothing changed. Promote a known-good version with the `promote` flow instead.")
         after = move(client, name, {CHAMPION: previous, PREVIOUS: current}, current, "rollback", timeout, gate=False)
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
-        client.set_model_version_tag(name, current, ROLLED_BACK, f"{stamp}: replaced by v{previous}: {reason}"[:5000])
-        client.set_model_version_tag(name, previous, RESTORED, f"{stamp}: restored over v{current}: {reason}"[:5000])
+        client.set_model_version_tag(name, current, vocab.ROLLED_BACK,
+                                     vocab.clip(f"{stamp}: replaced by v{previous}: {reason}"))
+        client.set_model_version_tag(name, previous, vocab.RESTORED,
+                                     vocab.clip(f"{stamp}: restored over v{current}: {reason}"))
         if decision:
-            client.set_model_version_tag(name, current, ROLLBACK_BY, decision)
+            client.set_model_version_tag(name, current, vocab.ROLLBACK_BY, decision)
         return after
 
 

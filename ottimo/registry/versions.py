@@ -12,8 +12,7 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 
-CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous-champion", "challenger"
-ONNX_FILE = "model.onnx"
+from ottimo.vocab import CHALLENGER, CHAMPION, ONNX_FILE, PREVIOUS  # noqa: F401  (the alias names, re-exported)
 
 
 def alias_version(client: MlflowClient, name: str, alias: str):

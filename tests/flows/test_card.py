@@ -12,6 +12,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from ottimo import vocab
 from ottimo.card import store as cardstore
 from ottimo.card.render import DESCRIPTION_LIMIT, description, render
 from ottimo.card.sections import FIGURES, SECTIONS, deterministic, fairness_section, measure_card, slice_masks
@@ -159,7 +160,7 @@ def test_pipeline_cards_every_version_publishes_it_and_recomputes_it(project, pr
         sections = _sections(mv.description)
         assert list(sections) == list(SECTIONS.values()) and len(mv.description) <= DESCRIPTION_LIMIT
         assert all(re.search(r"\d\.\d", body) for body in sections.values()), mv.description
-        assert "card accuracy.accuracy" in mv.tags["gate_reasons"]  # the gate applied the card bounds
+        assert "card accuracy.accuracy" in vocab.tag(mv.tags, vocab.GATE_REASONS)  # the gate applied the card bounds
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.tags["card"] == f"runs:/{champion.run_id}/card/card.json"
     stored = {a.path for a in client.list_artifacts(champion.run_id, "card")}
@@ -176,8 +177,10 @@ def test_pipeline_cards_every_version_publishes_it_and_recomputes_it(project, pr
     shutil.rmtree(project / "data" / "prepared")
     card, old, mv = cardstore.recompute(project, params, client, name, "1", tmp_path / "recompute")
     assert old is not None and deterministic(card) == deterministic(old)
-    assert card.lineage["sha256"] == mv.tags["sha256"] and card.lineage["data_revision"] == mv.tags["data_revision"]
-    assert card.lineage["code_commit"] != "" and card.lineage["gate"]["verdict"] == mv.tags["gate_verdict"]
+    assert card.lineage["sha256"] == mv.tags["sha256"]
+    assert card.lineage["data_revision"] == vocab.tag(mv.tags, vocab.DATA_REVISION)
+    assert card.lineage["code_commit"] != ""
+    assert card.lineage["gate"]["verdict"] == vocab.tag(mv.tags, vocab.GATE_VERDICT)
 
     runner = CliRunner()
     shown = runner.invoke(app, ["card", "show", "champion", "--stored", "--json", "-C", str(project)])

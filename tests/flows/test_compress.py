@@ -13,6 +13,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from ottimo import vocab
 from ottimo.compress import pareto, quantize, techniques
 from ottimo.config import ConfigError, Params, SelectCfg, parse_params
 from ottimo.data.tables import Splits, builtin_frame, split_frame
@@ -197,7 +198,7 @@ def test_pipeline_promotes_the_selected_compressed_candidate(tmp_path, prefect_h
         a.path for a in client.list_artifacts(summary.run_id, "compression")}
     assert [c["family"] for c in summary.candidates] == [chosen]  # only the contender is registered and gated
     mv = versions.alias_version(client, params.mlflow.registered_model, "champion")
-    assert mv.tags["family"] == chosen and mv.tags["gate_verdict"] == "passed"
+    assert mv.tags["family"] == chosen and vocab.tag(mv.tags, vocab.GATE_VERDICT) == "passed"
     assert client.get_run(mv.run_id).data.tags["compress.base"]
     with get_client(sync_client=True) as prefect:  # every filter given: the 3.8 client sends None otherwise (422)
         published = prefect.read_artifacts(

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from flows.score import batch_scoring
+from ottimo import vocab
 from ottimo.ops import doctor
 from ottimo.ops.faults import EXIT_CODE
 from ottimo.registry import promotion, versions
@@ -33,15 +34,15 @@ def reg(tmp_path):
 def test_rollback_is_a_journaled_compare_then_set_move(reg):
     _, params, client, exp, (v1, v2, v3) = reg
     assert promotion.rollback(client, NAME, "drift", v2, "check-1") == {CHAMPION: v1, PREVIOUS: v2}
-    assert "replaced by v" + v1 in client.get_model_version(NAME, v2).tags[promotion.ROLLED_BACK]
-    assert "restored over v" + v2 in client.get_model_version(NAME, v1).tags[promotion.RESTORED]
+    assert "replaced by v" + v1 in client.get_model_version(NAME, v2).tags[vocab.ROLLED_BACK]
+    assert "restored over v" + v2 in client.get_model_version(NAME, v1).tags[vocab.RESTORED]
     assert promotion.journal(client, NAME) is None
     # the same decision again (a rerun after a crash) changes nothing; another decision on v2 is stale now
     assert promotion.rollback(client, NAME, "drift", v2, "check-1") == {CHAMPION: v1, PREVIOUS: v2}
     with pytest.raises(promotion.ChampionChanged, match="champion of ottimo-classifier is now v1, not v2"):
         promotion.rollback(client, NAME, "drift", v2, "check-2")
     # a former champion that a gate later failed may still be rolled back to (its sha256 is what counts) ...
-    client.set_model_version_tag(NAME, v2, "gate_verdict", "failed")
+    client.set_model_version_tag(NAME, v2, vocab.GATE_VERDICT, vocab.FAILED)
     assert promotion.rollback(client, NAME, "back again") == {CHAMPION: v2, PREVIOUS: v1}
     # ... never one without a sha256, and never without a previous-champion
     client.delete_model_version_tag(NAME, v1, "sha256")

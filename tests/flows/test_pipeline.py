@@ -9,6 +9,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from flows.pipeline import training_pipeline
+from ottimo import vocab
 from ottimo.cli.main import app
 from ottimo.config import load_params
 from ottimo.data import versioning
@@ -16,7 +17,6 @@ from ottimo.data.tables import load_splits
 from ottimo.onnx.export import sha256
 from ottimo.onnx.measure import predict, session
 from ottimo.registry.tracking import connect
-from tasks.train import FLOW_RUN_TAG
 
 
 def run(project: Path):
@@ -42,12 +42,12 @@ def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(proje
     assert set(aliases) == {"champion", "challenger"} and aliases["champion"] == aliases["challenger"]
     assert summary.prepared is True and summary.data_revision == versioning.revision(project)
     for _, tags in versions:
-        assert tags["data_revision"] == summary.data_revision
-        assert tags["gate_verdict"] in {"passed", "failed"} and len(tags["sha256"]) == 64
+        assert vocab.tag(tags, vocab.DATA_REVISION) == summary.data_revision
+        assert vocab.tag(tags, vocab.GATE_VERDICT) in {"passed", "failed"} and len(tags["sha256"]) == 64
         assert client.get_run(tags["run_id"]).data.tags["mlflow.parentRunId"] == summary.run_id
     parent = client.get_run(summary.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["gate.verdict"] == "passed"
-    assert parent.data.tags[FLOW_RUN_TAG] == str(first.state_details.flow_run_id)
+    assert parent.data.tags[vocab.FLOW_RUN] == str(first.state_details.flow_run_id)
     assert parent.inputs.dataset_inputs[0].dataset.digest == summary.data_revision[:12]
     assert (project / ".dvc-remote" / "files" / "md5").is_dir()
     assert versioning.status_cloud(project) == {}  # raw and prepared data are all in the remote
@@ -75,7 +75,8 @@ def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(proje
     assert aliases2["previous-champion"] == aliases["champion"]
     assert int(aliases2["champion"]) > int(aliases["champion"])
     new = dict(versions2)[aliases2["champion"]]
-    assert "vs champion" in new["gate_reasons"] and "no champion yet" not in new["gate_reasons"]
+    reasons = vocab.tag(new, vocab.GATE_REASONS)
+    assert "vs champion" in reasons and "no champion yet" not in reasons
 
     # 3. a gate nobody can pass: the flow run fails with the reasons; champion aliases stay as they were
     strict = yaml.safe_load((project / "params.yaml").read_text())
@@ -87,7 +88,7 @@ def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(proje
     aliases3, versions3 = registry_state(client, name)
     assert aliases3["champion"] == aliases2["champion"]
     assert aliases3["previous-champion"] == aliases2["previous-champion"]
-    assert all(tags["gate_verdict"] == "failed" for v, tags in versions3 if int(v) > 4)
+    assert all(vocab.tag(tags, vocab.GATE_VERDICT) == "failed" for v, tags in versions3 if int(v) > 4)
     failed_parent = client.search_runs([exp], "tags.`ottimo.kind` = 'pipeline'", order_by=["start_time DESC"])[0]
     assert failed_parent.info.status == "FAILED"
     assert "p95 latency" in failed_parent.data.tags["gate.reasons"]

@@ -17,6 +17,7 @@ from flows.manage import promote
 from flows.manage import rollback as manual_rollback
 from flows.pipeline import training_pipeline
 from flows.score import batch_scoring
+from ottimo import vocab
 from ottimo.cli.main import app
 from ottimo.config import load_params
 from ottimo.data import batches, versioning
@@ -100,7 +101,7 @@ def test_production_loop(tmp_path, prefect_harness):
     aliases = versions.aliases(client, name)
     v2 = aliases["champion"]
     assert int(v2) > int(v1) and aliases["previous-champion"] == v1 and check.outcome["champion"] == v2
-    assert versions.version(client, name, v2).tags["data_revision"] == rev2
+    assert vocab.tag(versions.version(client, name, v2).tags, vocab.DATA_REVISION) == rev2
 
     # a labelled window on which v2 is worse than v1: rows of the digits data (and a noisy copy) that v1
     # classifies right and v2 wrong, topped up with rows both get right; built from the models' own predictions

@@ -14,6 +14,7 @@ import pytest
 import requests
 from mlflow.exceptions import MlflowException, RestException
 
+from ottimo import vocab
 from ottimo.config import ConfigError, load_params
 from ottimo.data import versioning
 from ottimo.data.intake import DataValidationError
@@ -135,7 +136,7 @@ def test_the_real_gate_task_fails_once_without_retrying(tmp_path, harness):
     assert state.is_failed() and "gate failed" in state.message
     (run,) = _task_runs(state)["gate"]
     assert run.run_count == 1 and run.state.is_failed()  # ran once: a failed gate is never retried
-    assert client.get_model_version(name, version).tags["gate_verdict"] == "failed"
+    assert vocab.tag(client.get_model_version(name, version).tags, vocab.GATE_VERDICT) == "failed"
 
 
 def _restore_after_a_failed_push(remote: Path, timeout: float = 120) -> None:
@@ -239,7 +240,7 @@ def test_pipeline_survives_the_mlflow_server_going_away_mid_run(tmp_path, prefec
             "pipeline"]  # one pipeline run: nothing was started twice
         assert not [r for r in runs if r.info.status == "RUNNING"]
         versions = client.search_model_versions(f"name = '{params.mlflow.registered_model}'")
-        assert len(versions) == 1 and versions[0].tags["gate_verdict"] == "passed"
+        assert len(versions) == 1 and vocab.tag(versions[0].tags, vocab.GATE_VERDICT) == "passed"
         assert versions.aliases(client, params.mlflow.registered_model)["champion"] == versions[0].version
     finally:
         servers.down(root)

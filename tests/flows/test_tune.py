@@ -20,6 +20,7 @@ import pytest
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
+from ottimo import vocab
 from ottimo.cli.main import app
 from ottimo.config import ConfigError, Params, TuneCfg, load_params, parse_params
 from ottimo.data import versioning
@@ -28,7 +29,6 @@ from ottimo.models import tune
 from ottimo.models.architectures import build_model
 from ottimo.registry.tracking import connect
 from tasks.data import DataVersion
-from tasks.train import FLOW_RUN_TAG
 from tests.conftest import merge, write_project
 
 REPO = Path(__file__).resolve().parents[2]
@@ -290,7 +290,7 @@ def test_resume_after_a_crash_continues_the_same_study_with_parallel_trials(tmp_
     assert (crashed.info.status, crashed.data.tags["trial.state"]) == ("FAILED", "failed")
     assert client.get_run(crashed.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
     study_run = client.get_run(result.mlflow_run_id)
-    assert study_run.data.tags["optuna.interrupted"] == "2" and study_run.data.tags[FLOW_RUN_TAG]
+    assert study_run.data.tags["optuna.interrupted"] == "2" and study_run.data.tags[vocab.FLOW_RUN]
     assert study_run.data.tags["optuna.chosen_trial"] == str(result.trial)
     assert {"plots/optimization_history.png", "plots/intermediate_values.png"} <= {
         a.path for a in client.list_artifacts(result.mlflow_run_id, "plots")}

@@ -13,6 +13,7 @@ import onnx
 from mlflow import MlflowClient
 from onnx import TensorProto, helper, numpy_helper
 
+from ottimo import vocab
 from ottimo.config import load_params
 from ottimo.data import versioning
 from ottimo.data.tables import materialise_raw
@@ -45,7 +46,8 @@ def add_onnx_version(client: MlflowClient, exp: str, name: str, folder: Path, re
     client.log_artifact(run.info.run_id, str(path), "model")
     digest = sha256(path)
     mv = versions.register(client, name, f"runs:/{run.info.run_id}/model", run.info.run_id,
-                           {"family": "linear", "sha256": digest, "gate_verdict": "passed", "data_revision": revision})
+                           {vocab.FAMILY: "linear", vocab.SHA256: digest, vocab.GATE_VERDICT: vocab.PASSED,
+                            vocab.DATA_REVISION: revision})
     client.set_terminated(run.info.run_id, "FINISHED")
     return str(mv.version)
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from prefect import flow
 
+from ottimo import vocab
 from ottimo.config import load_params
-from ottimo.ops.doctor import OWNER_TAG, owner
+from ottimo.ops.doctor import owner
 from ottimo.registry.tracking import connect
 from tasks.registry import Decision, promote
 
@@ -25,7 +26,7 @@ def attempt(project_dir: str, version: str, expected: str | None, barrier: str) 
     root = Path(project_dir)
     params = load_params(root / "params.yaml")
     client, exp = connect(root, params.mlflow)
-    run = client.create_run(exp, run_name="pipeline", tags={"ottimo.kind": "pipeline", OWNER_TAG: owner(),
+    run = client.create_run(exp, run_name="pipeline", tags={"ottimo.kind": "pipeline", vocab.OWNER: owner(),
                                                             "attempt.version": version})
     (Path(barrier) / f"ready-{version}").touch()
     while not (Path(barrier) / "go").exists():

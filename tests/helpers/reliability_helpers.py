@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from ottimo import vocab
 from ottimo.config import load_params
 from ottimo.onnx.export import sha256
 from ottimo.registry import versions
@@ -53,7 +54,7 @@ def add_version(client: MlflowClient, exp: str, name: str, tmp: Path, verdict: s
     digest = sha256(onnx)
     client.set_tag(run.info.run_id, "onnx.sha256", digest)
     vtags = {"family": "mlp"} | ({"sha256": digest} if with_sha else {}) | (
-        {"gate_verdict": verdict} if verdict else {})
+        {vocab.GATE_VERDICT: verdict} if verdict else {})
     mv = versions.register(client, name, f"runs:/{run.info.run_id}/model", run.info.run_id, vtags)
     if status != "RUNNING":
         client.set_terminated(run.info.run_id, status)

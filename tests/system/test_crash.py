@@ -11,10 +11,11 @@ from collections import Counter
 import pytest
 
 from flows.pipeline import training_pipeline
+from ottimo import vocab
 from ottimo.config import load_params
 from ottimo.data import versioning
 from ottimo.ops import faults
-from ottimo.ops.doctor import ABANDONED, examine
+from ottimo.ops.doctor import examine
 from ottimo.registry import promotion
 from ottimo.registry.tracking import connect
 from tests.conftest import REPO, merge, write_project
@@ -66,9 +67,9 @@ def test_a_hard_crash_then_a_rerun_finishes_the_job(point, tmp_path, prefect_har
     assert all("process died" in r.data.tags["failure"] for r in runs if r.info.status == "FAILED")
     versions = client.search_model_versions(f"name = '{name}'")
     assert max(Counter(v.run_id for v in versions).values()) == 1  # no run registered twice
-    verdicts = Counter(v.tags["gate_verdict"] for v in versions)
-    assert set(verdicts) <= {"passed", "failed", ABANDONED}
-    assert verdicts[ABANDONED] == (1 if point == "after-registering" else 0)
+    verdicts = Counter(vocab.tag(v.tags, vocab.GATE_VERDICT) for v in versions)
+    assert set(verdicts) <= {"passed", "failed", vocab.ABANDONED}
+    assert verdicts[vocab.ABANDONED] == (1 if point == "after-registering" else 0)
     aliases = versions.aliases(client, name)
     assert aliases["champion"] == summary.champion
     # the promotion the crash cut in two was finished by the rerun's reconcile, so its version came in between

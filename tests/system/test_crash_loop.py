@@ -13,6 +13,7 @@ import pytest
 
 from flows.drift import drift_check
 from flows.score import batch_scoring
+from ottimo import vocab
 from ottimo.data.tables import builtin_frame
 from ottimo.monitor import ledger
 from ottimo.ops import faults
@@ -45,7 +46,7 @@ def _batches(root, incoming, n: int) -> list[str]:
 
 
 def _score_runs(client, exp):
-    return client.search_runs([exp], f"tags.`{ledger.KIND}` = '{ledger.SCORE}'")
+    return client.search_runs([exp], f"tags.`{vocab.KIND}` = '{vocab.SCORE}'")
 
 
 @pytest.mark.slow
@@ -80,18 +81,18 @@ def test_a_crash_mid_drift_check_then_a_rerun_takes_the_decision_once(tmp_path, 
 
     _crash("mid-drift-check", "drift-check", root)
     mclient, exp = ledger.connect_monitoring(root, params)
-    [left] = mclient.search_runs([exp], f"tags.`{ledger.KIND}` = '{ledger.CHECK}'")
-    assert left.data.tags[ledger.CLOSED] == "false" and len(ledger.unchecked(mclient, exp)) == 2
+    [left] = mclient.search_runs([exp], f"tags.`{vocab.KIND}` = '{vocab.CHECK}'")
+    assert left.data.tags[vocab.CLOSED] == "false" and len(ledger.unchecked(mclient, exp)) == 2
 
     state = drift_check(project_dir=str(root), return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
-    checks = mclient.search_runs([exp], f"tags.`{ledger.KIND}` = '{ledger.CHECK}'")
+    checks = mclient.search_runs([exp], f"tags.`{vocab.KIND}` = '{vocab.CHECK}'")
     assert [c.info.run_id for c in checks] == [left.info.run_id] == [summary.run_id]  # one decision, taken once
     assert summary.action == left.data.tags["decision"]
-    assert mclient.get_run(left.info.run_id).data.tags[ledger.CLOSED] == "true"
+    assert mclient.get_run(left.info.run_id).data.tags[vocab.CLOSED] == "true"
     assert ledger.unchecked(mclient, exp) == []
-    assert {r.data.tags[ledger.CHECKED] for r in _score_runs(mclient, exp)} == {left.info.run_id}
+    assert {r.data.tags[vocab.CHECKED] for r in _score_runs(mclient, exp)} == {left.info.run_id}
     if summary.action != "rollback":
         assert versions.aliases(client, name) == aliases
     assert not mclient.search_runs([exp], "attributes.status = 'RUNNING'")

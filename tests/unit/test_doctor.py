@@ -11,8 +11,9 @@ import uuid
 
 import pytest
 
+from ottimo import vocab
 from ottimo.config import ReliabilityCfg
-from ottimo.ops.doctor import ABANDONED, OWNER_TAG, examine, owner, owner_alive
+from ottimo.ops.doctor import examine, owner, owner_alive
 from ottimo.registry import promotion, versions
 from ottimo.registry.versions import CHALLENGER, CHAMPION, PREVIOUS
 from tests.helpers.reliability_helpers import add_version, store
@@ -51,7 +52,7 @@ def test_consistent_registry_has_no_findings(case):
     v1, v2 = add(), add()
     promotion.promote(client, name, v1, None)
     client.set_registered_model_alias(name, CHALLENGER, v2)
-    add(status="RUNNING", tags={OWNER_TAG: owner()})  # a run in progress in a live process is left alone
+    add(status="RUNNING", tags={vocab.OWNER: owner()})  # a run in progress in a live process is left alone
     assert checks(client, exp, name) == []
 
 
@@ -102,17 +103,17 @@ def test_challenger_without_verdict_whose_run_died(case):
     client.set_registered_model_alias(name, CHALLENGER, v3)
     assert checks(client, exp, name) == [("pending-verdict", False), ("challenger-unknown", False)]
     checks(client, exp, name, repair=True)
-    assert client.get_model_version(name, v3).tags["gate_verdict"] == ABANDONED
+    assert vocab.tag(client.get_model_version(name, v3).tags, vocab.GATE_VERDICT) == vocab.ABANDONED
     assert versions.aliases(client, name) == {CHAMPION: v1, CHALLENGER: v2}  # the latest version with a verdict
     assert checks(client, exp, name) == []
 
 
 def test_runs_left_running_by_dead_processes_are_failed(case):
     client, exp, name, add = case
-    crashed = add(verdict="pending", status="RUNNING", tags={OWNER_TAG: DEAD})
-    live = add(verdict="pending", status="RUNNING", tags={OWNER_TAG: owner()})
-    old_elsewhere = add(status="RUNNING", tags={OWNER_TAG: ELSEWHERE}, start_time=int((time.time() - 7200) * 1000))
-    new_elsewhere = add(status="RUNNING", tags={OWNER_TAG: ELSEWHERE})
+    crashed = add(verdict="pending", status="RUNNING", tags={vocab.OWNER: DEAD})
+    live = add(verdict="pending", status="RUNNING", tags={vocab.OWNER: owner()})
+    old_elsewhere = add(status="RUNNING", tags={vocab.OWNER: ELSEWHERE}, start_time=int((time.time() - 7200) * 1000))
+    new_elsewhere = add(status="RUNNING", tags={vocab.OWNER: ELSEWHERE})
     promotion.promote(client, name, old_elsewhere, None)
     assert sorted(checks(client, exp, name, repair=True)) == [
         ("pending-verdict", True), ("stale-run", True), ("stale-run", True)]
@@ -121,8 +122,8 @@ def test_runs_left_running_by_dead_processes_are_failed(case):
     assert status == {crashed: "FAILED", live: "RUNNING", old_elsewhere: "FAILED", new_elsewhere: "RUNNING"}
     run = client.get_run(client.get_model_version(name, crashed).run_id)
     assert "process died" in run.data.tags["failure"]
-    assert client.get_model_version(name, crashed).tags["gate_verdict"] == ABANDONED
-    assert client.get_model_version(name, live).tags["gate_verdict"] == "pending"  # still being gated
+    assert vocab.tag(client.get_model_version(name, crashed).tags, vocab.GATE_VERDICT) == vocab.ABANDONED
+    assert vocab.tag(client.get_model_version(name, live).tags, vocab.GATE_VERDICT) == "pending"  # still being gated
 
 
 def test_unverifiable_version_is_reported_and_left_alone(case):
@@ -139,7 +140,7 @@ def test_half_done_move_to_an_unservable_version_is_undone(case):
     promotion.promote(client, name, v1, None)
     entry = {"op": "promote", "before": {PREVIOUS: None, CHAMPION: v1}, "target": {PREVIOUS: v1, CHAMPION: bad},
              "at": time.time()}
-    client.set_registered_model_tag(name, promotion.JOURNAL, json.dumps(entry))
+    client.set_registered_model_tag(name, vocab.JOURNAL, json.dumps(entry))
     client.set_registered_model_alias(name, PREVIOUS, v1)
     assert checks(client, exp, name, repair=True) == [("journal", True)]
     assert versions.aliases(client, name) == {CHAMPION: v1}

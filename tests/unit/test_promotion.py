@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 from typer.testing import CliRunner
 
+from ottimo import vocab
 from ottimo.cli.main import app
 from ottimo.ops import doctor
 from ottimo.ops.faults import EXIT_CODE
@@ -39,11 +40,11 @@ def test_compare_then_set_idempotent_and_refusals(reg, tmp_path):
     _, _, client, exp, (v1, v2, v3) = reg
     assert promotion.promote(client, NAME, v1, None) == {CHAMPION: v1}
     assert promotion.promote(client, NAME, v2, v1) == {CHAMPION: v2, PREVIOUS: v1}
-    since = client.get_model_version(NAME, v2).tags[promotion.CHAMPION_SINCE]
+    since = client.get_model_version(NAME, v2).tags[vocab.CHAMPION_SINCE]
 
     # the same promotion again (a rerun after success) changes nothing, not even the champion history
     assert promotion.promote(client, NAME, v2, v1) == {CHAMPION: v2, PREVIOUS: v1}
-    assert client.get_model_version(NAME, v2).tags[promotion.CHAMPION_SINCE] == since
+    assert client.get_model_version(NAME, v2).tags[vocab.CHAMPION_SINCE] == since
 
     # a decision taken against v1 is stale now that v2 is champion
     with pytest.raises(promotion.ChampionChanged, match="champion of ottimo-classifier is now v2, not v1"):
@@ -188,7 +189,7 @@ def test_pipeline_start_reconciles_what_a_crash_left(reg, api_url):
     promotion.promote(client, NAME, v1, None)
     entry = {"op": "promote", "before": {PREVIOUS: None, CHAMPION: v1}, "target": {PREVIOUS: v1, CHAMPION: v2},
              "at": time.time()}
-    client.set_registered_model_tag(NAME, promotion.JOURNAL, json.dumps(entry))
+    client.set_registered_model_tag(NAME, vocab.JOURNAL, json.dumps(entry))
     client.set_registered_model_alias(NAME, PREVIOUS, v1)  # the state a crash between the two moves leaves
 
     report_only = params.model_copy(update={"reliability": ReliabilityCfg(reconcile_on_start=False)})

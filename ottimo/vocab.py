@@ -1,0 +1,65 @@
+"""Ottimo's vocabulary in MLflow, in one place: alias names, run kinds, the tags on runs and on registered
+versions, and the length limits of tag and param values.
+
+One spelling per fact, the same on runs and on registered versions: `data.revision`, `gate.verdict`,
+`gate.reasons`. Versions registered before this vocabulary carry `data_revision`, `gate_verdict` and
+`gate_reasons`; `tag()` reads those too (LEGACY), so stored registries keep working. Nothing writes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+# Aliases of the registered model: served, what rollback restores, the latest gated candidate.
+CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous-champion", "challenger"
+ONNX_FILE = "model.onnx"  # the served file inside a logged model
+
+# Run kinds: the value of the KIND tag on every run Ottimo creates.
+KIND = "ottimo.kind"
+PIPELINE, CANDIDATE, COMPRESSED = "pipeline", "candidate", "compressed"
+STUDY, TRIAL = "study", "trial"
+SCORE, CHECK = "score", "drift-check"  # in the monitoring experiment
+CHECKED = "drift.checked"  # on a score run: "false", or the id of the drift-check run that used it
+WINDOW, CLOSED = "window", "check.closed"  # on a drift-check run: the hash of its score runs; "false" until closed
+
+# Run tags.
+PARENT = "mlflow.parentRunId"  # MLflow's own: nests a run under another in the UI
+FLOW_RUN = "prefect.flow_run_id"  # the Prefect flow run that made the run
+FLOW_RUN_URL = "prefect.flow_run_url"
+OWNER = "ottimo.owner"  # the process that runs a pipeline or study run (JSON), for `ottimo doctor`
+FAILURE = "failure"  # why a run failed, in words
+FAMILY_RUN = "model.family"
+COMMIT = "ottimo.code_commit"  # the git commit of the code that trained the model
+
+# Tags on both runs and registered versions.
+DATA_REVISION = "data.revision"  # DVC md5 of data/prepared
+GATE_VERDICT = "gate.verdict"  # on a version: pending | passed | failed | abandoned
+GATE_REASONS = "gate.reasons"
+
+# Registered-version tags.
+RUN_ID = "run_id"
+SHA256 = "sha256"  # of the version's ONNX file; checked before it is loaded
+FAMILY = "family"
+PENDING, PASSED, FAILED, ABANDONED = "pending", "passed", "failed", "abandoned"  # abandoned: its run died first
+CHAMPION_SINCE = "champion_since"  # when it last became champion (the champion history)
+ROLLED_BACK, RESTORED, ROLLBACK_BY = "rolled_back", "restored", "rolled_back.by"
+
+# Registered-model tags.
+JOURNAL = "ottimo.journal"  # the alias move in progress (JSON), absent when none
+
+LEGACY = {DATA_REVISION: "data_revision", GATE_VERDICT: "gate_verdict", GATE_REASONS: "gate_reasons"}
+
+TAG_LIMIT = 5000  # MLflow keeps at most this many characters of a tag value (and of a version description)
+PARAM_LIMIT = 6000  # ... and of a param value
+
+
+def tag(tags: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+    """A tag's value by its current name, or by the name it had before (LEGACY), or `default`."""
+    if name in tags:
+        return tags[name]
+    return tags.get(LEGACY.get(name, name), default)
+
+
+def clip(value: object, limit: int = TAG_LIMIT) -> str:
+    """A value as text that fits a tag."""
+    return str(value)[:limit]
