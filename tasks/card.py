@@ -12,9 +12,8 @@ from prefect.artifacts import create_markdown_artifact
 from ottimo.card import store as cardstore
 from ottimo.config import Params
 from ottimo.registry import gate as gate_policy
-from ottimo.registry.tracking import connect
+from ottimo.registry.tracking import connect, work_dir
 from tasks.evaluate import Evaluated
-from tasks.train import work_dir
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,10 @@ from ottimo.onnx.export import export_guard, export_onnx, parity_check, sha256, 
 from ottimo.onnx.measure import measure, predict, session
 from ottimo.ops.faults import checkpoint
 from ottimo.registry.gate import GateFailed
-from ottimo.registry.tracking import connect, flatten
+from ottimo.registry.tracking import connect, flatten, work_dir
 from tasks.data import DataVersion
 from tasks.evaluate import Evaluated, Exported
-from tasks.train import Candidate, work_dir
+from tasks.train import Candidate
 
 
 @dataclass(frozen=True)

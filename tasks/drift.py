@@ -23,9 +23,8 @@ from ottimo.onnx.measure import predict
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import promotion, versions
 from ottimo.registry.security import fetch_verified, serving_session
-from ottimo.registry.tracking import connect
+from ottimo.registry.tracking import connect, work_dir
 from tasks.score import Champion
-from tasks.train import work_dir
 
 
 @dataclass(frozen=True)

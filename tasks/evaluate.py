@@ -18,10 +18,10 @@ from ottimo.models.architectures import build_model
 from ottimo.onnx.export import export_onnx, parity_check, sha256
 from ottimo.onnx.measure import confusion_png, measure, predict, session
 from ottimo.registry import security, versions
-from ottimo.registry.tracking import connect
+from ottimo.registry.tracking import connect, work_dir
 from tasks.data import DataVersion
 from tasks.retry import RETRY_TRANSIENT
-from tasks.train import Candidate, work_dir
+from tasks.train import Candidate
 
 
 @dataclass(frozen=True)

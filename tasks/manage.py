@@ -17,8 +17,7 @@ from ottimo.registry import gate as gate_policy
 from ottimo.registry import promotion, versions
 from ottimo.registry.promotion import PromotionError
 from ottimo.registry.security import fetch_verified
-from ottimo.registry.tracking import connect
-from tasks.train import work_dir
+from ottimo.registry.tracking import connect, work_dir
 
 
 @dataclass(frozen=True)

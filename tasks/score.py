@@ -19,8 +19,7 @@ from ottimo.onnx.measure import predict
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import versions
 from ottimo.registry.security import fetch_verified, serving_session
-from ottimo.registry.tracking import connect
-from tasks.train import work_dir
+from ottimo.registry.tracking import connect, work_dir
 
 
 class BatchRejected(ValueError):

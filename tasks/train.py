@@ -18,7 +18,7 @@ from ottimo.models.architectures import count_parameters
 from ottimo.models.train import fit
 from ottimo.ops.doctor import owner
 from ottimo.ops.faults import checkpoint
-from ottimo.registry.tracking import connect, flatten
+from ottimo.registry.tracking import connect, flatten, work_dir
 from tasks.data import DataVersion
 
 
@@ -44,12 +44,6 @@ class Candidate:
     best_epoch: int
     val_accuracy: float
     overrides: dict | None = None  # the tuned TrainCfg patch it was trained with (None: params.yaml as is)
-
-
-def work_dir(root: Path, run_id: str) -> Path:
-    path = root / "mlruns" / "work" / run_id
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @task

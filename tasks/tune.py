@@ -19,9 +19,8 @@ from ottimo.config import Params, TuneCfg
 from ottimo.data.tables import load_splits
 from ottimo.models import tune
 from ottimo.ops.doctor import owner
-from ottimo.registry.tracking import connect, flatten
+from ottimo.registry.tracking import connect, flatten, work_dir
 from tasks.data import DataVersion
-from tasks.train import work_dir
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,13 @@ def in_project(root: Path, url: str) -> str:
     return url
 
 
+def work_dir(root: Path, run_id: str) -> Path:
+    """A run's scratch folder under the project's mlruns/ (exported files before they are logged), created."""
+    path = root / "mlruns" / "work" / run_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def tracking_uri(root: Path, cfg: MlflowCfg) -> str:
     """OTTIMO_TRACKING_URI wins (e.g. a server); a relative sqlite path is taken from the project root."""
     return in_project(root, os.environ.get("OTTIMO_TRACKING_URI") or cfg.tracking_uri)
