@@ -70,21 +70,25 @@ def collect_window(root: Path, params: Params) -> Window:
     return Window(paths, runs, rows)
 
 
-def _labels(sess, X: np.ndarray, labels: list[int]) -> np.ndarray:
-    return np.asarray(labels)[predict(sess, X)]
+def _predictor(sess, features: list[str], labels: list[int]) -> policy.Predict:
+    """Rows -> the class labels a session predicts for them."""
+    return lambda rows: np.asarray(labels)[predict(sess, rows[features].to_numpy(dtype="float32"))]
 
 
-def _previous_accuracy(root: Path, params: Params, cur: pd.DataFrame, features: list[str], target: str,
-                       labels: list[int]) -> float | None:
-    """previous-champion's accuracy on the labelled rows (its ONNX file verified too), or None without one."""
+def _previous(root: Path, params: Params, features: list[str], labels: list[int]) -> policy.Predict | None:
+    """previous-champion as a predictor, or None without one; its ONNX file is fetched and verified when it is
+    first asked to predict (only windows with labelled rows need it)."""
     client, _ = connect(root, params.mlflow)
     name = params.mlflow.registered_model
     prev = versions.alias_version(client, name, versions.PREVIOUS)
     if prev is None:
         return None
-    path, mv = fetch_verified(client, name, prev.version, work_dir(root, f"serving-v{prev.version}"))
-    pred = _labels(serving_session(path, mv.tags["sha256"]), cur[features].to_numpy(dtype="float32"), labels)
-    return float((pred == cur[target].to_numpy()).mean())
+
+    def predict_rows(rows: pd.DataFrame) -> np.ndarray:
+        path, mv = fetch_verified(client, name, prev.version, work_dir(root, f"serving-v{prev.version}"))
+        return _predictor(serving_session(path, mv.tags["sha256"]), features, labels)(rows)
+
+    return predict_rows
 
 
 @task
@@ -107,30 +111,14 @@ def check_window(root: Path, params: Params, champion: Champion, window: Window)
     out = work_dir(root, "drift") / str(runtime.flow_run.id)
     out.mkdir(parents=True, exist_ok=True)
     reference = pd.read_parquet(prepared / "reference.parquet")
-    files: list[Path] = []
-    if window.rows < cfg.min_rows:
-        ev = policy.Evidence(rows=window.rows, reference_rows=len(reference), sampled_rows=0, columns=len(features))
-    else:
-        cur = batches.window([Path(b) for b in window.batches], schema)
-        rows = len(cur)  # sampled before scoring: Evidently and onnxruntime see at most drift.max_rows rows
-        cur, reference = policy.sample(cur, cfg.max_rows, cfg.seed), policy.sample(reference, cfg.max_rows, cfg.seed)
-        sess = champion.session()  # sha256 checked again, no external data
-        reference["prediction"] = _labels(sess, reference[features].to_numpy(dtype="float32"), labels)
-        cur["prediction"] = _labels(sess, cur[features].to_numpy(dtype="float32"), labels)
-        found, snapshot = policy.detect(reference, cur, features, cfg)
-        files.append(policy.save_html(snapshot, out / "drift_report.html"))
-        quality: dict = {}
-        labelled = cur[cur[target].notna()].astype({target: "int64"})
-        if len(labelled):
-            qsnap = policy.quality_report(reference, labelled, target)
-            files.append(policy.save_html(qsnap, out / "quality_report.html"))
-            quality = {
-                "accuracy": float((labelled["prediction"] == labelled[target]).mean()),
-                "reference_accuracy": float((reference["prediction"] == reference[target]).mean()),
-                "previous_accuracy": _previous_accuracy(root, params, labelled, features, target, labels),
-                "quality": policy.read_quality(qsnap)}
-        ev = policy.Evidence(rows=rows, reference_rows=len(reference), labelled_rows=len(labelled),
-                             **found, **quality)
+    enough = window.rows >= cfg.min_rows
+    cur = batches.window([Path(b) for b in window.batches], schema) if enough else None
+    rows = len(cur) if enough else window.rows
+    found = policy.assess(reference, cur, rows, features, target, cfg,
+                          _predictor(champion.session(), features, labels),  # sha256 checked again
+                          _previous(root, params, features, labels) if enough else None)
+    ev = found.evidence
+    files = [policy.save_html(snap, out / f"{name}.html") for name, snap in found.reports.items()]
     has_previous = versions.alias_version(client, params.mlflow.registered_model, versions.PREVIOUS) is not None
     decision = policy.decide(ev, cfg, has_previous, ledger.in_cooldown(client, exp, cfg.cooldown_hours))
     summary = {"decision": decision.action, "reasons": decision.reasons, "champion": champion.version,

@@ -9,6 +9,7 @@ classification quality (`ClassificationPreset`). `decide` turns the evidence int
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,43 @@ class Evidence:
 class Decision:
     action: str  # nothing | retrain | rollback | insufficient data
     reasons: list[str]
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """The evidence of one window and the Evidently reports behind it (name -> snapshot, for the HTML files)."""
+
+    evidence: Evidence
+    reports: dict[str, object] = field(default_factory=dict)
+
+
+Predict = Callable[[pd.DataFrame], np.ndarray]  # rows -> predicted labels (the champion's ONNX session)
+
+
+def assess(reference: pd.DataFrame, window: pd.DataFrame | None, rows: int, features: list[str], target: str,
+           cfg: DriftCfg, predict: Predict, previous: Predict | None = None) -> Assessment:
+    """Everything one drift check measures, without I/O: data and prediction drift of `window` (None: too few
+    rows, nothing measured) against `reference`, both sampled to drift.max_rows; on its labelled rows the
+    champion's accuracy (and `previous`'s, previous-champion, when there is one) and Evidently's quality figures.
+    `rows` is the window's size before sampling."""
+    if window is None or rows < cfg.min_rows:
+        return Assessment(Evidence(rows=rows, reference_rows=len(reference), sampled_rows=0, columns=len(features)))
+    cur, ref = sample(window, cfg.max_rows, cfg.seed), sample(reference, cfg.max_rows, cfg.seed)
+    ref, cur = ref.assign(**{PREDICTION: predict(ref)}), cur.assign(**{PREDICTION: predict(cur)})
+    found, snapshot = detect(ref, cur, features, cfg)
+    reports: dict[str, object] = {"drift_report": snapshot}
+    quality: dict = {}
+    labelled = cur[cur[target].notna()].astype({target: "int64"})
+    if len(labelled):
+        reports["quality_report"] = qsnap = quality_report(ref, labelled, target)
+        quality = {
+            "accuracy": float((labelled[PREDICTION] == labelled[target]).mean()),
+            "reference_accuracy": float((ref[PREDICTION] == ref[target]).mean()),
+            "previous_accuracy": None if previous is None else float(
+                (previous(labelled) == labelled[target].to_numpy()).mean()),
+            "quality": read_quality(qsnap)}
+    return Assessment(Evidence(rows=rows, reference_rows=len(ref), labelled_rows=len(labelled), **found, **quality),
+                      reports)
 
 
 def sample(df: pd.DataFrame, max_rows: int, seed: int) -> pd.DataFrame:

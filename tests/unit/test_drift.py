@@ -129,3 +129,24 @@ def test_drift_and_score_sections_are_validated():
         parse_params({"drift": {"drift_share": 1.5}})
     with pytest.raises(ConfigError, match="drift.cooldown"):
         parse_params({"drift": {"cooldown": 3}})
+
+
+def test_assess_measures_drift_and_quality_without_io():
+    """The pure part of a drift check: predictions from the given predictors, accuracy on the labelled rows only,
+    previous-champion's accuracy from its own predictor, nothing measured below drift.min_rows."""
+    from ottimo.monitor.drift import assess
+
+    df = builtin_frame("digits")
+    features = [c for c in df.columns if c != "target"]
+    reference, window = df.iloc[:600].copy(), df.iloc[600:900].copy()
+    window.loc[window.index[:100], "target"] = None  # a third of the window unlabelled
+    cfg = DriftCfg()
+    truth = lambda rows: rows["target"].fillna(0).to_numpy(dtype="int64")  # noqa: E731  a perfect champion
+    wrong = lambda rows: (truth(rows) + 1) % 10  # noqa: E731  a previous-champion that is always wrong
+    found = assess(reference, window, len(window), features, "target", cfg, truth, wrong)
+    ev = found.evidence
+    assert ev.rows == 300 and ev.labelled_rows == 200 and ev.accuracy == 1.0 and ev.previous_accuracy == 0.0
+    assert ev.reference_accuracy == 1.0 and set(found.reports) == {"drift_report", "quality_report"}
+    assert not ev.dataset_drift  # same distribution: the digits rows are shuffled
+    none = assess(reference, None, 10, features, "target", cfg, truth)
+    assert none.evidence.sampled_rows == 0 and none.evidence.accuracy is None and none.reports == {}
