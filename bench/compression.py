@@ -64,12 +64,12 @@ def build(params: Params, teacher: torch.nn.Module, splits: Splits, out: Path) -
     if cfg.distill.enabled:
         d = cfg.distill
         arch = {d.student: getattr(d, d.student).model_dump()}
-        spec = techniques.TuneSpec(d.epochs, arch[d.student]["lr"], batch, seed)
+        spec = techniques.FinetuneSpec(d.epochs, arch[d.student]["lr"], batch, seed)
         student = techniques.distill(teacher, splits, d.student, params.train.patched(arch), spec, d.temperature,
                                    d.alpha)
         rows.append(onnx_row(student, f"student-{d.student}", "distill", cfg.teacher))
         bases += [rows[-1]] if "student" in cfg.bases else []
-    spec = techniques.TuneSpec(cfg.prune.finetune_epochs, cfg.prune.lr, batch, seed)
+    spec = techniques.FinetuneSpec(cfg.prune.finetune_epochs, cfg.prune.lr, batch, seed)
     structured = []
     for base in bases:
         for amount in cfg.prune.unstructured:

@@ -14,7 +14,7 @@ from tasks.card import model_card
 from tasks.data import prepare_data, push_data, validate_raw
 from tasks.doctor import reconcile
 from tasks.evaluate import evaluate_candidate, evaluate_champion, export_candidate
-from tasks.registry import gate, promote, register_candidate
+from tasks.registry import gate, promote_selected, register_candidate
 from tasks.summary import PipelineSummary, fail_open_mlflow_runs, summarise
 from tasks.train import start_pipeline_run, train_candidate
 
@@ -57,5 +57,5 @@ def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml", 
     versions = [register_candidate(root, params, e, data) for e in evaluated]
     cards = [model_card(root, params, e, v, champion_accuracy) for e, v in zip(evaluated, versions, strict=True)]
     decision = gate(root, params, run_id, evaluated, versions, champion_accuracy, cards=[c.figures for c in cards])
-    aliases = promote(root, params, run_id, decision)
+    aliases = promote_selected(root, params, run_id, decision)
     return summarise(root, params, data, run_id, evaluated, versions, decision, aliases)

@@ -29,14 +29,14 @@ class ProjectCfg(Strict):
     seed: int = 42
 
 
-class Splits(Strict):
+class SplitsCfg(Strict):
     train: float = Field(0.6, gt=0, lt=1)
     val: float = Field(0.15, gt=0, lt=1)
     test: float = Field(0.15, gt=0, lt=1)
     reference: float = Field(0.1, gt=0, lt=1)
 
     @model_validator(mode="after")
-    def _sum_to_one(self) -> Splits:
+    def _sum_to_one(self) -> SplitsCfg:
         total = self.train + self.val + self.test + self.reference
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + val + test + reference must sum to 1.0, got {total:.4f}")
@@ -60,7 +60,7 @@ class DataCfg(Strict):
     features: list[str] | None = None
     labels: list[int] | None = None
     min_rows: int = Field(100, ge=10)
-    splits: Splits = Splits()
+    splits: SplitsCfg = SplitsCfg()
     seed: int = 42
 
     @field_validator("path")
@@ -419,10 +419,10 @@ class ReliabilityCfg(Strict):
     stale_run_hours: float = Field(24, gt=0)  # a RUNNING MLflow run whose process cannot be checked counts as dead
 
 class ScoreCfg(Strict):
-    """Batch scoring: batches (CSV or Parquet) arrive in `incoming`; malformed ones move to `quarantine`."""
+    """Batch scoring: batches (CSV or Parquet) arrive in `incoming`; malformed ones move to limits.quarantine_dir
+    (the one quarantine folder: training data, batches and served traffic alike)."""
 
     incoming: ProjectPath = "data/incoming"
-    quarantine: ProjectPath = "data/quarantine"
     deployment_name: str = "manual"  # deployment batch-scoring/<deployment_name>, run from the UI
 
 

@@ -109,8 +109,8 @@ def _finish_torch(root: Path, params: Params, model: torch.nn.Module, name: str,
                  settings)
 
 
-def _tune_spec(params: Params, epochs: int, lr: float) -> techniques.TuneSpec:
-    return techniques.TuneSpec(epochs=epochs, lr=lr, batch_size=params.train.batch_size, seed=params.project.seed)
+def _finetune_spec(params: Params, epochs: int, lr: float) -> techniques.FinetuneSpec:
+    return techniques.FinetuneSpec(epochs=epochs, lr=lr, batch_size=params.train.batch_size, seed=params.project.seed)
 
 
 @task
@@ -122,7 +122,7 @@ def distill_student(root: Path, params: Params, teacher: Built, data: DataVersio
     lr = arch[cfg.student]["lr"]
     with export_guard.training():
         student = techniques.distill(load_model(teacher, params), splits, cfg.student, params.train.patched(arch),
-                                   _tune_spec(params, cfg.epochs, lr), cfg.temperature, cfg.alpha)
+                                   _finetune_spec(params, cfg.epochs, lr), cfg.temperature, cfg.alpha)
     name = f"student-{cfg.student}"
     settings = {"temperature": cfg.temperature, "alpha": cfg.alpha, "epochs": cfg.epochs, "student": arch}
     built = _finish_torch(root, params, student, name, "distill", teacher, arch, settings, splits, data,
@@ -148,7 +148,8 @@ def prune_variant(root: Path, params: Params, base: Built, method: str, amount: 
         model, patch = techniques.structured_prune(model, amount)
         arch, tag = {base.family: {**base.arch.get(base.family, {}), **patch[base.family]}}, "s"
     with export_guard.training():
-        techniques.make_permanent(techniques.finetune(model, splits, _tune_spec(params, cfg.finetune_epochs, cfg.lr)))
+        spec = _finetune_spec(params, cfg.finetune_epochs, cfg.lr)
+        techniques.make_permanent(techniques.finetune(model, splits, spec))
     name = f"{base.name}+prune-{tag}{round(amount * 100)}"
     settings = {"method": method, "amount": amount, "finetune_epochs": cfg.finetune_epochs, "lr": cfg.lr}
     built = _finish_torch(root, params, model, name, f"prune-{method}", base, arch, settings, splits, data,

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # annotations only: a promotion alone need not import the tra
 
 
 @dataclass(frozen=True)
-class Decision:
+class GateDecision:
     family: str
     version: str
     passed: bool
@@ -47,7 +47,7 @@ def register_candidate(root: Path, params: Params, cand: Evaluated, data: DataVe
 
 @task(**RETRY_TRANSIENT)  # tags and the challenger alias: same writes again; GateFailed is never retried
 def gate(root: Path, params: Params, parent_run_id: str, candidates: list[Evaluated], versions: list[str],
-         champion_accuracy: float | None, cards: list[dict[str, float]] | None = None) -> Decision:
+         champion_accuracy: float | None, cards: list[dict[str, float]] | None = None) -> GateDecision:
     """Check every candidate against the thresholds (and `gate.card` against its model-card figures, `cards`
     in the order of `candidates`), tag the verdicts, point `challenger` at the selected one.
 
@@ -84,11 +84,12 @@ def gate(root: Path, params: Params, parent_run_id: str, candidates: list[Evalua
             f"gate failed for every candidate; best was {chosen} v{version}: {'; '.join(verdict.reasons)}. "
             "champion unchanged. Relax the thresholds under `gate:` in params.yaml or improve the model."
         )
-    return Decision(chosen, version, True, verdict.reasons, {k: v.short for k, (_, v) in verdicts.items()}, expected)
+    shorts = {k: v.short for k, (_, v) in verdicts.items()}
+    return GateDecision(chosen, version, True, verdict.reasons, shorts, expected)
 
 
 @task
-def promote(root: Path, params: Params, parent_run_id: str, decision: Decision) -> dict[str, str]:
+def promote_selected(root: Path, params: Params, parent_run_id: str, decision: GateDecision) -> dict[str, str]:
     """champion -> previous-champion, the selected version -> champion, as one locked, journaled unit that
     happens only if the champion is still the one the gate compared against; close the pipeline run.
     Every attempt is recorded on the pipeline run (tag `promotion`)."""

@@ -98,7 +98,7 @@ def score_batch(root: Path, params: Params, champion: Champion, batch: str) -> S
     try:
         df = batches.validate_batch(root, path, schema, params.limits)
     except DataValidationError as err:
-        moved, _ = batches.quarantine(root, path, params.score.quarantine, str(err), params.limits)
+        moved, _ = batches.quarantine(root, path, str(err), params.limits)
         log.error("quarantined %s: %s", path.name, err)
         return Scored(path.name, False, reason=str(err), quarantined=str(moved or ""))
     pred = predict(champion.session(), df[schema["features"]].to_numpy(dtype="float32"))
@@ -126,7 +126,7 @@ def report_scoring(params: Params, champion: Champion, results: list[Scored]) ->
                              description=f"{len(results) - len(bad)} scored, {len(bad)} quarantined")
     if bad:
         raise BatchRejected(
-            f"{len(bad)} batch(es) quarantined in {params.score.quarantine} (reason files beside them); the other "
+            f"{len(bad)} batch(es) quarantined in {params.limits.quarantine_dir} (reason files beside them); the other "
             f"{len(results) - len(bad)} were scored and the champion is unchanged:\n"
             + "\n".join(f"- {r.batch}: {r.reason}" for r in bad)
             + "\nFix the file(s) and put them back in " + params.score.incoming + " to score them.")

@@ -13,7 +13,7 @@ from ottimo.config import Params, project_params
 from ottimo.registry.tracking import connect, tracking_uri
 from tasks.data import DataVersion
 from tasks.evaluate import Evaluated
-from tasks.registry import Decision
+from tasks.registry import GateDecision
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class PipelineSummary:
 
 @task
 def summarise(root: Path, params: Params, data: DataVersion, run_id: str, evaluated: list[Evaluated],
-              versions: list[str], decision: Decision, aliases: dict[str, str]) -> PipelineSummary:
+              versions: list[str], decision: GateDecision, aliases: dict[str, str]) -> PipelineSummary:
     rows = [{"family": e.family, "version": v, **e.metrics, "verdict": decision.verdicts[e.family]}
             for e, v in zip(evaluated, versions, strict=True)]
     ui = f"mlflow ui --backend-store-uri {tracking_uri(root, params.mlflow)} --host 127.0.0.1 --port 5000"
@@ -39,7 +39,7 @@ def summarise(root: Path, params: Params, data: DataVersion, run_id: str, evalua
                            ui)
 
 
-def publish_links(root: Path, params: Params, run_id: str, rows: list[dict], decision: Decision,
+def publish_links(root: Path, params: Params, run_id: str, rows: list[dict], decision: GateDecision,
                   aliases: dict[str, str]) -> None:
     """A markdown artifact on the Prefect flow run: its MLflow run, the registered versions, the gate verdict.
     Links when MLflow is a server (http); the run id and store otherwise."""

@@ -25,7 +25,7 @@ _SEED_LOCK = threading.Lock()  # torch's global RNG is shared by threads: seed +
 
 
 @dataclass(frozen=True)
-class TuneSpec:
+class FinetuneSpec:
     """How a compressed model is trained: epochs, learning rate, batch size, optimizer seed for shuffling."""
 
     epochs: int
@@ -137,7 +137,7 @@ def accuracy(model: nn.Module, X: np.ndarray, y: np.ndarray) -> float:
     return float((model(torch.from_numpy(X)).argmax(dim=1).numpy() == y).mean())
 
 
-def finetune(model: nn.Module, splits: Splits, spec: TuneSpec, teacher: nn.Module | None = None,
+def finetune(model: nn.Module, splits: Splits, spec: FinetuneSpec, teacher: nn.Module | None = None,
              temperature: float = 4.0, alpha: float = 0.5) -> nn.Module:
     """Train `model` for `spec.epochs` (cross-entropy, or distillation from `teacher`); keep the weights of the
     best validation accuracy. Dropout stays off and shuffling uses its own generator, so runs in parallel
@@ -176,7 +176,7 @@ def new_student(family: str, splits: Splits, cfg, seed: int) -> nn.Sequential:
     return model
 
 
-def distill(teacher: nn.Module, splits: Splits, family: str, cfg, spec: TuneSpec, temperature: float,
+def distill(teacher: nn.Module, splits: Splits, family: str, cfg, spec: FinetuneSpec, temperature: float,
             alpha: float) -> nn.Sequential:
     """Train a new `family` student (architecture from TrainCfg `cfg`) on the teacher's softened logits."""
     student = new_student(family, splits, cfg, spec.seed)

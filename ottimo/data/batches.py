@@ -71,9 +71,9 @@ def validate_batch(root: Path, path: Path, schema: dict, limits: LimitsCfg) -> p
     return out
 
 
-def quarantine(root: Path, batch: Path, folder: str, reason: str, limits: LimitsCfg) -> tuple[Path | None, Path]:
-    """Move a rejected batch to `folder` (score.quarantine) with a reason file: intake.quarantine(move=True)."""
-    return intake.quarantine(root, batch, reason, limits.model_copy(update={"quarantine_dir": folder}), move=True)
+def quarantine(root: Path, batch: Path, reason: str, limits: LimitsCfg) -> tuple[Path | None, Path]:
+    """Move a rejected batch to limits.quarantine_dir with a reason file: intake.quarantine(move=True)."""
+    return intake.quarantine(root, batch, reason, limits, move=True)
 
 
 def write_predictions(batch: Path, pred: np.ndarray, labels: list[int], version: str) -> Path:

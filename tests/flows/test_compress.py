@@ -49,7 +49,7 @@ def trained(splits) -> dict:
 def test_global_magnitude_pruning_reaches_target_sparsity_after_finetuning(trained, splits):
     model = techniques.magnitude_prune(copy.deepcopy(trained["transformer"]), 0.6)
     assert techniques.sparsity(model) == pytest.approx(0.6, abs=0.005)
-    techniques.finetune(model, splits, techniques.TuneSpec(epochs=6, lr=2e-3))
+    techniques.finetune(model, splits, techniques.FinetuneSpec(epochs=6, lr=2e-3))
     techniques.make_permanent(model)
     assert techniques.sparsity(model) == pytest.approx(0.6, abs=0.005)  # fine-tuning kept the pruned weights at zero
     assert not any(k.endswith(("_orig", "_mask")) for k in model.state_dict())
@@ -69,7 +69,7 @@ def test_structured_pruning_shrinks_parameters_and_onnx_file(family, trained, sp
         a = export_onnx(dense, 64, tmp_path / "dense.onnx").stat().st_size
         b = export_onnx(small, 64, tmp_path / "small.onnx").stat().st_size
         assert a - b >= 4 * 0.9 * (count_parameters(dense) - count_parameters(small)), (a, b)  # FP32 bytes removed
-    techniques.finetune(small, splits, techniques.TuneSpec(epochs=2, lr=1e-3))
+    techniques.finetune(small, splits, techniques.FinetuneSpec(epochs=2, lr=1e-3))
     dense_acc = techniques.accuracy(dense, splits.X_test, splits.y_test)
     assert techniques.accuracy(small, splits.X_test, splits.y_test) >= dense_acc - 0.05, dense_acc
 
@@ -107,8 +107,8 @@ def test_distillation_loss_uses_the_teachers_soft_targets():
 
 def test_distilled_student_reaches_the_accuracy_floor(trained, splits):
     cfg = trained["cfg"].patched({"mlp": {"hidden": [32], "dropout": 0.0}})
-    student = techniques.distill(trained["transformer"], splits, "mlp", cfg, techniques.TuneSpec(epochs=15, lr=3e-3),
-                               temperature=4.0, alpha=0.7)
+    spec = techniques.FinetuneSpec(epochs=15, lr=3e-3)
+    student = techniques.distill(trained["transformer"], splits, "mlp", cfg, spec, temperature=4.0, alpha=0.7)
     assert count_parameters(student) < count_parameters(trained["transformer"])
     assert techniques.accuracy(student, splits.X_test, splits.y_test) >= 0.9
 

@@ -116,7 +116,7 @@ def test_the_bad_input_corpus_as_incoming_batches(tmp_path, prefect_harness):
     state = batch_scoring(project_dir=str(root), return_state=True)
 
     assert state.is_failed() and f"{len(bad)} batch(es) quarantined" in state.message, state.message
-    folder = root / params.score.quarantine
+    folder = root / params.limits.quarantine_dir
     for case_id, (path, case) in bad.items():
         assert not path.exists() and not path.is_symlink(), f"{case_id} is still in {incoming}"
         [note] = folder.glob(f"{path.name}.*.reason.txt")

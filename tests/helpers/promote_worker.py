@@ -18,7 +18,7 @@ from ottimo import vocab
 from ottimo.config import load_params
 from ottimo.ops.doctor import owner
 from ottimo.registry.tracking import connect
-from tasks.registry import Decision, promote
+from tasks.registry import GateDecision, promote_selected
 
 
 @flow(name="promotion-attempt")
@@ -31,7 +31,7 @@ def attempt(project_dir: str, version: str, expected: str | None, barrier: str) 
     (Path(barrier) / f"ready-{version}").touch()
     while not (Path(barrier) / "go").exists():
         time.sleep(0.01)
-    return promote(root, params, run.info.run_id, Decision("mlp", version, True, [], {}, expected))
+    return promote_selected(root, params, run.info.run_id, GateDecision("mlp", version, True, [], {}, expected))
 
 
 if __name__ == "__main__":

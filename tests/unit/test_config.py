@@ -28,7 +28,7 @@ def test_repo_params_are_valid_and_complete():
         ({"data": {"path": "../outside.csv"}}, "data.path", ["'../outside.csv'", "inside the project"]),
         ({"data": {"path": "data/raw/x.xlsx"}}, "data.path", [".csv or .parquet"]),
         ({"score": {"incoming": "/srv/batches"}}, "score.incoming", ["'/srv/batches'", "inside the project"]),
-        ({"score": {"quarantine": "../q"}}, "score.quarantine", ["'../q'", "inside the project"]),
+        ({"score": {"quarantine": "data/q"}}, "score.quarantine", ["unknown key"]),  # one folder: limits.quarantine_dir
         ({"limits": {"quarantine_dir": "../q"}}, "limits.quarantine_dir", ["'../q'", "inside the project"]),
         ({"train": {"transformer": {"d_model": 30, "heads": 4}}}, "train.transformer", ["divisible by heads"]),
         ({"gate": {"max_p95_latency": 3}}, "gate.max_p95_latency", ["unknown key"]),

@@ -112,7 +112,8 @@ def test_batch_validation_and_quarantine(tmp_path):
         with pytest.raises(DataValidationError, match=message.replace("[", r"\[").replace("]", r"\]")):
             batches.validate_batch(tmp_path, path, schema, limits)
     bad = tmp_path / "incoming" / "bad label.csv"
-    moved, note = batches.quarantine(tmp_path, bad, "quarantine", "label 42", limits)
+    here = limits.model_copy(update={"quarantine_dir": "quarantine"})
+    moved, note = batches.quarantine(tmp_path, bad, "label 42", here)
     assert moved.is_file() and moved.parent == tmp_path / "quarantine" and "label 42" in note.read_text()
     assert not (tmp_path / "incoming" / "bad label.csv").exists()
     out = batches.write_predictions(good, np.array([0, 9] * 10), list(range(10)), "3")
