@@ -19,7 +19,7 @@ from tasks.retry import RETRY_TRANSIENT
 class DataVersion:
     revision: str  # DVC md5 of data/prepared
     prepared: str  # path of the prepared splits
-    reproduced: bool  # False when DVC found `prepare` up to date and skipped it
+    reproduced: bool  # False when DVC found `prepare` up to date (or restored its outputs from the run cache)
 
 
 @task
@@ -43,11 +43,11 @@ def prepare_data(root: Path, params: Params) -> DataVersion:
     """`dvc add` the raw file and `dvc repro prepare`; DVC skips the stage when nothing changed."""
     versioning.ensure_repo(root)
     versioning.track(root, params.data.path)
-    ran = versioning.reproduce(root, "prepare")
+    did = versioning.reproduce(root, "prepare")
     rev = versioning.revision(root)
-    get_run_logger().info("data revision %s (%s)", rev[:12], "prepared" if ran else "unchanged, prepare skipped")
+    get_run_logger().info("data revision %s (prepare %s)", rev[:12], did)
     checkpoint("after-prepare")
-    return DataVersion(rev, str(root / versioning.PREPARED), ran)
+    return DataVersion(rev, str(root / versioning.PREPARED), did == versioning.RAN)
 
 
 @task(**RETRY_TRANSIENT)

@@ -56,13 +56,17 @@ def track(root: Path, path: str) -> None:
     dvc(root, "add", "--quiet", path)
 
 
-def reproduce(root: Path, stage: str = "prepare") -> bool:
-    """`dvc repro` one stage; return whether it ran: whether dvc.lock changed (DVC skips an up-to-date stage
-    and restores a deleted output from its run cache without changing the lock)."""
-    lock = root / "dvc.lock"
-    before = lock.read_text() if lock.exists() else None
-    dvc(root, "repro", "--quiet", stage)
-    return lock.read_text() != before
+RAN, RESTORED, SKIPPED = "ran", "restored from DVC's run cache", "unchanged, skipped"
+
+
+def reproduce(root: Path, stage: str = "prepare") -> str:
+    """`dvc repro` one stage; return what DVC did, from its own words: RAN (it ran the command), RESTORED (the
+    outputs of an identical earlier run came back from the run cache) or SKIPPED (up to date). Not from whether
+    dvc.lock changed: a fresh clone runs the stage and writes the very lock it already had."""
+    out = dvc(root, "repro", stage)
+    if f"Running stage '{stage}'" in out:
+        return RAN
+    return RESTORED if "is cached" in out else SKIPPED
 
 
 def push(root: Path) -> None:

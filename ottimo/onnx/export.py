@@ -7,6 +7,7 @@ import hashlib
 import io
 import logging
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def export_onnx(model: nn.Module, n_features: int, path: Path) -> Path:
     example = torch.zeros(2, n_features)
     batch = torch.export.Dim("batch", min=1)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # the exporter prints its progress
+        # torch 2.13's own exporter trips its pytree deprecation (LeafSpec): noise in the user's terminal
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
         torch.onnx.export(
             model,
             (example,),

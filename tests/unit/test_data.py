@@ -87,3 +87,29 @@ def test_bad_raw_data_is_named(digits, tmp_path, kind, expected):
         validate_frame(_broken(digits, kind), CFG, tmp_path / "digits.csv")
     for fragment in expected:
         assert fragment in str(err.value)
+
+
+def test_reproduce_says_what_dvc_did_even_when_the_lock_comes_out_identical(tmp_path):
+    """A fresh clone has dvc.lock but no outputs and no cache: DVC runs the stage and writes the very same lock,
+    which must still count as prepared (it was logged 'unchanged, prepare skipped')."""
+    import shutil
+
+    from ottimo.data import versioning
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "in.txt").write_text("a\n")
+    (repo / "dvc.yaml").write_text("stages:\n  prepare:\n    cmd: mkdir -p out && cp in.txt out/x\n"
+                                   "    deps: [in.txt]\n    outs: [out]\n")
+    versioning.ensure_repo(repo)
+    assert versioning.reproduce(repo) == versioning.RAN
+    assert versioning.reproduce(repo) == versioning.SKIPPED
+    shutil.rmtree(repo / "out")
+    assert versioning.reproduce(repo) == versioning.RESTORED
+    clone = tmp_path / "clone"  # what git would give: the sources and dvc.lock, no outputs, no DVC cache
+    clone.mkdir()
+    for name in ("in.txt", "dvc.yaml", "dvc.lock"):
+        shutil.copy(repo / name, clone / name)
+    versioning.ensure_repo(clone)
+    lock = (clone / "dvc.lock").read_text()
+    assert versioning.reproduce(clone) == versioning.RAN and (clone / "dvc.lock").read_text() == lock
