@@ -9,6 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
+from ottimo import vocab
 from ottimo.cli.card import card_app
 from ottimo.cli.common import PARAMS, PROJECT, console, finish, params_or_exit
 from ottimo.cli.compress import compress as compress_cmd
@@ -111,17 +112,17 @@ def status(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     def cell(mv, field: str) -> str:
         if mv is None:
             return "-"
-        if field in ("family", "gate_verdict"):
-            return mv.tags.get(field, "")
-        if field == "data_revision":
-            return mv.tags.get(field, "")[:12]
+        if field in (vocab.FAMILY, vocab.GATE_VERDICT):
+            return vocab.tag(mv.tags, field, "")
+        if field == vocab.DATA_REVISION:
+            return vocab.tag(mv.tags, field, "")[:12]
         value = client.get_run(mv.run_id).data.metrics.get(field)
         return "" if value is None else f"{value:.4f}"
 
     table.add_row("version", *[str(mv.version) if mv else "-" for mv in by_alias.values()])
     for label, field in (("family", "family"), ("accuracy", "test_accuracy"), ("macro F1", "test_macro_f1"),
-                         ("p95 ms", "test_p95_ms"), ("size MB", "test_size_mb"), ("data revision", "data_revision"),
-                         ("gate", "gate_verdict")):
+                         ("p95 ms", "test_p95_ms"), ("size MB", "test_size_mb"), ("data revision", vocab.DATA_REVISION),
+                         ("gate", vocab.GATE_VERDICT)):
         table.add_row(label, *[cell(mv, field) for mv in by_alias.values()])
     console.print(table)
     if by_alias[versions.CHAMPION] is None:

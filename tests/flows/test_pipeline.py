@@ -65,6 +65,7 @@ def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(proje
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in status.output.splitlines()
             if line.startswith("│")}  # first column: the champion
     assert rows["version"] == str(mv.version) and rows["accuracy"] == f"{logged:.4f}", status.output
+    assert rows["gate"] == "passed" and rows["data revision"] == summary.data_revision[:12], status.output
 
     # 2. second run on unchanged data: prepare skipped, candidates compared with the champion
     second = run(project)
