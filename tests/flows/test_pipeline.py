@@ -38,11 +38,11 @@ def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(proje
     assert first.is_completed(), first.message
     summary = first.result()
     client, exp = connect(project, params.mlflow)
-    aliases, versions = registry_state(client, name)
-    assert len(versions) == 2
+    aliases, registered = registry_state(client, name)
+    assert len(registered) == 2
     assert set(aliases) == {"champion", "challenger"} and aliases["champion"] == aliases["challenger"]
     assert summary.prepared is True and summary.data_revision == versioning.revision(project)
-    for _, tags in versions:
+    for _, tags in registered:
         assert vocab.tag(tags, vocab.DATA_REVISION) == summary.data_revision
         assert vocab.tag(tags, vocab.GATE_VERDICT) in {"passed", "failed"} and len(tags["sha256"]) == 64
         assert client.get_run(tags["run_id"]).data.tags["mlflow.parentRunId"] == summary.run_id
