@@ -6,6 +6,8 @@ the version's tag, no external data), opens a session through `serving_session`,
 version's training schema and warms it, all beside the version that keeps answering; then one assignment
 swaps `current`. A request holds the `Served` it started with, so it finishes on that version. A version that
 fails any step is refused: the old one keeps serving, and the refusal is logged and shown by GET /model.
+The version swapped out stays loaded as the `spare`: a rollback to it (the alias back at it, with the same
+sha256 tag) swaps back at once, without downloading it again.
 """
 
 from __future__ import annotations
@@ -74,6 +76,12 @@ def step(target: str | None, serving: str | None, refused: str | None, force: bo
     return LOAD
 
 
+def reusable(spare: Served | None, version: str | None, sha256: str | None) -> bool:
+    """Whether the spare session may serve `version` again: the same version, still tagged with the same sha256
+    (a changed tag means the file must be fetched and verified again)."""
+    return spare is not None and spare.version == version and bool(sha256) and spare.sha256 == sha256
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -86,6 +94,7 @@ class Follower:
         self.name, self.alias = params.mlflow.registered_model, params.deploy.serve.alias
         self.client, _ = connect(root, params.mlflow)
         self.current: Served | None = None
+        self.spare: Served | None = None  # the version swapped out last: a rollback to it needs no download
         self.refused: Refusal | None = None
         self.target: str | None = None  # where the alias pointed at the last check
         self.checked_at: str | None = None
@@ -106,7 +115,9 @@ class Follower:
             self.target = None if mv is None else str(mv.version)
             refused = self.refused.version if self.refused else None
             action = step(self.target, self.serving, refused, force)
-            if action == LOAD:
+            if action == LOAD and reusable(self.spare, self.target, mv.tags.get("sha256")):
+                self._swap(self.spare, "kept in memory since it was replaced")
+            elif action == LOAD:
                 self._load(self.target)
             return action
 
@@ -123,9 +134,13 @@ class Follower:
             log.error("REFUSED %s v%s (%s -> v%s): %s; %s", self.name, version, self.alias, version,
                       self.refused.reason, f"v{self.serving} keeps serving" if self.current else "nothing is served")
             return
-        before, self.current, self.refused = self.serving, new, None  # the swap: one assignment
-        log.info("serving %s v%s (%s; sha256 %s…, verified; loaded and warmed in %.2f s)%s", self.name, version,
-                 self.alias, new.sha256[:12], new.load_seconds, f", replacing v{before}" if before else "")
+        self._swap(new, f"verified; loaded and warmed in {new.load_seconds:.2f} s")
+
+    def _swap(self, new: Served, how: str) -> None:
+        before = self.current
+        self.current, self.spare, self.refused = new, before, None  # the swap: `current` is one assignment
+        log.info("serving %s v%s (%s; sha256 %s…, %s)%s", self.name, new.version, self.alias, new.sha256[:12], how,
+                 f", replacing v{before.version}" if before else "")
 
     def _open(self, version: str, t0: float) -> Served:
         dst = self.root / "mlruns" / "work" / f"serve-v{version}"

@@ -137,3 +137,22 @@ def test_a_segment_file_holds_rows_predictions_and_labels(tmp_path):
     assert df["target"].tolist()[:2] == [7, 1] and pd.isna(df["target"].iloc[2])
     later = _with_labels(df, {"serve-a.2.1": [4], "serve-a.0.2": [1]}, "target")  # wrong count: ignored
     assert later["target"].tolist() == [7, 1, 4] and str(later["target"].dtype) == "Int64"
+
+
+def _served(version: str, sha: str):
+    from ottimo.serving.model import Served
+
+    return Served("m", version, sha, "rev", FEATURES, [0, 1], None, "t", 0.1)
+
+
+@pytest.mark.parametrize("spare, version, sha, ok", [
+    (None, "1", "aa", False),
+    (("1", "aa"), "1", "aa", True),    # a rollback to the version swapped out: no download
+    (("1", "aa"), "2", "aa", False),   # another version
+    (("1", "aa"), "1", "bb", False),   # its sha256 tag changed: fetched and verified again
+    (("1", "aa"), "1", None, False),   # no tag any more: fetched again (and refused)
+])
+def test_reusable_truth_table(spare, version, sha, ok):
+    from ottimo.serving.model import reusable
+
+    assert reusable(_served(*spare) if spare else None, version, sha) is ok
