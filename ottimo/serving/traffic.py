@@ -85,7 +85,7 @@ def segment_name() -> str:
 class TrafficLog:
     """Appends served rows and labels to segments; closes, records and bounds them on its own thread."""
 
-    def __init__(self, root: Path, params: Params, features: list[str] | None = None) -> None:
+    def __init__(self, root: Path, params: Params) -> None:
         self.root, self.params, self.cfg = root, params, params.deploy.serve
         self.folder = root / self.cfg.traffic_dir
         self.target = params.data.target
