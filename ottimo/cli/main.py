@@ -16,6 +16,7 @@ from ottimo.cli.compress import compress as compress_cmd
 from ottimo.cli.doctor import doctor
 from ottimo.cli.monitor import monitor_app, print_last_check
 from ottimo.cli.registry import registry_app
+from ottimo.cli.serve import serve as serve_cmd
 
 app = typer.Typer(
     help="Ottimo: DVC-versioned data → train → ONNX → evaluate → gated promotion in the MLflow registry, "
@@ -28,6 +29,7 @@ app.command(name="compress")(compress_cmd)  # `ottimo compress --run-id RUN`
 app.command("doctor")(doctor)  # `ottimo doctor [--repair]`
 app.registered_commands += monitor_app.registered_commands  # simulate-drift, score, drift-check
 app.registered_commands += registry_app.registered_commands  # promote, rollback
+app.command("serve")(serve_cmd)  # `ottimo serve [--port N]`: the online endpoint that follows the champion
 
 
 
