@@ -24,7 +24,7 @@ from ottimo import vocab
 from ottimo.compress import pareto, quantize, techniques
 from ottimo.config import Params
 from ottimo.data.tables import Splits, load_splits
-from ottimo.models.architectures import build_model, count_parameters
+from ottimo.models.architectures import count_parameters, rebuild
 from ottimo.onnx.export import export_guard, export_onnx, parity_check, sha256, verify_sha256
 from ottimo.onnx.measure import measure, predict, session
 from ottimo.ops.faults import checkpoint
@@ -60,9 +60,7 @@ class Built:
 
 
 def load_model(b: Built, params: Params) -> torch.nn.Sequential:
-    model = build_model(b.family, b.n_features, b.n_classes, params.train.patched(b.arch))
-    model.load_state_dict(torch.load(b.checkpoint, weights_only=True))
-    return model.eval()
+    return rebuild(b.family, b.n_features, b.n_classes, params.train.patched(b.arch), b.checkpoint)
 
 
 def _open_run(root: Path, params: Params, parent_run_id: str, name: str, technique: str, base: Built,
@@ -292,9 +290,8 @@ def resolve_teacher(root: Path, params: Params, run_id: str, data: DataVersion) 
     ckpt = Path(download_artifacts(run_id=run.info.run_id, artifact_path="checkpoint.pt", dst_path=str(out)))
     splits = load_splits(Path(data.prepared))
     n_features, n_classes = splits.X_train.shape[1], len(splits.labels)
-    model = build_model(family, n_features, n_classes, params.train.patched(arch))
-    model.load_state_dict(torch.load(ckpt, weights_only=True))
-    path = export_onnx(model.eval(), n_features, out / "model.onnx")
+    model = rebuild(family, n_features, n_classes, params.train.patched(arch), ckpt)
+    path = export_onnx(model, n_features, out / "model.onnx")
     parity_check(model, path, splits.X_test, params.evaluate.parity_atol)
     uri = f"runs:/{run.info.run_id}/model"
     return Built(family, "trained", "", family, run.info.run_id, str(path), sha256(path), uri, n_features,

@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from mlflow.entities import Metric
 from prefect import get_run_logger, task
 
 from ottimo.config import Params
 from ottimo.data.tables import load_splits
-from ottimo.models.architectures import build_model
+from ottimo.models.architectures import rebuild
 from ottimo.onnx.export import export_onnx, parity_check
 from ottimo.onnx.measure import confusion_png, measure, predict, session
 from ottimo.registry import security, versions
@@ -46,8 +45,7 @@ class Evaluated:
 def export_candidate(root: Path, params: Params, cand: Candidate, data: DataVersion) -> Exported:
     """Export to ONNX with a dynamic batch axis, check parity on the test split, log it as an MLflow ONNX model."""
     client, _ = connect(root, params.mlflow)
-    model = build_model(cand.family, cand.n_features, cand.n_classes, params.train.patched(cand.overrides))
-    model.load_state_dict(torch.load(cand.checkpoint, weights_only=True))
+    model = rebuild(cand.family, cand.n_features, cand.n_classes, params.train.patched(cand.overrides), cand.checkpoint)
     path = export_onnx(model, cand.n_features, work_dir(root, cand.run_id) / versions.ONNX_FILE)
     X_test = load_splits(Path(data.prepared)).X_test
     diff = parity_check(model, path, X_test, params.evaluate.parity_atol)
