@@ -12,7 +12,7 @@ from ottimo.config import Params
 from ottimo.data.tables import load_splits
 from ottimo.models.architectures import rebuild
 from ottimo.onnx.export import export_onnx, parity_check
-from ottimo.onnx.measure import confusion_png, measure, predict, session
+from ottimo.onnx.measure import accuracy, confusion_png, measure
 from ottimo.registry import security, versions
 from ottimo.registry.logged_model import log_onnx_model
 from ottimo.registry.tracking import connect, work_dir
@@ -82,6 +82,6 @@ def evaluate_champion(root: Path, params: Params, data: DataVersion) -> float | 
         return None
     path, mv = security.fetch_verified(client, name, versions.CHAMPION, work_dir(root, "champion"))
     splits = load_splits(Path(data.prepared))
-    acc = float((predict(session(path), splits.X_test) == splits.y_test).mean())
+    acc = accuracy(path, splits.X_test, splits.y_test)
     get_run_logger().info("champion v%s: accuracy %.4f on this test split", mv.version, acc)
     return acc
