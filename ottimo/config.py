@@ -20,6 +20,13 @@ class ConfigError(ValueError):
     """params.yaml is missing, unreadable or does not match the schema."""
 
 
+def deep_merge(base: dict, extra: dict, skip_none: bool = False) -> dict:
+    """`base` with `extra` laid over it: nested dicts merged key by key, any other value replaced; with `skip_none`
+    a None in `extra` leaves `base`'s value as it is. Neither dict is changed."""
+    return base | {k: deep_merge(base[k] if isinstance(base.get(k), dict) else {}, v, skip_none)
+                   if isinstance(v, dict) else v for k, v in extra.items() if not (skip_none and v is None)}
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -120,11 +127,7 @@ class TrainCfg(Strict):
     def patched(self, overrides: dict | None) -> TrainCfg:
         """This config with nested `overrides` (e.g. a tuned {"batch_size": 32, "mlp": {"lr": 0.01}}) applied,
         validated again so a tuned transformer still has d_model divisible by heads."""
-
-        def merge(base: dict, extra: dict) -> dict:
-            return base | {k: merge(base[k], v) if isinstance(v, dict) else v for k, v in extra.items()}
-
-        return self if not overrides else TrainCfg.model_validate(merge(self.model_dump(), overrides))
+        return self if not overrides else TrainCfg.model_validate(deep_merge(self.model_dump(), overrides))
 
 
 class FloatRange(Strict):
@@ -492,12 +495,8 @@ class Params(Strict):
     def overridden(self, overrides: dict) -> Params:
         """This config with nested `overrides` (e.g. {"train": {"max_epochs": 3}}, from a flow run's parameters)
         applied and validated again; None values are left out."""
-
-        def merge(base: dict, extra: dict) -> dict:
-            return base | {k: merge(base[k], v) if isinstance(v, dict) else v
-                           for k, v in extra.items() if v is not None}
-
-        return parse_params(merge(self.model_dump(), overrides), "flow-run parameters") if overrides else self
+        return (parse_params(deep_merge(self.model_dump(), overrides, skip_none=True), "flow-run parameters")
+                if overrides else self)
 
 
 def _describe(err: ValidationError, source: str) -> str:

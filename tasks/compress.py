@@ -12,14 +12,11 @@ import copy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import mlflow
 import numpy as np
-import onnx
 import torch
 import yaml
 from mlflow.artifacts import download_artifacts
 from mlflow.entities import Metric, Param
-from mlflow.models import infer_signature
 from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
@@ -27,11 +24,12 @@ from ottimo import vocab
 from ottimo.compress import pareto, quantize, techniques
 from ottimo.config import Params
 from ottimo.data.tables import Splits, load_splits
-from ottimo.models.architectures import build_model, count_parameters
+from ottimo.models.architectures import count_parameters, rebuild
 from ottimo.onnx.export import export_guard, export_onnx, parity_check, sha256, verify_sha256
 from ottimo.onnx.measure import measure, predict, session
 from ottimo.ops.faults import checkpoint
 from ottimo.registry.gate import GateFailed
+from ottimo.registry.logged_model import log_onnx_model
 from ottimo.registry.tracking import connect, flatten, work_dir
 from tasks.data import DataVersion
 from tasks.evaluate import Evaluated, Exported
@@ -62,9 +60,7 @@ class Built:
 
 
 def load_model(b: Built, params: Params) -> torch.nn.Sequential:
-    model = build_model(b.family, b.n_features, b.n_classes, params.train.patched(b.arch))
-    model.load_state_dict(torch.load(b.checkpoint, weights_only=True))
-    return model.eval()
+    return rebuild(b.family, b.n_features, b.n_classes, params.train.patched(b.arch), b.checkpoint)
 
 
 def _open_run(root: Path, params: Params, parent_run_id: str, name: str, technique: str, base: Built,
@@ -79,18 +75,6 @@ def _open_run(root: Path, params: Params, parent_run_id: str, name: str, techniq
     return run.info.run_id
 
 
-def _log_onnx(root: Path, params: Params, run_id: str, path: Path, X: np.ndarray) -> tuple[str, str]:
-    """Log the ONNX file as the run's MLflow model; return (model URI, sha256)."""
-    example = X[:2]
-    info = mlflow.onnx.log_model(
-        onnx.load(str(path)), name="model", run_id=run_id, save_as_external_data=False,
-        onnx_execution_providers=["CPUExecutionProvider"], input_example=example,
-        signature=infer_signature(example, session(path).run(None, {"features": example})[0]))
-    digest = sha256(path)
-    connect(root, params.mlflow)[0].set_tag(run_id, "onnx.sha256", digest)
-    return info.model_uri, digest
-
-
 def _finish_torch(root: Path, params: Params, model: torch.nn.Module, name: str, technique: str, base: Built,
                   arch: dict, settings: dict, splits: Splits, data: DataVersion, parent_run_id: str) -> Built:
     """Checkpoint, ONNX export with parity check, MLflow run with the model: a PyTorch-made candidate."""
@@ -100,7 +84,7 @@ def _finish_torch(root: Path, params: Params, model: torch.nn.Module, name: str,
     with export_guard.exclusive():
         path = export_onnx(model, base.n_features, out / "model.onnx")
         diff = parity_check(model, path, splits.X_test, params.evaluate.parity_atol)
-        uri, digest = _log_onnx(root, params, run_id, path, splits.X_test)
+        uri, digest = log_onnx_model(connect(root, params.mlflow)[0], run_id, path, splits.X_test)
     client = connect(root, params.mlflow)[0]
     client.log_metric(run_id, "parity_max_abs_diff", diff)
     client.log_artifact(run_id, str(out / "checkpoint.pt"))
@@ -179,7 +163,7 @@ def quantize_variant(root: Path, params: Params, base: Built, method: str, data:
             rng = np.random.default_rng(params.project.seed)
             rows = rng.choice(len(splits.X_train), min(cfg.calibration_rows, len(splits.X_train)), replace=False)
             quantize.static_int8(Path(base.onnx_path), dst, splits.X_train[rows], cfg.per_channel, cfg.reduce_range)
-        uri, digest = _log_onnx(root, params, run_id, dst, splits.X_test)
+        uri, digest = log_onnx_model(connect(root, params.mlflow)[0], run_id, dst, splits.X_test)
     agreement = float((predict(session(dst), splits.X_test) == predict(session(Path(base.onnx_path)),
                                                                         splits.X_test)).mean())
     client = connect(root, params.mlflow)[0]
@@ -306,9 +290,8 @@ def resolve_teacher(root: Path, params: Params, run_id: str, data: DataVersion) 
     ckpt = Path(download_artifacts(run_id=run.info.run_id, artifact_path="checkpoint.pt", dst_path=str(out)))
     splits = load_splits(Path(data.prepared))
     n_features, n_classes = splits.X_train.shape[1], len(splits.labels)
-    model = build_model(family, n_features, n_classes, params.train.patched(arch))
-    model.load_state_dict(torch.load(ckpt, weights_only=True))
-    path = export_onnx(model.eval(), n_features, out / "model.onnx")
+    model = rebuild(family, n_features, n_classes, params.train.patched(arch), ckpt)
+    path = export_onnx(model, n_features, out / "model.onnx")
     parity_check(model, path, splits.X_test, params.evaluate.parity_atol)
     uri = f"runs:/{run.info.run_id}/model"
     return Built(family, "trained", "", family, run.info.run_id, str(path), sha256(path), uri, n_features,

@@ -5,19 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
-import onnx
-import torch
 from mlflow.entities import Metric
-from mlflow.models import infer_signature
 from prefect import get_run_logger, task
 
 from ottimo.config import Params
 from ottimo.data.tables import load_splits
-from ottimo.models.architectures import build_model
-from ottimo.onnx.export import export_onnx, parity_check, sha256
-from ottimo.onnx.measure import confusion_png, measure, predict, session
+from ottimo.models.architectures import rebuild
+from ottimo.onnx.export import export_onnx, parity_check
+from ottimo.onnx.measure import accuracy, confusion_png, measure
 from ottimo.registry import security, versions
+from ottimo.registry.logged_model import log_onnx_model
 from ottimo.registry.tracking import connect, work_dir
 from tasks.data import DataVersion
 from tasks.retry import RETRY_TRANSIENT
@@ -48,24 +45,15 @@ class Evaluated:
 def export_candidate(root: Path, params: Params, cand: Candidate, data: DataVersion) -> Exported:
     """Export to ONNX with a dynamic batch axis, check parity on the test split, log it as an MLflow ONNX model."""
     client, _ = connect(root, params.mlflow)
-    model = build_model(cand.family, cand.n_features, cand.n_classes, params.train.patched(cand.overrides))
-    model.load_state_dict(torch.load(cand.checkpoint, weights_only=True))
+    model = rebuild(cand.family, cand.n_features, cand.n_classes, params.train.patched(cand.overrides), cand.checkpoint)
     path = export_onnx(model, cand.n_features, work_dir(root, cand.run_id) / versions.ONNX_FILE)
     X_test = load_splits(Path(data.prepared)).X_test
     diff = parity_check(model, path, X_test, params.evaluate.parity_atol)
-    digest = sha256(path)
-    example = X_test[:2]
-    info = mlflow.onnx.log_model(
-        onnx.load(str(path)), name="model", run_id=cand.run_id, save_as_external_data=False,
-        onnx_execution_providers=["CPUExecutionProvider"],
-        signature=infer_signature(example, session(path).run(None, {"features": example})[0]),
-        input_example=example,
-    )
+    model_uri, digest = log_onnx_model(client, cand.run_id, path, X_test)
     client.log_metric(cand.run_id, "parity_max_abs_diff", diff)
-    client.set_tag(cand.run_id, "onnx.sha256", digest)
     get_run_logger().info("%s exported to ONNX (%.1f kB), parity max |diff| %.1e", cand.family,
                           path.stat().st_size / 1e3, diff)
-    return Exported(cand.family, cand.run_id, str(path), digest, info.model_uri, diff)
+    return Exported(cand.family, cand.run_id, str(path), digest, model_uri, diff)
 
 
 @task
@@ -94,6 +82,6 @@ def evaluate_champion(root: Path, params: Params, data: DataVersion) -> float | 
         return None
     path, mv = security.fetch_verified(client, name, versions.CHAMPION, work_dir(root, "champion"))
     splits = load_splits(Path(data.prepared))
-    acc = float((predict(session(path), splits.X_test) == splits.y_test).mean())
+    acc = accuracy(path, splits.X_test, splits.y_test)
     get_run_logger().info("champion v%s: accuracy %.4f on this test split", mv.version, acc)
     return acc

@@ -12,7 +12,7 @@ from ottimo import vocab
 from ottimo.card import store as cardstore
 from ottimo.config import Params
 from ottimo.data.tables import load_splits
-from ottimo.onnx.measure import predict, session
+from ottimo.onnx.measure import accuracy
 from ottimo.registry import gate as gate_policy
 from ottimo.registry import promotion, versions
 from ottimo.registry.promotion import PromotionError
@@ -30,7 +30,7 @@ class ManualVerdict:
 
 def _accuracy(path: Path, prepared: Path) -> float:
     splits = load_splits(prepared)
-    return float((predict(session(path), splits.X_test) == splits.y_test).mean())
+    return accuracy(path, splits.X_test, splits.y_test)
 
 
 @task

@@ -14,12 +14,13 @@ from ottimo.config import Params
 from ottimo.data import batches
 from ottimo.data.tables import DataValidationError
 from ottimo.monitor import ledger
-from ottimo.onnx.export import IntegrityError, sha256
+from ottimo.onnx.export import sha256
 from ottimo.onnx.measure import predict
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import versions
 from ottimo.registry.security import fetch_verified, serving_session
 from ottimo.registry.tracking import connect, work_dir
+from tasks.retry import RETRY_TRANSIENT
 
 
 class BatchRejected(ValueError):
@@ -51,18 +52,7 @@ class Scored:
     quarantined: str = ""
 
 
-def _transient(task, task_run, state) -> bool:
-    """Retry a failed download, never a refusal: a hash mismatch or a missing champion stays failed."""
-    try:
-        state.result()
-    except (IntegrityError, LookupError):
-        return False
-    except Exception:
-        return True
-    return False
-
-
-@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient)
+@task(**RETRY_TRANSIENT)  # a dropped download is retried; a hash mismatch, a missing champion, an unsafe file never
 def load_champion(root: Path, params: Params, ref: str = versions.CHAMPION) -> Champion:
     """Download the champion's ONNX file and check its sha256 against the version tag (a mismatch raises
     IntegrityError: nothing is loaded); locate the data revision it was trained on."""

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ottimo.config import deep_merge
+
 REPO = Path(__file__).resolve().parents[1]
 
 os.environ.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1")
@@ -29,18 +31,11 @@ TINY = {
 }
 
 
-def merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
-    return out
-
-
 def write_project(root: Path, overrides: dict | None = None) -> Path:
     """A project folder: the repo's dvc.yaml and params.yaml with TINY and `overrides` applied."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    params = merge(merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY), overrides or {})
+    params = deep_merge(deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY), overrides or {})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 

@@ -31,7 +31,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from ottimo.config import CardCfg, CardFigure, EvaluateCfg, SliceCfg
 from ottimo.data.tables import Splits
 from ottimo.onnx.export import INPUT, OUTPUT
-from ottimo.onnx.measure import confusion_png, latency_ms, predict, session
+from ottimo.onnx.measure import accuracy, confusion_png, latency_ms, predict, session
 
 SECTIONS = {
     "accuracy": "1. Accuracy",
@@ -161,8 +161,7 @@ def robustness_section(sess: ort.InferenceSession, X: np.ndarray, y: np.ndarray,
     curves = {}
     for i, kind in enumerate(KINDS):
         base = draw(kind, X.shape, np.random.default_rng([cfg.seed, i]))
-        curves[kind] = [float((predict(sess, perturb(X, kind, s, base, mean, std)) == y).mean())
-                        for s in cfg.severities]
+        curves[kind] = [accuracy(sess, perturb(X, kind, s, base, mean, std), y) for s in cfg.severities]
     return {
         "severities": list(cfg.severities),
         "curves": curves,
@@ -180,7 +179,7 @@ def robustness_section(sess: ort.InferenceSession, X: np.ndarray, y: np.ndarray,
 # --- 3. generalisation -------------------------------------------------------------------------------------------
 
 def generalisation_section(sess: ort.InferenceSession, splits: Splits) -> dict:
-    acc = {name: float((predict(sess, getattr(splits, f"X_{name}")) == getattr(splits, f"y_{name}")).mean())
+    acc = {name: accuracy(sess, getattr(splits, f"X_{name}"), getattr(splits, f"y_{name}"))
            for name in ("train", "val", "test")}
     return {
         "train_accuracy": acc["train"], "val_accuracy": acc["val"], "test_accuracy": acc["test"],

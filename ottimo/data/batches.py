@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pandera.errors import SchemaErrors
 
 from ottimo.config import LimitsCfg
 from ottimo.data import intake
-from ottimo.data.tables import DataValidationError, check_bounds, check_target, raw_schema, read_table, summarise_errors
+from ottimo.data.tables import DataValidationError, Wording, check_table, read_table
 
 PREDICTIONS = ".predictions.parquet"
+BATCH = Wording(schema="the training schema", duplicate="; every column needs its own name", mismatch="",
+                empty="the batch has nothing to score", consequence="the batch was not scored")
 
 
 def pending(incoming: Path) -> list[Path]:
@@ -46,25 +47,8 @@ def validate_batch(root: Path, path: Path, schema: dict, limits: LimitsCfg) -> p
     finite numbers within limits.max_abs_value and, when the target column is there, integer labels among the
     training labels. Raises DataValidationError naming the problem."""
     intake.preflight(root, path, limits)
-    df = read_table(path)
-    features, target = schema["features"], schema["target"]
-    if df.columns.duplicated().any():
-        dupes = sorted(set(df.columns[df.columns.duplicated()]))
-        raise DataValidationError(f"{path.name}: duplicate column names {dupes}; every column needs its own name")
-    check_columns(path.name, list(df.columns), features, target)
-    if df.empty:
-        raise DataValidationError(f"{path.name}: no data rows, only a header; the batch has nothing to score")
-    checks = raw_schema(features, target, schema["labels"], min_rows=1)
-    if target in df.columns:  # labels are optional; a batch that has the column has a label on every row
-        check_target(df, target, Path(path.name))
-    else:
-        checks = checks.remove_columns([target])
-    try:
-        out = checks.validate(df, lazy=True)
-    except SchemaErrors as err:
-        raise DataValidationError(summarise_errors(err, path.name, "the batch was not scored")) from None
-    check_bounds(out, features, limits.max_abs_value, Path(path.name))
-    return out
+    return check_table(read_table(path), schema["features"], schema["target"], schema["labels"], Path(path.name),
+                       BATCH, bound=limits.max_abs_value, target_required=False)
 
 
 def check_columns(source: str, columns: list[str], features: list[str], target: str | None) -> None:

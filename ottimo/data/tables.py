@@ -88,10 +88,6 @@ def raw_schema(features: list[str], target: str, labels: list[int] | None, min_r
     )
 
 
-def _summarise(err: SchemaErrors, path: Path, limit: int = 8) -> str:
-    return summarise_errors(err, path, "nothing was prepared or trained", limit)
-
-
 def summarise_errors(err: SchemaErrors, path: Path | str, consequence: str, limit: int = 8) -> str:
     """One line per failed (column, check) with the first rows and values; `consequence` says what was not done."""
     cases = err.failure_cases
@@ -141,34 +137,61 @@ def check_bounds(df: pd.DataFrame, features: list[str], bound: float | None, sou
             f"e.g. {float(df.loc[rows[0], cols[0]]):g}; fix the file, or raise or null limits.max_abs_value")
 
 
+@dataclass(frozen=True)
+class Wording:
+    """What check_table's messages say beyond the facts, so training data and production batches are checked by
+    one function and still told apart: each field ends the message it names. The defaults speak of training data."""
+
+    schema: str = "the schema"  # "columns do not match <schema>: ..."
+    duplicate: str = ""  # after "duplicate column names [...]"
+    mismatch: str = " (set data.features in params.yaml to the columns you want)"  # after "unexpected [...]"
+    empty: str = ""  # after "no data rows, only a header; "
+    consequence: str = "nothing was prepared or trained"  # what a schema violation stopped (summarise_errors)
+
+
+def check_table(df: pd.DataFrame, features: list[str], target: str, labels: list[int] | None, source: Path,
+                wording: Wording, min_rows: int = 1, bound: float | None = None,
+                target_required: bool = True) -> pd.DataFrame:
+    """The checks training data and production batches share: unique column names, the target (when required),
+    exactly the features (and the target), at least one row and `min_rows`, integer labels among `labels`, finite
+    numbers within ±bound. Returns the frame with coerced dtypes or raises DataValidationError."""
+    if df.columns.duplicated().any():
+        dupes = sorted(set(df.columns[df.columns.duplicated()]))
+        raise DataValidationError(f"{source}: duplicate column names {dupes}{wording.duplicate}")
+    if target_required and target not in df.columns:
+        raise DataValidationError(f"{source}: target column {target!r} is missing (data.target in params)")
+    missing = [c for c in features if c not in df.columns]
+    extra = [c for c in df.columns if c not in features and c != target]
+    if missing or extra:
+        raise DataValidationError(
+            f"{source}: columns do not match {wording.schema}: missing {missing[:10]}, unexpected {extra[:10]}"
+            f"{wording.mismatch}"
+        )
+    if len(df) == 0:
+        raise DataValidationError(f"{source}: no data rows, only a header; {wording.empty}")
+    if len(df) < min_rows:
+        raise DataValidationError(f"{source}: only {len(df)} rows; at least {min_rows} rows (data.min_rows) are "
+                                  "needed to split and train. Add rows or lower data.min_rows")
+    checks = raw_schema(features, target, labels, min_rows)
+    if target in df.columns:  # a batch may come without labels; one that has the column has a label on every row
+        check_target(df, target, source)
+    else:
+        checks = checks.remove_columns([target])
+    try:
+        out = checks.validate(df, lazy=True)
+    except SchemaErrors as err:
+        raise DataValidationError(summarise_errors(err, source, wording.consequence)) from None
+    check_bounds(out, features, bound, source)
+    return out
+
+
 def validate_frame(df: pd.DataFrame, cfg: DataCfg, source: Path, limits: LimitsCfg | None = None) -> pd.DataFrame:
     """Check a raw frame against the schema (and `limits.max_abs_value`); return it with coerced dtypes or
     raise DataValidationError."""
-    if df.columns.duplicated().any():
-        dupes = sorted(set(df.columns[df.columns.duplicated()]))
-        raise DataValidationError(f"{source}: duplicate column names {dupes}")
     features, labels = expected_columns(cfg, df)
-    if cfg.target not in df.columns:
-        raise DataValidationError(f"{source}: target column {cfg.target!r} is missing (data.target in params)")
-    missing = [c for c in features if c not in df.columns]
-    extra = [c for c in df.columns if c not in features and c != cfg.target]
-    if missing or extra:
-        raise DataValidationError(
-            f"{source}: columns do not match the schema: missing {missing[:10]}, unexpected {extra[:10]}"
-            " (set data.features in params.yaml to the columns you want)"
-        )
-    if len(df) == 0:
-        raise DataValidationError(f"{source}: no data rows, only a header; at least data.min_rows = {cfg.min_rows}")
-    if len(df) < cfg.min_rows:
-        raise DataValidationError(f"{source}: only {len(df)} rows; at least {cfg.min_rows} rows (data.min_rows) are "
-                                  "needed to split and train. Add rows or lower data.min_rows")
-    check_target(df, cfg.target, source)
-    try:
-        out = raw_schema(features, cfg.target, labels, cfg.min_rows).validate(df, lazy=True)
-    except SchemaErrors as err:
-        raise DataValidationError(_summarise(err, source)) from None
-    check_bounds(out, features, (limits or LimitsCfg()).max_abs_value, source)
-    return out
+    return check_table(df, features, cfg.target, labels, source,
+                       Wording(empty=f"at least data.min_rows = {cfg.min_rows}"), cfg.min_rows,
+                       (limits or LimitsCfg()).max_abs_value)
 
 
 def materialise_raw(root: Path, cfg: DataCfg) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -78,6 +79,14 @@ def build_model(family: str, n_features: int, n_classes: int, cfg: TrainCfg) -> 
     else:
         raise ValueError(f"unknown model family {family!r}; use 'mlp' or 'transformer'")
     return nn.Sequential(Standardize(n_features), net)
+
+
+def rebuild(family: str, n_features: int, n_classes: int, cfg: TrainCfg, checkpoint: Path | str) -> nn.Sequential:
+    """A `build_model` network with the state_dict saved at `checkpoint` (torch.load with weights_only=True: no
+    pickle), in eval mode; `cfg` is the TrainCfg that built the saved model (patched with its overrides)."""
+    model = build_model(family, n_features, n_classes, cfg)
+    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    return model.eval()
 
 
 def count_parameters(model: nn.Module) -> int:

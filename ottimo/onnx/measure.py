@@ -41,6 +41,12 @@ def predict(sess: ort.InferenceSession, X: np.ndarray, batch: int = 1024) -> np.
     return np.concatenate(out).argmax(axis=1)
 
 
+def accuracy(model: Path | ort.InferenceSession, X: np.ndarray, y: np.ndarray) -> float:
+    """The share of rows of X an ONNX file (opened with `session`) or an open session labels as y does."""
+    sess = model if isinstance(model, ort.InferenceSession) else session(Path(model))
+    return float((predict(sess, X) == y).mean())
+
+
 def latency_ms(sess: ort.InferenceSession, X: np.ndarray, warmup: int, runs: int) -> tuple[float, float]:
     """p50 and p95 wall time of single-row inference, cycling through rows of X."""
     rows = [X[i % len(X)][None, :] for i in range(warmup + runs)]

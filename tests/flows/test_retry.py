@@ -139,6 +139,41 @@ def test_the_real_gate_task_fails_once_without_retrying(tmp_path, harness):
     assert vocab.tag(client.get_model_version(name, version).tags, vocab.GATE_VERDICT) == "failed"
 
 
+def test_loading_the_champion_for_scoring_retries_a_dropped_download_only(tmp_path, harness, monkeypatch):
+    from prefect import flow
+
+    import tasks.score
+    from ottimo.onnx.export import IntegrityError
+    from ottimo.registry.security import UnsafeModelError
+    from tests.helpers.reliability_helpers import add_version, store
+
+    root, params, client, exp = store(tmp_path / "project")
+    name = params.mlflow.registered_model
+    client.set_registered_model_alias(name, "champion", add_version(client, exp, name, tmp_path / "v"))
+    calls: list[str] = []
+
+    def fetch(*args, **kwargs):
+        calls.append(kind)
+        raise errors[kind]
+
+    errors = {"connection": ConnectionRefusedError(111, "Connection refused"), "unsafe": UnsafeModelError("external"),
+              "tampered": IntegrityError("sha256 mismatch"), "data": DataValidationError("bad schema.json"),
+              "config": ConfigError("bad params")}
+    monkeypatch.setattr(tasks.score, "fetch_verified", fetch)
+    fast = tasks.score.load_champion.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
+
+    @flow
+    def loading() -> object:
+        return fast(root, params)
+
+    for kind, err in errors.items():
+        state = loading(return_state=True)
+        assert state.is_failed() and isinstance(state.result(raise_on_failure=False), type(err))
+        (run,) = _task_runs(state)["load_champion"]
+        expected = 1 + RETRY_TRANSIENT["retries"] if kind == "connection" else 1  # only the dropped one retried
+        assert calls.count(kind) == expected and run.run_count == expected, f"{kind}: {calls.count(kind)} attempts"
+
+
 def _restore_after_a_failed_push(remote: Path, timeout: float = 120) -> None:
     """Bring the remote back once Prefect has recorded a failed push_data attempt that awaits its retry."""
     from prefect.client.orchestration import get_client

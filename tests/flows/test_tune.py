@@ -22,14 +22,14 @@ from typer.testing import CliRunner
 
 from ottimo import vocab
 from ottimo.cli.main import app
-from ottimo.config import ConfigError, Params, TuneCfg, load_params, parse_params
+from ottimo.config import ConfigError, Params, TuneCfg, deep_merge, load_params, parse_params
 from ottimo.data import versioning
 from ottimo.data.tables import Splits, load_splits, materialise_raw, prepare
 from ottimo.models import tune
 from ottimo.models.architectures import build_model
 from ottimo.registry.tracking import connect
 from tasks.data import DataVersion
-from tests.conftest import merge, write_project
+from tests.conftest import write_project
 
 REPO = Path(__file__).resolve().parents[2]
 REV = "0123abcd"  # data revision of the projects prepared here without DVC
@@ -45,7 +45,7 @@ def harness():
 
 def make(tmp_path: Path, tune_cfg: dict | None = None, extra: dict | None = None) -> tuple[Path, Params, DataVersion]:
     """A project tuning only the MLP (TINY settings plus `tune_cfg`), its data prepared without DVC."""
-    root = write_project(tmp_path / "project", merge({"train": {"candidates": ["mlp"]}, "tune": tune_cfg or {}},
+    root = write_project(tmp_path / "project", deep_merge({"train": {"candidates": ["mlp"]}, "tune": tune_cfg or {}},
                                                       extra or {}))
     params = load_params(root / "params.yaml")
     materialise_raw(root, params.data)

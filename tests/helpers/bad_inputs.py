@@ -196,11 +196,12 @@ def data_project(tmp: Path, case: Case, good: pd.DataFrame) -> tuple[Path, Path]
 
 def config_project(tmp: Path, case: Case) -> Path:
     """A project whose params.yaml carries the case's patch or text."""
-    from tests.conftest import merge, write_project
+    from ottimo.config import deep_merge
+    from tests.conftest import write_project
 
     root = write_project(tmp / "project")
     if case.params is not None:
-        params = merge(yaml.safe_load((root / "params.yaml").read_text()), case.params)
+        params = deep_merge(yaml.safe_load((root / "params.yaml").read_text()), case.params)
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if case.text is not None:
         (root / "params.yaml").write_text(case.text)

@@ -12,13 +12,13 @@ import pytest
 
 from flows.pipeline import training_pipeline
 from ottimo import vocab
-from ottimo.config import load_params
+from ottimo.config import deep_merge, load_params
 from ottimo.data import versioning
 from ottimo.ops import faults
 from ottimo.ops.doctor import examine
 from ottimo.registry import promotion
 from ottimo.registry.tracking import connect
-from tests.conftest import REPO, merge, write_project
+from tests.conftest import REPO, write_project
 
 TINY_RUN = {"train": {"candidates": ["mlp"], "max_epochs": 3}}
 # the points inside tuning and compression run those stages (tiny); the gate may not refuse a tuned model for
@@ -43,7 +43,7 @@ CRASH_AT = {"mid-tuning": "mid-tuning@2"}  # the second trial dies after trainin
 def test_a_hard_crash_then_a_rerun_finishes_the_job(point, tmp_path, prefect_harness):
     from prefect.settings import PREFECT_API_URL
 
-    project = write_project(tmp_path / "project", merge(TINY_RUN, OVERRIDES.get(point, {})))
+    project = write_project(tmp_path / "project", deep_merge(TINY_RUN, OVERRIDES.get(point, {})))
     params = load_params(project / "params.yaml")
     name = params.mlflow.registered_model
     first = training_pipeline(project_dir=str(project), tune_enabled=False, return_state=True)

@@ -1,0 +1,27 @@
+"""An ONNX file logged as its run's MLflow model: the one place a model is logged (evaluate and compress)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+from mlflow import MlflowClient
+from mlflow.models import infer_signature
+
+from ottimo.onnx.export import INPUT, sha256
+from ottimo.onnx.measure import session
+
+
+def log_onnx_model(client: MlflowClient, run_id: str, path: Path, X: np.ndarray) -> tuple[str, str]:
+    """Log the ONNX file as run `run_id`'s MLflow model, its signature and input example from the first two rows
+    of X, and tag the run with the file's sha256 (onnx.sha256); return (model URI, sha256)."""
+    example = X[:2]
+    info = mlflow.onnx.log_model(
+        onnx.load(str(path)), name="model", run_id=run_id, save_as_external_data=False,
+        onnx_execution_providers=["CPUExecutionProvider"], input_example=example,
+        signature=infer_signature(example, session(path).run(None, {INPUT: example})[0]))
+    digest = sha256(path)
+    client.set_tag(run_id, "onnx.sha256", digest)
+    return info.model_uri, digest
