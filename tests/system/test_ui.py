@@ -155,7 +155,7 @@ def test_run_from_prefect_ui_promotes_in_mlflow_ui(stack, browser):
     assert run["state_type"] == "COMPLETED", f"flow run {run['name']} ended {run['state_name']}: see serve.log"
 
     # its Task Runs tab lists the task runs, each per-candidate one named after its candidate
-    click(browser, "Task Runs", "5-task-runs-tab")
+    browser.get(f"{ep.prefect_ui}/runs/flow-run/{run['id']}?tab=Task%20Runs")
     body = wait_text(browser, "train_candidate[mlp]", "5-task-runs")
     assert "register_candidate[mlp]" in body, body
     inputs = {i["input_type"] for t in api(ep, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}},
