@@ -155,9 +155,13 @@ def test_run_from_prefect_ui_promotes_in_mlflow_ui(stack, browser):
     assert run["state_type"] == "COMPLETED", f"flow run {run['name']} ended {run['state_name']}: see serve.log"
 
     # its Task Runs tab lists the task runs, each per-candidate one named after its candidate
-    browser.get(f"{ep.prefect_ui}/runs/flow-run/{run['id']}?tab=Task%20Runs")
-    body = wait_text(browser, "train_candidate[mlp]", "5-task-runs")
-    assert "register_candidate[mlp]" in body, body
+    found = browser.execute_script(  # the tab whose whole text is "Task Runs" (the UI's tabs are not buttons)
+        "const els = [...document.querySelectorAll('*')].filter(e => e.offsetParent !== null &&"
+        " e.textContent.replace(/\\s+/g, ' ').trim().toLowerCase() === 'task runs');"
+        "if (els.length) els[els.length - 1].click(); return els.length;")
+    assert found, f"no Task Runs tab on {browser.current_url}"
+    body = wait_text(browser, "register_candidate[mlp]", "5-task-runs")
+    assert "train_candidate[mlp]" in body and "Beginning flow run" not in body, body  # the list, not the logs
     inputs = {i["input_type"] for t in api(ep, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}},
                                                                       "limit": 200})
               for arg in t["task_inputs"].values() for i in arg}
