@@ -10,6 +10,7 @@ from prefect.deployments import run_deployment
 from ottimo.config import Params, project_params
 from ottimo.monitor import drift as policy
 from tasks.drift import CheckSummary, add_training_data, check_window, close_check, collect_window, rollback_champion
+from tasks.lineage import forget_subflow_results
 from tasks.score import load_champion
 
 
@@ -54,6 +55,7 @@ def retrain(root: Path, params_file: str, params: Params) -> dict[str, str]:
     from flows.pipeline import training_pipeline
 
     state = training_pipeline(project_dir=str(root), params_file=params_file, return_state=True)
+    forget_subflow_results()  # close_check gets its outcome as values, not as inputs of type flow_run
     if not state.is_completed():
         return {"training": "failed", "message": state.message or state.name}
     return {"training": "completed", "champion": state.result().champion}

@@ -50,10 +50,11 @@ def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml", 
                   for family in params.train.candidates]
     exported = [export_candidate(root, params, c, data) for c in candidates]
     evaluated = [evaluate_candidate(root, params, c, e, data) for c, e in zip(candidates, exported, strict=True)]
-    if params.compress.enabled:  # trained and compressed candidates compete; the chosen one goes on to the gate
-        evaluated = [compress_stage(str(root), params_file, params, candidates, exported, data, run_id)]
-
     champion_accuracy = evaluate_champion(root, params, data)
+    if params.compress.enabled:  # trained and compressed candidates compete; the chosen one goes on to the gate
+        evaluated = [compress_stage(str(root), params_file, params, candidates, exported, data, run_id,
+                                    champion_accuracy)]
+
     versions = [register_candidate(root, params, e, data) for e in evaluated]
     cards = [model_card(root, params, e, v, champion_accuracy) for e, v in zip(evaluated, versions, strict=True)]
     decision = gate(root, params, run_id, evaluated, versions, champion_accuracy, cards=[c.figures for c in cards])

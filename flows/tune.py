@@ -9,6 +9,7 @@ from prefect import flow
 from ottimo.config import Params, load_params, project_params
 from ottimo.models.tune import deadline
 from tasks.data import DataVersion, prepare_data, validate_raw
+from tasks.lineage import forget_subflow_results
 from tasks.summary import fail_open_mlflow_runs
 from tasks.tune import TuneResult, close_study, open_study, run_trials, task_runner, worker_shares
 
@@ -18,7 +19,15 @@ def tuning(project_dir: str = ".", params_file: str = "params.yaml", data: DataV
            parent_run_id: str | None = None, params: Params | None = None) -> dict[str, TuneResult]:
     """Tune every family in train.candidates and return the configuration chosen for each. Run alone it
     validates and versions the data first; inside the training pipeline it gets them, and the pipeline's params
-    with its run's overrides applied, from it."""
+    with its run's overrides applied, from it.
+
+    Args:
+        project_dir: Project folder holding params.yaml, dvc.yaml and data/.
+        params_file: Config file, relative to the project folder.
+        data: The data version to tune on (inside the pipeline); empty: validate and version data.path first.
+        parent_run_id: MLflow run to nest the studies under (inside the pipeline); empty: stand-alone runs.
+        params: The pipeline's params with its overrides (inside the pipeline); empty: params_file as it is.
+    """
     root = Path(project_dir).resolve()
     params = params or project_params(root, params_file)
     if data is None:
@@ -45,4 +54,5 @@ def tune_stage(project_dir: str, params_file: str, params: Params, data: DataVer
     """The tuning flow as a stage of the training pipeline: {family: training overrides of the chosen trial}."""
     flow_ = tuning.with_options(task_runner=task_runner(params.tune))
     results = flow_(project_dir, params_file, data, parent_run_id, params)
+    forget_subflow_results()  # its family names are in `params` too: no task input of type flow_run
     return {family: r.overrides for family, r in results.items()}

@@ -354,7 +354,7 @@ class DeployCfg(Strict):
     training_name: str = "nightly"  # deployment training-pipeline/<training_name>
     training_cron: str | None = "0 2 * * *"  # null: no schedule, runs only when triggered
     timezone: str = "UTC"
-    tuning_name: str = "manual"  # deployment tuning/<tuning_name>, no schedule
+    tuning_name: str = "tune-hyperparameters"  # deployment tuning/<tuning_name>, no schedule
     serve: ServeCfg = ServeCfg()  # `ottimo serve`: the online endpoint that follows the champion
 
 
@@ -403,6 +403,10 @@ class SelectCfg(Strict):
     max_drop_vs_teacher: float = Field(1.0, ge=0, le=100)  # accuracy points below the FP32 teacher in onnxruntime
     min_accuracy: float = Field(0.9, ge=0, le=1)  # absolute floor
     objective: Literal["p95_ms", "p50_ms", "size_mb", "throughput_rps", "accuracy"] = "p95_ms"
+    # latency objectives: differences within max(latency_tie_ms, latency_tie_relative x the best) are measurement
+    # noise, not a ranking; such ties go to higher accuracy, then the smaller file, then the name
+    latency_tie_ms: float = Field(0.002, ge=0)
+    latency_tie_relative: float = Field(0.05, ge=0, le=1)
 
 
 class CompressCfg(Strict):
@@ -446,7 +450,7 @@ class ScoreCfg(Strict):
     (the one quarantine folder: training data, batches and served traffic alike)."""
 
     incoming: ProjectPath = "data/incoming"
-    deployment_name: str = "manual"  # deployment batch-scoring/<deployment_name>, run from the UI
+    deployment_name: str = "score-incoming"  # deployment batch-scoring/<deployment_name>, run from the UI
 
 
 class DriftCfg(Strict):

@@ -23,7 +23,7 @@ class CardRecord:
     card_uri: str  # runs:/<run id>/card/card.json
 
 
-@task
+@task(task_run_name="model_card[{cand.family} v{version}]")
 def model_card(root: Path, params: Params, cand: Evaluated, version: str,
                champion_accuracy: float | None) -> CardRecord:
     """Measure the version's card from its registered ONNX file and data revision, with the verdict the gate

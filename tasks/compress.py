@@ -93,11 +93,15 @@ def _finish_torch(root: Path, params: Params, model: torch.nn.Module, name: str,
                  settings)
 
 
+def _prune_name(base: str, method: str, amount: float) -> str:
+    return f"{base}+prune-{method[0]}{round(amount * 100)}"  # u: unstructured, s: structured
+
+
 def _finetune_spec(params: Params, epochs: int, lr: float) -> techniques.FinetuneSpec:
     return techniques.FinetuneSpec(epochs=epochs, lr=lr, batch_size=params.train.batch_size, seed=params.project.seed)
 
 
-@task
+@task(task_run_name="distill_student[student-{params.compress.distill.student}]")
 def distill_student(root: Path, params: Params, teacher: Built, data: DataVersion, parent_run_id: str) -> Built:
     """Train the configured student on the teacher's temperature-softened logits plus the hard labels."""
     cfg = params.compress.distill
@@ -117,7 +121,8 @@ def distill_student(root: Path, params: Params, teacher: Built, data: DataVersio
     return replace(built, family=cfg.student)
 
 
-@task
+@task(task_run_name=lambda parameters: "prune_variant[{}]".format(_prune_name(
+    parameters["base"].name, parameters["method"], parameters["amount"])))
 def prune_variant(root: Path, params: Params, base: Built, method: str, amount: float, data: DataVersion,
                   parent_run_id: str) -> Built:
     """Unstructured global magnitude pruning (zeros) or structured neuron pruning (smaller matrices) of `base`,
@@ -127,14 +132,14 @@ def prune_variant(root: Path, params: Params, base: Built, method: str, amount: 
     model = load_model(base, params)
     if method == "unstructured":
         model = techniques.magnitude_prune(copy.deepcopy(model), amount)
-        arch, tag = base.arch, "u"
+        arch = base.arch
     else:
         model, patch = techniques.structured_prune(model, amount)
-        arch, tag = {base.family: {**base.arch.get(base.family, {}), **patch[base.family]}}, "s"
+        arch = {base.family: {**base.arch.get(base.family, {}), **patch[base.family]}}
     with export_guard.training():
         spec = _finetune_spec(params, cfg.finetune_epochs, cfg.lr)
         techniques.make_permanent(techniques.finetune(model, splits, spec))
-    name = f"{base.name}+prune-{tag}{round(amount * 100)}"
+    name = _prune_name(base.name, method, amount)
     settings = {"method": method, "amount": amount, "finetune_epochs": cfg.finetune_epochs, "lr": cfg.lr}
     built = _finish_torch(root, params, model, name, f"prune-{method}", base, arch, settings, splits, data,
                           parent_run_id)
@@ -143,7 +148,7 @@ def prune_variant(root: Path, params: Params, base: Built, method: str, amount: 
     return built
 
 
-@task
+@task(task_run_name="quantize_variant[{base.name}+int8-{method}]")
 def quantize_variant(root: Path, params: Params, base: Built, method: str, data: DataVersion,
                      parent_run_id: str) -> Built:
     """INT8 dynamic or static (QDQ, calibrated on a seeded train sample) with onnxruntime.quantization; its
@@ -205,14 +210,17 @@ def measure_candidates(root: Path, params: Params, built: list[Built], data: Dat
 
 @task
 def report_and_select(root: Path, params: Params, rows: list[pareto.Row], teacher: str,
-                      parent_run_id: str, gate: bool = True) -> pareto.Selection:
-    """Selection policy against the FP32 teacher; Pareto PNG, markdown and HTML tables on the parent run and as
+                      parent_run_id: str, gate: bool = True, champion_accuracy: float | None = None,
+                      ) -> pareto.Selection:
+    """Selection policy against the FP32 teacher (with `gate`, candidates the gate would pass against the champion
+    of `champion_accuracy` first); Pareto PNG, markdown and HTML tables on the parent run and as
     a Prefect artifact; the choice and every loser's reason written to the runs. No candidate qualifying
     raises GateFailed (the flow run fails, nothing is registered); with `gate` the pipeline run's gate tags
     say so (run alone, the pipeline run's earlier verdict is left as it was)."""
     client, _ = connect(root, params.mlflow)
     by_name = {r.name: r for r in rows}
-    selection = pareto.select(rows, by_name[teacher].metrics["accuracy"], params.compress.select)
+    selection = pareto.select(rows, by_name[teacher].metrics["accuracy"], params.compress.select,
+                              params.gate if gate else None, champion_accuracy)
     out = work_dir(root, parent_run_id) / "compression"
     out.mkdir(exist_ok=True)
     title = f"Compression of {teacher}: {len(rows)} candidates"

@@ -41,7 +41,7 @@ class Evaluated:
     metrics: dict[str, float]  # accuracy, macro_f1, p50_ms, p95_ms, throughput_rps, size_mb
 
 
-@task
+@task(task_run_name="export_candidate[{cand.family}]")
 def export_candidate(root: Path, params: Params, cand: Candidate, data: DataVersion) -> Exported:
     """Export to ONNX with a dynamic batch axis, check parity on the test split, log it as an MLflow ONNX model."""
     client, _ = connect(root, params.mlflow)
@@ -56,7 +56,7 @@ def export_candidate(root: Path, params: Params, cand: Candidate, data: DataVers
     return Exported(cand.family, cand.run_id, str(path), digest, model_uri, diff)
 
 
-@task
+@task(task_run_name="evaluate_candidate[{cand.family}]")
 def evaluate_candidate(root: Path, params: Params, cand: Candidate, exp: Exported, data: DataVersion) -> Evaluated:
     """Accuracy, macro-F1, confusion matrix, p50/p95 latency at batch 1, throughput, size: all to MLflow."""
     client, _ = connect(root, params.mlflow)

@@ -33,7 +33,7 @@ class GateDecision:
     expected_champion: str | None = None  # the champion the gate compared against: promote moves only if it still is
 
 
-@task(**RETRY_TRANSIENT)  # idempotent: a retry finds the version it made
+@task(task_run_name="register_candidate[{cand.family}]", **RETRY_TRANSIENT)  # idempotent: a retry finds its version
 def register_candidate(root: Path, params: Params, cand: Evaluated, data: DataVersion) -> str:
     """Register the candidate's ONNX model as a new version (once per run) tagged with its lineage."""
     client, _ = connect(root, params.mlflow)

@@ -65,7 +65,7 @@ def start_pipeline_run(root: Path, params: Params, data: DataVersion) -> str:
     return run.info.run_id
 
 
-@task
+@task(task_run_name="train_candidate[{family}]")
 def train_candidate(root: Path, params: Params, family: str, data: DataVersion, parent_run_id: str,
                     overrides: dict | None = None) -> Candidate:
     """Train one model family with early stopping; per-epoch metrics and the best checkpoint go to MLflow.

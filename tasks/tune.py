@@ -69,7 +69,7 @@ def worker_shares(studies: list[StudyRef], n_jobs: int) -> list[tuple[StudyRef, 
     return [job for jobs in zip_longest(*per_study) for job in jobs if job]
 
 
-@task
+@task(task_run_name="open_study[{family}]")
 def open_study(root: Path, params: Params, family: str, data: DataVersion, parent_run_id: str | None) -> StudyRef:
     """Create the family's study or resume it (trials a crash left RUNNING are marked failed); open its MLflow run."""
     log = get_run_logger()
@@ -106,7 +106,7 @@ def open_study(root: Path, params: Params, family: str, data: DataVersion, paren
     return StudyRef(family, name, url, seed, left, interrupted, run.info.run_id, flow_run_id)
 
 
-@task
+@task(task_run_name="run_trials[{ref.family} worker {worker}]")
 def run_trials(root: Path, params: Params, ref: StudyRef, data: DataVersion, worker: int, n_trials: int,
                until: float | None) -> list[int]:
     """One worker's share: up to n_trials trials, none starting after `until`, each one a nested MLflow run."""
@@ -129,7 +129,7 @@ def run_trials(root: Path, params: Params, ref: StudyRef, data: DataVersion, wor
     return numbers
 
 
-@task
+@task(task_run_name="close_study[{ref.family}]")
 def close_study(root: Path, params: Params, ref: StudyRef) -> TuneResult:
     """Choose the configuration to train; log best params and value, counts and Optuna's plots to the study run.
 

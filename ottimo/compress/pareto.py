@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ottimo.config import SelectCfg
+from ottimo.config import GateCfg, SelectCfg
+from ottimo.registry.gate import check
 
 LOWER_IS_BETTER = {"p95_ms": True, "p50_ms": True, "size_mb": True, "throughput_rps": False, "accuracy": False}
 
@@ -42,6 +43,9 @@ class Selection:
         return f"{self.chosen}: {self.reasons[self.chosen]}"
 
 
+LATENCY = {"p95_ms", "p50_ms"}  # objectives measured with noise: close values tie (SelectCfg.latency_tie_*)
+
+
 def _disqualified(row: Row, teacher_accuracy: float, cfg: SelectCfg) -> str | None:
     if row.error:
         return f"failed: {row.error}"
@@ -55,32 +59,66 @@ def _disqualified(row: Row, teacher_accuracy: float, cfg: SelectCfg) -> str | No
     return None
 
 
-def select(rows: list[Row], teacher_accuracy: float, cfg: SelectCfg) -> Selection:
+def _gate_refuses(row: Row, gate: GateCfg, champion_accuracy: float | None) -> str | None:
+    """Why the gate would refuse this candidate (its thresholds and the drop against the champion; model-card
+    bounds are measured after the selection, on the registered version), or None."""
+    verdict = check(row.metrics, gate.model_copy(update={"card": {}}), champion_accuracy)
+    return None if verdict.passed else "would fail the gate: " + "; ".join(verdict.failed)
+
+
+def tolerance(cfg: SelectCfg, best: float) -> float:
+    """How far from the best value a candidate still ties on the objective: latency differences within
+    max(latency_tie_ms, latency_tie_relative x best) are measurement noise; other objectives tie only when equal."""
+    return max(cfg.latency_tie_ms, cfg.latency_tie_relative * abs(best)) if cfg.objective in LATENCY else 0.0
+
+
+def select(rows: list[Row], teacher_accuracy: float, cfg: SelectCfg, gate: GateCfg | None = None,
+           champion_accuracy: float | None = None) -> Selection:
     """Among rows within `max_drop_vs_teacher` points of the teacher and at or above `min_accuracy`, the best by
-    `objective` (ties: higher accuracy, then smaller file, then name). Every row gets its reason."""
+    `objective`; every row gets its reason.
+
+    With `gate` (and the champion's accuracy, None when there is none) the rows the gate would pass come first:
+    one it would refuse is chosen only when no qualifying row can pass (the gate then fails with its reasons).
+    Rows within `tolerance` of the best objective value tie, and ties go to higher accuracy, then the smaller
+    file, then the name: a latency difference below the measurement noise does not decide."""
     obj, low = cfg.objective, LOWER_IS_BETTER[cfg.objective]
     out = {r.name: _disqualified(r, teacher_accuracy, cfg) for r in rows}
     ok = [r for r in rows if out[r.name] is None]
     if not ok:
         return Selection(None, obj, {k: str(v) for k, v in out.items()})
+    refused = {r.name: _gate_refuses(r, gate, champion_accuracy) for r in ok} if gate else {}
+    pool = [r for r in ok if not refused.get(r.name)] or ok
 
-    def key(r: Row) -> tuple:
-        v = r.metrics[obj]
-        return (v if low else -v, -r.metrics["accuracy"], r.metrics["size_mb"], r.name)
+    def value(r: Row) -> float:
+        return r.metrics[obj] if low else -r.metrics[obj]
 
-    best = min(ok, key=key)
+    top = min(value(r) for r in pool)
+    tol = tolerance(cfg, top)
+    tied = [r for r in pool if value(r) <= top + tol + 1e-12]
+    best = min(tied, key=lambda r: (-r.metrics["accuracy"], r.metrics["size_mb"], r.name, value(r)))
     b = best.metrics[obj]
+    within = f" within {tol:.4g}" if tol else ""
+    vs_champion = "" if not gate else (f", champion {champion_accuracy:.4f}" if champion_accuracy is not None
+                                       else ", no champion")
     reasons = {}
     for r in rows:
+        v = r.metrics[obj] if out[r.name] is None else None
         if r is best:
-            reasons[r.name] = (f"chosen: best {obj} {b:.4g} among {len(ok)} qualifying of {len(rows)} "
-                               f"(accuracy {r.metrics['accuracy']:.4f}, teacher {teacher_accuracy:.4f})")
+            gated = "" if not gate else ("; passes the gate" if not refused.get(r.name) else
+                                         f"; no qualifying candidate passes the gate ({refused[r.name]})")
+            ties = f"; tied{within} with {len(tied) - 1}, more accurate or smaller" if len(tied) > 1 else ""
+            reasons[r.name] = (f"chosen: best {obj} {b:.4g} among {len(pool)} qualifying of {len(rows)} "
+                               f"(accuracy {r.metrics['accuracy']:.4f}, teacher {teacher_accuracy:.4f}"
+                               f"{vs_champion}){gated}{ties}")
         elif out[r.name] is not None:
             reasons[r.name] = out[r.name]
+        elif r not in pool:
+            reasons[r.name] = f"qualifies but {refused[r.name]}"
+        elif r in tied:
+            reasons[r.name] = (f"qualifies but tied on {obj}{within} ({v:.4g} vs {b:.4g} of {best.name}) and "
+                               f"less accurate or larger")
         else:
-            v = r.metrics[obj]
-            rel = "tied on" if v == b else "worse"
-            reasons[r.name] = f"qualifies but {rel} {obj}: {v:.4g} vs {b:.4g} of {best.name}"
+            reasons[r.name] = f"qualifies but worse {obj}: {v:.4g} vs {b:.4g} of {best.name}"
     return Selection(best.name, obj, reasons)
 
 

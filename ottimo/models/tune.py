@@ -284,8 +284,9 @@ class TrialRuns:
             self.client.log_batch(run_id, metrics=metrics[i:i + 900])
         self.client.set_tag(run_id, "trial.state", state)
         if reason:
-            self.client.set_tag(run_id, vocab.FAILURE, vocab.clip(reason))
-        self.client.set_terminated(run_id, {"complete": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED"))
+            self.client.set_tag(run_id, "trial.pruned" if state == "pruned" else vocab.FAILURE, vocab.clip(reason))
+        # a pruned trial did its job (the pruner stopped it early on purpose): FINISHED, told apart by its tag
+        self.client.set_terminated(run_id, "FINISHED" if state in ("complete", "pruned") else "FAILED")
 
 
 def onnx_p95_ms(model, X: np.ndarray, cfg: EvaluateCfg) -> float:
@@ -329,8 +330,8 @@ def objective(family: str, splits: Splits, base: TrainCfg, cfg: TuneCfg, evaluat
                 values.append(onnx_p95_ms(result.model, splits.X_val, evaluate))
             state = "complete"
             return values[0] if len(values) == 1 else (values[0], values[1])
-        except optuna.TrialPruned:
-            state = "pruned"
+        except optuna.TrialPruned as err:
+            state, reason = "pruned", str(err)
             raise
         except Exception as err:
             reason = f"{type(err).__name__}: {err}"

@@ -23,7 +23,7 @@ from ottimo.onnx.export import export_onnx
 from ottimo.onnx.measure import predict, session
 from ottimo.registry import versions
 from ottimo.registry.gate import GateFailed
-from tests.conftest import write_project
+from tests.conftest import merge, write_project
 
 TINY_TRAIN = {"max_epochs": 15, "patience": 4, "mlp": {"hidden": [32]},
               "transformer": {"d_model": 16, "heads": 2, "layers": 1, "ff_dim": 32}}
@@ -132,6 +132,20 @@ def row(name: str, acc: float, p95: float, size: float = 0.1, error: str | None 
     ([row("t", 0.97, 0.10, 0.3), row("small", 0.97, 0.2, 0.05)], {"objective": "size_mb"}, "small"),
     ([row("t", 0.97, 0.10), row("s", 0.975, 0.01)], {"objective": "accuracy"}, "s"),
     ([row("a", 0.97, 0.01), row("b", 0.98, 0.01)], {}, "b"),
+    # a p95 difference below the measurement noise is a tie: accuracy decides (the issue's 0.0002 ms), then size,
+    # then name; beyond the tolerance latency decides; with no tolerance any difference does
+    ([row("t", 0.97, 0.10), row("mlp", 0.9667, 0.0100), row("student+prune", 0.9778, 0.0102)], {}, "student+prune"),
+    ([row("t", 0.97, 0.10), row("a", 0.965, 0.0100), row("b", 0.965, 0.0105, size=0.05)], {}, "b"),
+    ([row("t", 0.97, 0.10), row("b", 0.965, 0.0101), row("a", 0.965, 0.0100)], {}, "a"),
+    ([row("t", 0.97, 0.10), row("fast", 0.965, 0.010), row("slower", 0.97, 0.020)], {}, "fast"),
+    ([row("t", 0.97, 0.10), row("mlp", 0.9667, 0.0100), row("student+prune", 0.9778, 0.0102)],
+     {"latency_tie_ms": 0.0, "latency_tie_relative": 0.0}, "mlp"),
+    # the relative tolerance (5% by default) on slower models; p50 ties the same way; size never ties
+    ([row("t", 0.97, 2.0), row("x", 0.96, 1.00), row("y", 0.97, 1.04)], {}, "y"),
+    ([row("t", 0.97, 2.0), row("x", 0.96, 1.00), row("y", 0.97, 1.06)], {}, "x"),
+    ([row("t", 0.97, 2.0), row("x", 0.96, 1.00), row("y", 0.97, 1.04)], {"objective": "p50_ms"}, "y"),
+    ([row("t", 0.97, 0.1, 0.100), row("x", 0.96, 0.1, 0.0500), row("y", 0.97, 0.1, 0.0501)],
+     {"objective": "size_mb"}, "x"),
 ])
 def test_selection_policy_truth_table(rows, cfg, chosen):
     sel = pareto.select(rows, teacher_accuracy=rows[0].metrics["accuracy"], cfg=SelectCfg(**cfg))
@@ -141,6 +155,46 @@ def test_selection_policy_truth_table(rows, cfg, chosen):
         assert sel.summary.startswith("no candidate qualifies") and "below the floor" in sel.summary
     else:
         assert sel.reasons[chosen].startswith("chosen")
+
+
+CHAMPION_CASES = [
+    # the fastest drops 2 points against a 0.98 champion (max 1): the fastest that the gate passes wins
+    ([row("t", 0.98, 0.10), row("fast", 0.96, 0.01), row("mid", 0.975, 0.05)], {}, 0.98, "mid"),
+    # ... and with no champion the fastest passes
+    ([row("t", 0.98, 0.10), row("fast", 0.96, 0.01), row("mid", 0.975, 0.05)], {}, None, "fast"),
+    # the gate's floor is above compress.select's
+    ([row("t", 0.98, 0.10), row("fast", 0.93, 0.01), row("mid", 0.975, 0.05)], {"min_accuracy": 0.95}, None, "mid"),
+    # its latency and size limits
+    ([row("t", 0.98, 0.10), row("fast", 0.975, 0.01, 9.0), row("mid", 0.975, 0.05)], {}, None, "mid"),
+    ([row("t", 0.98, 6.0), row("s", 0.975, 8.0, 0.01)], {"max_p95_latency_ms": 7.0}, None, "t"),
+    # model-card bounds are measured after the selection, on the registered version: they do not filter here
+    ([row("t", 0.98, 0.10), row("fast", 0.975, 0.01)], {"card": {"fairness.recall_spread": {"max": 0.1}}}, None,
+     "fast"),
+    # nobody can pass: the best by the objective goes on, and the gate refuses it with its reasons
+    ([row("t", 0.95, 0.10), row("fast", 0.94, 0.01)], {}, 0.99, "fast"),
+    # gate-passing candidates within the latency noise: the more accurate one
+    ([row("t", 0.98, 0.10), row("fast", 0.96, 0.0100), row("a", 0.975, 0.0101), row("b", 0.98, 0.0102)], {}, 0.98,
+     "b"),
+]
+
+
+@pytest.mark.parametrize(("rows", "gate", "champion", "chosen"), CHAMPION_CASES)
+def test_selection_puts_the_gate_against_the_champion_first(rows, gate, champion, chosen):
+    from ottimo.config import GateCfg
+    from ottimo.registry.gate import check
+
+    cfg, gate_cfg = SelectCfg(max_drop_vs_teacher=5.0), GateCfg(**gate)
+    sel = pareto.select(rows, rows[0].metrics["accuracy"], cfg, gate_cfg, champion)
+    assert sel.chosen == chosen and sel.reasons[chosen].startswith("chosen")
+    assert set(sel.reasons) == {r.name for r in rows}
+    passing = {r.name for r in rows if check(r.metrics, gate_cfg.model_copy(update={"card": {}}), champion).passed}
+    if passing:  # a candidate the gate would refuse is never chosen over one it would pass
+        assert chosen in passing
+        assert all("would fail the gate" in sel.reasons[n] for n in {r.name for r in rows} - passing)
+    else:
+        assert "no qualifying candidate passes the gate" in sel.reasons[chosen]
+    without = pareto.select(rows, rows[0].metrics["accuracy"], cfg)  # no gate given: the selection alone
+    assert without.chosen == pareto.select(rows, rows[0].metrics["accuracy"], cfg, None, champion).chosen
 
 
 def test_reasons_and_pareto_front():
@@ -239,3 +293,42 @@ def test_pipeline_promotes_the_selected_compressed_candidate(tmp_path, prefect_h
     tags = client.get_run(parent).data.tags
     assert tags["gate.verdict"] == "failed" and "no candidate qualifies" in tags["gate.reasons"]
     assert tags["compress.selected"] == "none"
+
+
+def test_with_a_champion_the_pipeline_picks_a_candidate_the_gate_passes(tmp_path, prefect_harness):
+    """The gate's constraints come first in the selection: candidates that would drop too far below the champion
+    lose to one that passes, however fast they are (reruns no longer fail the gate on a latency coin toss)."""
+    from flows.pipeline import training_pipeline
+    from ottimo.config import load_params
+    from ottimo.registry.tracking import connect
+
+    gate = {"min_accuracy": 0.5, "max_drop_vs_champion": 0.5}
+    project = write_project(tmp_path / "project", {"train": {"candidates": ["mlp"]}, "gate": gate})
+    first = training_pipeline(project_dir=str(project), return_state=True)  # the champion: a well-trained MLP
+    assert first.is_completed(), first.message
+    params = load_params(project / "params.yaml")
+    client, exp = connect(project, params.mlflow)
+    champion = versions.alias_version(client, params.mlflow.registered_model, "champion")
+    champion_acc = client.get_run(champion.run_id).data.metrics["test_accuracy"]
+
+    # then a weak transformer teacher whose students are fast, and a compression selection that lets them all in
+    raw = merge(yaml.safe_load((project / "params.yaml").read_text()), {
+        "train": {"candidates": ["mlp", "transformer"], "transformer": {"d_model": 8, "ff_dim": 8}},
+        "compress": merge(COMPRESS_TINY, {"select": {"max_drop_vs_teacher": 60.0, "min_accuracy": 0.3},
+                                          "distill": {"epochs": 2, "mlp": {"hidden": [8]}}})})
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    second = training_pipeline(project_dir=str(project), return_state=True)  # the same MLP, trained again
+    assert second.is_completed(), second.message
+    summary = second.result()
+    parent = client.get_run(summary.run_id)
+    assert parent.data.tags["gate.verdict"] == "passed"
+    chosen = parent.data.tags["compress.selected"]
+    runs = {r.info.run_name: r for r in client.search_runs(
+        [exp], f"tags.`mlflow.parentRunId` = '{summary.run_id}'") if "compress.selection" in r.data.tags}
+    accuracy = {name: r.data.metrics["test_accuracy"] for name, r in runs.items()}
+    assert accuracy[chosen] >= champion_acc - 0.005 - 1e-9, (chosen, accuracy, champion_acc)
+    refused = {n for n, a in accuracy.items() if a < champion_acc - 0.005 - 1e-9}
+    assert refused, (accuracy, champion_acc)  # the case that failed reruns: candidates the gate would refuse
+    for name in refused:
+        assert "would fail the gate" in runs[name].data.tags["compress.selection"], runs[name].data.tags
+    assert f"champion {champion_acc:.4f}" in runs[chosen].data.tags["compress.selection"]

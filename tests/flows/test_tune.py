@@ -154,8 +154,9 @@ def test_hyperband_prunes_weak_trials_and_every_trial_is_a_nested_mlflow_run(tmp
     assert len(runs) == 10
     for t in study.trials:
         run = runs[str(t.number)]
-        state, status = {"COMPLETE": ("complete", "FINISHED"), "PRUNED": ("pruned", "KILLED")}[t.state.name]
+        state, status = {"COMPLETE": ("complete", "FINISHED"), "PRUNED": ("pruned", "FINISHED")}[t.state.name]
         assert (run.data.tags["trial.state"], run.info.status) == (state, status)
+        assert ("epoch" in run.data.tags["trial.pruned"]) if state == "pruned" else "trial.pruned" not in run.data.tags
         assert run.data.tags["mlflow.parentRunId"] == parent and run.data.params["lr"] == str(t.params["lr"])
         history = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert [m.step for m in history] == list(range(1, t.user_attrs["epochs"] + 1))

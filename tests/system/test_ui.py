@@ -96,7 +96,7 @@ def click(driver, text: str, shot: str, timeout: float = 30) -> None:
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for el in driver.find_elements(By.XPATH, f"//*[self::button or @role='menuitem' or self::a]"
+        for el in driver.find_elements(By.XPATH, f"//*[self::button or @role='menuitem' or @role='tab' or self::a]"
                                                  f"[normalize-space(.)='{text}']"):
             if el.is_displayed():
                 el.click()
@@ -112,15 +112,29 @@ def click(driver, text: str, shot: str, timeout: float = 30) -> None:
 def test_run_from_prefect_ui_promotes_in_mlflow_ui(stack, browser):
     root, ep = stack
 
-    # the deployments page lists the nightly training deployment with its schedule
+    # the deployments page lists every deployment by a name that says what it does, the nightly one with its schedule
     browser.get(f"{ep.prefect_ui}/deployments")
-    body = wait_text(browser, "nightly", "1-deployments")
+    body = wait_text(browser, "rollback-champion", "1-deployments")
+    for name in ("nightly", "tune-hyperparameters", "score-incoming", "scheduled", "promote-version"):
+        assert name in body, body
     assert "At 02:00 AM every day" in body, body  # the cron "0 2 * * *" from params.yaml, as the UI words it
+    names = {d["name"] for d in api(ep, "/deployments/filter", {"limit": 50})}
+    assert names == {"nightly", "tune-hyperparameters", "score-incoming", "scheduled", "promote-version",
+                     "rollback-champion"}, names
     deployment = api(ep, "/deployments/name/training-pipeline/nightly")
     assert deployment["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
 
-    # its page: Run → Quick run
-    browser.get(f"{ep.prefect_ui}/deployments/deployment/{deployment['id']}")
+    # its page: Run → Custom run shows what an empty field means, from params.yaml
+    page = f"{ep.prefect_ui}/deployments/deployment/{deployment['id']}"
+    browser.get(page)
+    wait_text(browser, "training-pipeline", "2-deployment")
+    click(browser, "Run", "3-run-menu")
+    click(browser, "Custom run", "3-custom-run-menu")
+    body = wait_text(browser, "empty: params.yaml's gate.min_accuracy (0.9)", "3-custom-run-form")
+    assert "empty: params.yaml's train.max_epochs (12)" in body and "Property is type" not in body, body
+
+    # Run → Quick run
+    browser.get(page)
     wait_text(browser, "training-pipeline", "2-deployment")
     click(browser, "Run", "3-run-menu")
     click(browser, "Quick run", "4-quick-run")
@@ -139,6 +153,19 @@ def test_run_from_prefect_ui_promotes_in_mlflow_ui(stack, browser):
     browser.get(f"{ep.prefect_ui}/runs/flow-run/{run['id']}")
     wait_text(browser, "Completed" if run["state_type"] == "COMPLETED" else run["state_name"] or "", "5-flow-run")
     assert run["state_type"] == "COMPLETED", f"flow run {run['name']} ended {run['state_name']}: see serve.log"
+
+    # its Task Runs tab lists the task runs, each per-candidate one named after its candidate
+    found = browser.execute_script(  # the tab whose whole text is "Task Runs" (the UI's tabs are not buttons)
+        "const els = [...document.querySelectorAll('*')].filter(e => e.offsetParent !== null &&"
+        " e.textContent.replace(/\\s+/g, ' ').trim().toLowerCase() === 'task runs');"
+        "if (els.length) els[els.length - 1].click(); return els.length;")
+    assert found, f"no Task Runs tab on {browser.current_url}"
+    body = wait_text(browser, "register_candidate[mlp]", "5-task-runs")
+    assert "train_candidate[mlp]" in body and "Beginning flow run" not in body, body  # the list, not the logs
+    inputs = {i["input_type"] for t in api(ep, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}},
+                                                                      "limit": 200})
+              for arg in t["task_inputs"].values() for i in arg}
+    assert "flow_run" not in inputs, inputs
 
     # the MLflow registry shows the champion alias on the version the run registered
     browser.get(f"{ep.mlflow_ui}/#/models/ottimo-classifier")
