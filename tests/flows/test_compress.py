@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from ottimo import vocab
 from ottimo.compress import pareto, quantize, techniques
-from ottimo.config import ConfigError, Params, SelectCfg, parse_params
+from ottimo.config import ConfigError, Params, SelectCfg, deep_merge, parse_params
 from ottimo.data.tables import Splits, builtin_frame, split_frame
 from ottimo.models.architectures import build_model, count_parameters
 from ottimo.models.train import fit
@@ -23,7 +23,7 @@ from ottimo.onnx.export import export_onnx
 from ottimo.onnx.measure import predict, session
 from ottimo.registry import versions
 from ottimo.registry.gate import GateFailed
-from tests.conftest import merge, write_project
+from tests.conftest import write_project
 
 TINY_TRAIN = {"max_epochs": 15, "patience": 4, "mlp": {"hidden": [32]},
               "transformer": {"d_model": 16, "heads": 2, "layers": 1, "ff_dim": 32}}
@@ -312,9 +312,9 @@ def test_with_a_champion_the_pipeline_picks_a_candidate_the_gate_passes(tmp_path
     champion_acc = client.get_run(champion.run_id).data.metrics["test_accuracy"]
 
     # then a weak transformer teacher whose students are fast, and a compression selection that lets them all in
-    raw = merge(yaml.safe_load((project / "params.yaml").read_text()), {
+    raw = deep_merge(yaml.safe_load((project / "params.yaml").read_text()), {
         "train": {"candidates": ["mlp", "transformer"], "transformer": {"d_model": 8, "ff_dim": 8}},
-        "compress": merge(COMPRESS_TINY, {"select": {"max_drop_vs_teacher": 60.0, "min_accuracy": 0.3},
+        "compress": deep_merge(COMPRESS_TINY, {"select": {"max_drop_vs_teacher": 60.0, "min_accuracy": 0.3},
                                           "distill": {"epochs": 2, "mlp": {"hidden": [8]}}})})
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
     second = training_pipeline(project_dir=str(project), return_state=True)  # the same MLP, trained again
