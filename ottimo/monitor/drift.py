@@ -145,6 +145,15 @@ def rare_predictions(reference: pd.Series, current: pd.Series) -> dict[str, str]
             if share >= 0.02 and cur.get(k, 0) / len(current) < share / 2}
 
 
+def realized(predictions: np.ndarray, rows: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
+    """Correct and labelled counts of late labels `truth` for rows `rows` (positions) of a scored batch whose
+    predictions were `predictions`; rows outside the batch are left out."""
+    rows = np.asarray(rows, dtype="int64")
+    inside = (rows >= 0) & (rows < len(predictions))
+    hits = np.asarray(predictions)[rows[inside]] == np.asarray(truth)[inside].astype("int64")
+    return int(hits.sum()), int(inside.sum())
+
+
 def sample(df: pd.DataFrame, max_rows: int, seed: int) -> pd.DataFrame:
     """At most `max_rows` rows, drawn without replacement (seeded): memory and time stay bounded."""
     return df if len(df) <= max_rows else df.sample(n=max_rows, random_state=seed)

@@ -150,3 +150,28 @@ def test_policy_on_estimates_truth_table(evidence, has_previous, action, says):
     assert d.action == action, d.reasons
     assert says in " | ".join(d.reasons), d.reasons
     assert any(r.startswith("prediction drift: ") for r in d.reasons)
+
+
+def test_rows_outside_the_training_data_are_held_back_with_their_reason():
+    from ottimo.monitor import holdback
+
+    rows = POOL.iloc[:40].reset_index(drop=True)
+    rows.loc[:9, "pixel_3_4"] = 38.8  # the step change: training never exceeds 16
+    rows.loc[10, "target"] = 11  # a class training never saw
+    rows.loc[11, "pixel_2_2"] = np.nan
+    rows.loc[12:, "pixel_4_4"] = rows.loc[12:, "pixel_4_4"] + 3  # a mild shift stays (within half the range)
+    parts = holdback.split(rows, TRAIN, FEATURES, "target", list(range(10)), 0.5, None)
+    assert len(parts.held) == 12 and len(parts.kept) == 28
+    assert parts.held[holdback.REASON].iloc[0].endswith("pixel_3_4 = 38.8 [0, 16]")
+    assert "label outside the training classes" in parts.held.loc[10, holdback.REASON]
+    assert "missing or non-finite" in parts.held.loc[11, holdback.REASON]
+    assert any(line.startswith("10 row(s): far outside the training range") for line in parts.summary)
+    assert len(holdback.split(rows, TRAIN, FEATURES, "target", list(range(10)), None, None).held) == 2
+    assert len(holdback.split(rows, TRAIN, FEATURES, "target", list(range(10)), 0.5, 30.0).held) == 12
+
+
+def test_late_labels_give_the_realized_accuracy_of_the_predictions_made_then():
+    from ottimo.monitor.drift import realized
+
+    made = np.array([1, 2, 3, 4, 5])
+    assert realized(made, np.array([0, 1, 4, 9]), np.array([1, 0, 5, 5])) == (2, 3)  # row 9 is not in the batch
