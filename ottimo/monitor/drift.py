@@ -79,18 +79,22 @@ Proba = Callable[[pd.DataFrame], np.ndarray]  # rows -> class probabilities or l
 
 def assess(reference: pd.DataFrame, window: pd.DataFrame | None, rows: int, features: list[str], target: str,
            cfg: DriftCfg, predict: Predict, previous: Predict | None = None, proba: Proba | None = None,
-           previous_proba: Proba | None = None, full: bool = True) -> Assessment:
+           previous_proba: Proba | None = None, full: bool = True, per_column: bool = True) -> Assessment:
     """Everything one drift check measures, without I/O: data and prediction drift of `window` (None: too few
     rows, nothing measured) against `reference`, both sampled to drift.max_rows; the multivariate (PCA) score;
     on its labelled rows the champion's accuracy (and `previous`'s, previous-champion, when there is one) and
     Evidently's quality figures; with `proba` (and `previous_proba`) the accuracy estimated without labels.
-    `rows` is the window's size before sampling; `full` adds Evidently's per-column preset (the HTML report)."""
+    `rows` is the window's size before sampling; `full` adds Evidently's per-column preset (the HTML report);
+    without `per_column` Evidently is not run at all (the replay bench: its tests are the costly part)."""
     if window is None or rows < cfg.min_rows:
         return Assessment(Evidence(rows=rows, reference_rows=len(reference), sampled_rows=0, columns=len(features)))
     cur, ref = sample(window, cfg.max_rows, cfg.seed), sample(reference, cfg.max_rows, cfg.seed)
     ref, cur = ref.assign(**{PREDICTION: predict(ref)}), cur.assign(**{PREDICTION: predict(cur)})
-    found, snapshot = detect(ref, cur, features, cfg, full)
-    reports: dict[str, object] = {"drift_report": snapshot}
+    if per_column:
+        found, snapshot = detect(ref, cur, features, cfg, full)
+        reports: dict[str, object] = {"drift_report": snapshot}
+    else:
+        found, reports = {"drifted": [], "columns": len(features), "sampled_rows": len(cur)}, {}
     ref_target = ref[target].to_numpy()
     extra: dict = {"reference_accuracy": float((ref[PREDICTION].to_numpy() == ref_target).mean()),
                    "rare_predictions": rare_predictions(ref[PREDICTION], cur[PREDICTION])}
