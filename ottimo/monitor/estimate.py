@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -125,15 +126,15 @@ def _prepare(reference: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, np
 
 
 def _errors(fit: np.ndarray, rows: np.ndarray, variance: float) -> tuple[np.ndarray, int]:
-    from sklearn.decomposition import PCA
-
-    k = min(fit.shape[0] - 1, fit.shape[1])
-    pca = PCA(n_components=k, svd_solver="full").fit(fit)
-    keep = int(np.searchsorted(np.cumsum(pca.explained_variance_ratio_), variance) + 1)
-    comps = pca.components_[: min(keep, k)]
-    centred = rows - pca.mean_
+    """Reconstruction error of `rows` by the principal components of `fit` that keep `variance` of it."""
+    mean = fit.mean(axis=0)
+    _, sv, vt = np.linalg.svd(fit - mean, full_matrices=False)
+    ratio = sv**2 / max(float((sv**2).sum()), 1e-12)
+    keep = min(int(np.searchsorted(np.cumsum(ratio), variance) + 1), len(sv))
+    comps = vt[:keep]
+    centred = rows - mean
     back = centred @ comps.T @ comps
-    return np.sqrt(((centred - back) ** 2).sum(axis=1)), len(comps)
+    return np.sqrt(((centred - back) ** 2).sum(axis=1)), keep
 
 
 def joint_drift(reference: np.ndarray, current: np.ndarray, variance: float, sigmas: float, chunks: int,
@@ -160,14 +161,17 @@ def impact(predict, reference, window, columns: list[str]) -> dict[str, float]:
     prediction changes when that column alone is moved to the window's distribution (quantile mapping: each
     reference value goes to the window's value at the same rank, so the rows keep their joint structure).
     0: the column did not move, or the model ignores it."""
-    base = np.asarray(predict(reference))
-    out = {}
+    moved, used = [], []
     for col in columns:
         seen = window[col].dropna().to_numpy(dtype="float64")
         if not len(seen):
             continue
         ranks = reference[col].rank(pct=True, method="average").fillna(0.5).to_numpy()
-        moved = reference.copy()
-        moved[col] = np.quantile(seen, np.clip(ranks - 0.5 / len(reference), 0, 1), method="inverted_cdf")
-        out[col] = float((np.asarray(predict(moved)) != base).mean())
-    return out
+        part = reference.copy()
+        part[col] = np.quantile(seen, np.clip(ranks - 0.5 / len(reference), 0, 1), method="inverted_cdf")
+        moved.append(part)
+        used.append(col)
+    if not used:
+        return {}
+    preds = np.asarray(predict(pd.concat([reference, *moved], ignore_index=True))).reshape(len(used) + 1, -1)
+    return {col: float((preds[i + 1] != preds[0]).mean()) for i, col in enumerate(used)}  # one call: cheap
