@@ -23,10 +23,7 @@ CHECKED = "drift.checked"  # on a score run: "false", or the id of the drift-che
 WINDOW, CLOSED = "window", "check.closed"  # on a drift-check run: the hash of its score runs; "false" until closed
 QUALITY_SOURCE = "quality.source"  # on a drift-check run: labels | estimate | none; "realized" once labels came
 ACCURACY_REALIZED = "accuracy.realized"  # on score and drift-check runs: accuracy on labels that came later
-LABELS_FOR = "labels.for"  # on a labels run: the score run whose rows the late labels name
-LABELS = "labels"  # run kind: late labels for scored rows
 HELD_BACK = "rows.held_back"  # on a drift-check run: rows kept out of the training data appended on retrain
-ACTING = "check.acting"  # on a drift-check run: the step of its decision under way (a rerun resumes it)
 
 # Run tags.
 PARENT = "mlflow.parentRunId"  # MLflow's own: nests a run under another in the UI
