@@ -50,7 +50,7 @@ run: install                        ## the whole pipeline on the embedded defaul
 status: install                     ## champion / previous-champion / challenger
 	$(BIN)/ottimo status
 
-up: install                         ## Prefect server :4200, MLflow server :5000, the deployments served (127.0.0.1)
+up: install                         ## Prefect :4200, MLflow :5000, the deployments served, the endpoint :8000 (127.0.0.1)
 	$(BIN)/python -m ottimo.ops.servers up
 
 down:                               ## stop exactly what `make up` started (.run/*.pid); data is kept

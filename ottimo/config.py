@@ -322,6 +322,25 @@ class CardCfg(Strict):
         return v
 
 
+class ServeCfg(Strict):
+    """`ottimo serve` (and `make up`'s endpoint): the champion's ONNX file answering POST /predict on deploy.host.
+    Served rows go to `traffic_dir` as monitoring batches the drift check reads (env OTTIMO_SERVE_PORT overrides
+    the port; the bearer token, when wanted, comes from the environment variable named by `token_env`)."""
+
+    port: int = Field(8000, ge=1, le=65535)
+    alias: Literal["champion", "challenger", "previous-champion"] = "champion"  # the alias it follows
+    poll_seconds: float = Field(2.0, gt=0, le=3600)  # how often the registry is asked where the alias points
+    threads: int = Field(1, ge=1, le=64)  # onnxruntime intra_op_num_threads of the served session
+    max_rows: int = Field(1000, ge=1)  # rows per request; more is a 422
+    max_body_bytes: int = Field(1_000_000, ge=1024)  # request body; more is a 413, refused before it is parsed
+    token_env: str = "OTTIMO_SERVE_TOKEN"  # when this variable is set, requests need `Authorization: Bearer <it>`
+    traffic_dir: ProjectPath = "data/traffic"  # served rows as monitoring batches (one file per segment)
+    segment_rows: int = Field(5000, ge=1)  # a traffic segment closes at this many rows ...
+    segment_seconds: float = Field(300.0, gt=0)  # ... or this old, or when the answering version changes
+    traffic_max_mb: float = Field(512.0, gt=0)  # size bound of traffic_dir: decided segments go first, then
+                                                #   new traffic is not logged (counted in /health)
+
+
 class DeployCfg(Strict):
     """`make up`: the servers on 127.0.0.1 and the deployments they serve (OTTIMO_PREFECT_PORT /
     OTTIMO_MLFLOW_PORT override the ports)."""
@@ -333,6 +352,7 @@ class DeployCfg(Strict):
     training_cron: str | None = "0 2 * * *"  # null: no schedule, runs only when triggered
     timezone: str = "UTC"
     tuning_name: str = "manual"  # deployment tuning/<tuning_name>, no schedule
+    serve: ServeCfg = ServeCfg()  # `ottimo serve`: the online endpoint that follows the champion
 
 
 class PruneCfg(Strict):

@@ -12,6 +12,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 os.environ.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1")
+# subprocesses (dvc repro's stage, servers, workers) import this clone's code, not whatever the venv's editable
+# install points at (another worktree)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
 # Small but real settings: a few epochs, fewer latency runs.
 TINY = {

@@ -9,12 +9,14 @@ import typer
 from rich import box
 from rich.table import Table
 
+from ottimo import vocab
 from ottimo.cli.card import card_app
 from ottimo.cli.common import PARAMS, PROJECT, console, finish, params_or_exit
 from ottimo.cli.compress import compress as compress_cmd
 from ottimo.cli.doctor import doctor
 from ottimo.cli.monitor import monitor_app, print_last_check
 from ottimo.cli.registry import registry_app
+from ottimo.cli.serve import serve as serve_cmd
 
 app = typer.Typer(
     help="Ottimo: DVC-versioned data → train → ONNX → evaluate → gated promotion in the MLflow registry, "
@@ -27,6 +29,7 @@ app.command(name="compress")(compress_cmd)  # `ottimo compress --run-id RUN`
 app.command("doctor")(doctor)  # `ottimo doctor [--repair]`
 app.registered_commands += monitor_app.registered_commands  # simulate-drift, score, drift-check
 app.registered_commands += registry_app.registered_commands  # promote, rollback
+app.command("serve")(serve_cmd)  # `ottimo serve [--port N]`: the online endpoint that follows the champion
 
 
 
@@ -111,17 +114,17 @@ def status(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     def cell(mv, field: str) -> str:
         if mv is None:
             return "-"
-        if field in ("family", "gate_verdict"):
-            return mv.tags.get(field, "")
-        if field == "data_revision":
-            return mv.tags.get(field, "")[:12]
+        if field in (vocab.FAMILY, vocab.GATE_VERDICT):
+            return vocab.tag(mv.tags, field, "")
+        if field == vocab.DATA_REVISION:
+            return vocab.tag(mv.tags, field, "")[:12]
         value = client.get_run(mv.run_id).data.metrics.get(field)
         return "" if value is None else f"{value:.4f}"
 
     table.add_row("version", *[str(mv.version) if mv else "-" for mv in by_alias.values()])
     for label, field in (("family", "family"), ("accuracy", "test_accuracy"), ("macro F1", "test_macro_f1"),
-                         ("p95 ms", "test_p95_ms"), ("size MB", "test_size_mb"), ("data revision", "data_revision"),
-                         ("gate", "gate_verdict")):
+                         ("p95 ms", "test_p95_ms"), ("size MB", "test_size_mb"), ("data revision", vocab.DATA_REVISION),
+                         ("gate", vocab.GATE_VERDICT)):
         table.add_row(label, *[cell(mv, field) for mv in by_alias.values()])
     console.print(table)
     if by_alias[versions.CHAMPION] is None:

@@ -51,11 +51,7 @@ def validate_batch(root: Path, path: Path, schema: dict, limits: LimitsCfg) -> p
     if df.columns.duplicated().any():
         dupes = sorted(set(df.columns[df.columns.duplicated()]))
         raise DataValidationError(f"{path.name}: duplicate column names {dupes}; every column needs its own name")
-    missing = [c for c in features if c not in df.columns]
-    extra = [c for c in df.columns if c not in features and c != target]
-    if missing or extra:
-        raise DataValidationError(f"{path.name}: columns do not match the training schema: missing {missing[:10]}, "
-                                  f"unexpected {extra[:10]}")
+    check_columns(path.name, list(df.columns), features, target)
     if df.empty:
         raise DataValidationError(f"{path.name}: no data rows, only a header; the batch has nothing to score")
     checks = raw_schema(features, target, schema["labels"], min_rows=1)
@@ -69,6 +65,16 @@ def validate_batch(root: Path, path: Path, schema: dict, limits: LimitsCfg) -> p
         raise DataValidationError(summarise_errors(err, path.name, "the batch was not scored")) from None
     check_bounds(out, features, limits.max_abs_value, Path(path.name))
     return out
+
+
+def check_columns(source: str, columns: list[str], features: list[str], target: str | None) -> None:
+    """Raise DataValidationError unless `columns` are the training features (and the target, when one is allowed),
+    naming what is missing and what is unexpected."""
+    missing = [c for c in features if c not in columns]
+    extra = [c for c in columns if c not in features and c != target]
+    if missing or extra:
+        raise DataValidationError(f"{source}: columns do not match the training schema: missing {missing[:10]}, "
+                                  f"unexpected {extra[:10]}")
 
 
 def quarantine(root: Path, batch: Path, reason: str, limits: LimitsCfg) -> tuple[Path | None, Path]:

@@ -1,4 +1,5 @@
-"""`make up` / `make down`: a Prefect server, an MLflow server and the deployments' serve process, on 127.0.0.1.
+"""`make up` / `make down`: a Prefect server, an MLflow server, the deployments' serve process and the online
+endpoint (`ottimo serve`, process `endpoint`), on 127.0.0.1.
 
 Each process runs in its own session; its pid goes to `.run/<name>.pid` and its output to `.run/<name>.log`.
 `down` signals exactly those process groups (the servers' own workers included) and keeps every data file:
@@ -21,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +30,8 @@ from pathlib import Path
 from ottimo.config import load_params
 from ottimo.registry import security
 
-CODE = Path(__file__).resolve().parents[1]  # where flows/ lives: the serve process runs from here
-ORDER = ("prefect", "mlflow", "serve")
+CODE = Path(__file__).resolve().parents[2]  # the repository root, where flows/ lives: the serve processes run here
+ORDER = ("prefect", "mlflow", "serve", "endpoint")
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
          "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
@@ -39,6 +41,11 @@ class Endpoints:
     host: str
     prefect_port: int
     mlflow_port: int
+    serve_port: int = 8000  # `ottimo serve`: POST /predict
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.serve_port}"
 
     @property
     def prefect_ui(self) -> str:
@@ -54,10 +61,12 @@ class Endpoints:
 
 
 def endpoints(root: Path, params_file: str = "params.yaml") -> Endpoints:
-    """Host and ports from params.yaml's `deploy:`, the ports overridden by OTTIMO_PREFECT_PORT / OTTIMO_MLFLOW_PORT."""
+    """Host and ports from params.yaml's `deploy:`, the ports overridden by OTTIMO_PREFECT_PORT / OTTIMO_MLFLOW_PORT
+    / OTTIMO_SERVE_PORT."""
     cfg = load_params(root / params_file).deploy
     return Endpoints(cfg.host, int(os.environ.get("OTTIMO_PREFECT_PORT") or cfg.prefect_port),
-                     int(os.environ.get("OTTIMO_MLFLOW_PORT") or cfg.mlflow_port))
+                     int(os.environ.get("OTTIMO_MLFLOW_PORT") or cfg.mlflow_port),
+                     int(os.environ.get("OTTIMO_SERVE_PORT") or cfg.serve.port))
 
 
 def environment(root: Path, ep: Endpoints) -> dict[str, str]:
@@ -102,6 +111,8 @@ def commands(root: Path, params_file: str, ep: Endpoints,
                     "--serve-artifacts", "--artifacts-destination", str(mlruns / "artifacts"),
                     "--allowed-hosts", allowed, "--cors-allowed-origins", ep.mlflow_ui, *auth], root),
         "serve": ([sys.executable, "-m", "flows.serve", "--project-dir", str(root), "--params", params_file], CODE),
+        "endpoint": ([sys.executable, "-m", "ottimo.cli", "serve", "-C", str(root), "-p", params_file,
+                      "--port", str(ep.serve_port)], CODE),
     }
 
 
@@ -141,17 +152,29 @@ def _get(url: str, body: dict | None = None) -> object | None:
         return True
 
 
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=5).close()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def ready(name: str, ep: Endpoints) -> bool:
     if name == "prefect":
         return _get(f"{ep.prefect_api}/health") is not None
     if name == "mlflow":
         return _get(f"{ep.mlflow_ui}/health") is not None
+    if name == "endpoint":  # any answer: 200 serving, 503 while no champion exists yet (it follows when one does)
+        return _answers(f"{ep.endpoint}/health")
     deployments = _get(f"{ep.prefect_api}/deployments/filter", {"limit": 10})
     return isinstance(deployments, list) and len(deployments) >= 2
 
 
 def up(root: Path, params_file: str = "params.yaml", timeout: float = 180, names: tuple[str, ...] = ORDER) -> Endpoints:
-    """Start whatever of `names` (all three by default) is not running yet, each after the one before answers."""
+    """Start whatever of `names` (all four by default) is not running yet, each after the one before answers."""
     root = root.resolve()
     ep = endpoints(root, params_file)
     run_dir = root / ".run"
@@ -218,6 +241,7 @@ def main() -> None:
     ep = up(root, args.params)
     print(f"Prefect UI  {ep.prefect_ui}   (deployments: {ep.prefect_ui}/deployments)\n"
           f"MLflow UI   {ep.mlflow_ui}   (registry: {ep.mlflow_ui}/#/models)\n"
+          f"endpoint    {ep.endpoint}/predict   (the champion; GET {ep.endpoint}/model)\n"
           f"logs and pids in {root.resolve() / '.run'}; stop with `make down`")
 
 

@@ -16,6 +16,7 @@ from ottimo.data import versioning
 from ottimo.data.tables import load_splits
 from ottimo.onnx.export import sha256
 from ottimo.onnx.measure import predict, session
+from ottimo.registry import versions
 from ottimo.registry.tracking import connect
 
 
@@ -24,8 +25,8 @@ def run(project: Path):
 
 
 def registry_state(client: MlflowClient, name: str) -> tuple[dict, list]:
-    versions = client.search_model_versions(f"name = '{name}'")
-    return versions.aliases(client, name), sorted((str(v.version), dict(v.tags)) for v in versions)
+    found = client.search_model_versions(f"name = '{name}'")
+    return versions.aliases(client, name), sorted((str(v.version), dict(v.tags)) for v in found)
 
 
 def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(project, prefect_harness, tmp_path):
@@ -37,11 +38,11 @@ def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(proje
     assert first.is_completed(), first.message
     summary = first.result()
     client, exp = connect(project, params.mlflow)
-    aliases, versions = registry_state(client, name)
-    assert len(versions) == 2
+    aliases, registered = registry_state(client, name)
+    assert len(registered) == 2
     assert set(aliases) == {"champion", "challenger"} and aliases["champion"] == aliases["challenger"]
     assert summary.prepared is True and summary.data_revision == versioning.revision(project)
-    for _, tags in versions:
+    for _, tags in registered:
         assert vocab.tag(tags, vocab.DATA_REVISION) == summary.data_revision
         assert vocab.tag(tags, vocab.GATE_VERDICT) in {"passed", "failed"} and len(tags["sha256"]) == 64
         assert client.get_run(tags["run_id"]).data.tags["mlflow.parentRunId"] == summary.run_id
@@ -65,6 +66,7 @@ def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(proje
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in status.output.splitlines()
             if line.startswith("│")}  # first column: the champion
     assert rows["version"] == str(mv.version) and rows["accuracy"] == f"{logged:.4f}", status.output
+    assert rows["gate"] == "passed" and rows["data revision"] == summary.data_revision[:12], status.output
 
     # 2. second run on unchanged data: prepare skipped, candidates compared with the champion
     second = run(project)

@@ -239,9 +239,9 @@ def test_pipeline_survives_the_mlflow_server_going_away_mid_run(tmp_path, prefec
         assert [r.data.tags["ottimo.kind"] for r in runs if r.data.tags.get("ottimo.kind") == "pipeline"] == [
             "pipeline"]  # one pipeline run: nothing was started twice
         assert not [r for r in runs if r.info.status == "RUNNING"]
-        versions = client.search_model_versions(f"name = '{params.mlflow.registered_model}'")
-        assert len(versions) == 1 and vocab.tag(versions[0].tags, vocab.GATE_VERDICT) == "passed"
-        assert versions.aliases(client, params.mlflow.registered_model)["champion"] == versions[0].version
+        found = client.search_model_versions(f"name = '{params.mlflow.registered_model}'")
+        assert len(found) == 1 and vocab.tag(found[0].tags, vocab.GATE_VERDICT) == "passed"
+        assert versions.aliases(client, params.mlflow.registered_model)["champion"] == found[0].version
     finally:
         servers.down(root)
         shutil.rmtree(root / ".run", ignore_errors=True)

@@ -1,8 +1,8 @@
 """The bad-input corpus: every malformed data file and config the tests feed Ottimo, with the message expected.
 
 Each data case writes its bad file from a good frame, so any path that reads data (the training pipeline's
-`validate_raw` now, the scoring flow's incoming batches later) can replay the same cases. README's "Bad input"
-table is generated from this module: `python -m tests.bad_inputs --readme` rewrites it, `--markdown` prints it.
+`validate_raw`, the scoring flow's incoming batches) can replay the same cases. README's "Bad input" table is
+generated from this module: `python -m tests.helpers.bad_inputs --readme` rewrites it, `--markdown` prints it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
-BEGIN, END = "<!-- bad-inputs:begin (python -m tests.bad_inputs --readme) -->", "<!-- bad-inputs:end -->"
+BEGIN, END = "<!-- bad-inputs:begin (python -m tests.helpers.bad_inputs --readme) -->", "<!-- bad-inputs:end -->"
 TARGET = "target"
 
 Writer = Callable[[Path, pd.DataFrame, Path], Path]  # (file to write, a good frame, a folder outside the project)
@@ -243,7 +243,7 @@ def _plain(msg: str, tmp: Path) -> str:
 
 def markdown() -> str:
     """The corpus as a markdown table, each message as the code raises it today."""
-    rows = ["| # | case | input | where | as a scoring batch | error (abridged) |",
+    rows = ["| # | case | input | as training data / config | as a scoring batch | error (abridged) |",
             "| --- | --- | --- | --- | --- | --- |"]
     good = good_frame()
     for i, case in enumerate(CASES, 1):
@@ -251,10 +251,10 @@ def markdown() -> str:
             tmp = Path(d)
             if case.kind == "data":
                 msg = data_error(case, data_project(tmp, case, good)[0])
-                where = "data: refused, " + ("copied to quarantine" if case.copied else "noted in quarantine, no copy")
-                batch = "moved to quarantine, not scored" if case.batch_expect else case.batch_ok
+                where = "refused, " + ("copied to quarantine" if case.copied else "noted in quarantine (no copy)")
+                batch = "moved to quarantine" if case.batch_expect else case.batch_ok
             else:
-                msg, where = config_error(case, config_project(tmp, case)), "config: refused before any work"
+                msg, where = config_error(case, config_project(tmp, case)), "refused before any work"
                 batch = "-"
             text = _plain(msg, tmp).replace("|", "\\|")
         rows.append(f"| {i} | `{case.id}` | {case.what} | {where} | {batch} | {text} |")

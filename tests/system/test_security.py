@@ -127,6 +127,8 @@ def test_server_commands_bind_loopback_and_turn_auth_on_from_the_environment(tmp
         argv = plain[name][0]
         assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert "--app-name" not in plain["mlflow"][0]
+    serve_argv, serve_cwd = plain["serve"]
+    assert (Path(serve_cwd) / "flows" / "serve.py").is_file(), serve_cwd  # the serve process starts from the repo
     authed = servers.commands(root, "params.yaml", ep, env={"MLFLOW_TRACKING_USERNAME": "u",
                                                             "MLFLOW_TRACKING_PASSWORD": "p"})
     assert authed["mlflow"][0][-2:] == ["--app-name", "basic-auth"]

@@ -41,8 +41,8 @@ def api(ep: servers.Endpoints, path: str, body: dict | None = None):
 
 @pytest.fixture
 def stack(tmp_path: Path):
-    """The three processes of `make up` for a tiny project (one MLP, a few epochs, no tuning); always stopped."""
-    ports = {"prefect_port": free_port(), "mlflow_port": free_port()}
+    """The four processes of `make up` for a tiny project (one MLP, a few epochs, no tuning); always stopped."""
+    ports = {"prefect_port": free_port(), "mlflow_port": free_port(), "serve": {"port": free_port()}}
     root = write_project(tmp_path / "project", {"train": {"candidates": ["mlp"]}, "deploy": ports})
     OUT.mkdir(parents=True, exist_ok=True)
     try:

@@ -80,6 +80,7 @@ def test_an_incoming_batch_is_moved_to_the_quarantine(good, tmp_path):
 
 def test_readme_table_is_generated_from_the_corpus():
     readme = bad_inputs.README.read_text()
-    assert bad_inputs.BEGIN in readme, "README has no bad-input table: run `python -m tests.bad_inputs --readme`"
+    hint = "run `python -m tests.helpers.bad_inputs --readme`"
+    assert bad_inputs.BEGIN in readme, f"README has no bad-input table: {hint}"
     assert bad_inputs.with_table(readme, bad_inputs.markdown()) == readme, (
-        "README's bad-input table is stale: run `python -m tests.bad_inputs --readme`")
+        "README's bad-input table is stale: run `python -m tests.helpers.bad_inputs --readme`")
