@@ -462,7 +462,7 @@ class DriftCfg(Strict):
     min_labelled_rows: int = Field(50, ge=1)  # fewer labelled rows: the policy acts on the estimated accuracy
     estimate: bool = True  # estimate accuracy without labels (CBPE, calibrated on the reference split)
     estimate_sigmas: float = Field(3.0, gt=0)  # the estimate's band: this many standard deviations
-    alert_sigmas: float = Field(3.0, gt=0)  # alarm lines derived from reference chunks: this many spreads away
+    alert_sigmas: float = Field(4.0, gt=0)  # alarm lines derived from reference chunks: this many spreads away
     chunks: int = Field(200, ge=10)  # bootstrap reference chunks (of the window's size) behind the alarm lines
     multivariate: bool = True  # PCA reconstruction-error check of joint shifts
     multivariate_variance: float = Field(0.65, gt=0, le=1)  # share of the reference's variance the PCA keeps
