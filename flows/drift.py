@@ -9,7 +9,15 @@ from prefect.deployments import run_deployment
 
 from ottimo.config import Params, project_params
 from ottimo.monitor import drift as policy
-from tasks.drift import CheckSummary, add_training_data, check_window, close_check, collect_window, rollback_champion
+from tasks.drift import (
+    CheckSummary,
+    add_training_data,
+    attach_late_labels,
+    check_window,
+    close_check,
+    collect_window,
+    rollback_champion,
+)
 from tasks.lineage import forget_subflow_results
 from tasks.score import load_champion
 
@@ -19,23 +27,26 @@ class RetrainFailed(RuntimeError):
 
 
 @flow(name="drift-check")
-def drift_check(project_dir: str = ".", params_file: str = "params.yaml") -> CheckSummary:
+def drift_check(project_dir: str = ".", params_file: str = "params.yaml", accept_drifted: bool = False) -> CheckSummary:
     """Compare the batches scored since the last check with the champion's reference split and act on the
     policy under `drift:` in params.yaml. Report, summary and decision are in the MLflow monitoring experiment.
 
     Args:
         project_dir: Project folder holding params.yaml, dvc.yaml and data/.
         params_file: Config file, relative to the project folder.
+        accept_drifted: Append labelled rows to the training data even when they fail its value checks or lie
+            far outside its range (by default they are held back, with the reason, on retrain).
     """
     root = Path(project_dir).resolve()
     params = project_params(root, params_file)
 
     champion = load_champion(root, params)
+    attach_late_labels(root, params)
     window = collect_window(root, params)
     check = check_window(root, params, champion, window)
     outcome: dict[str, str] = {}
     if check.action == policy.RETRAIN:
-        outcome = add_training_data(root, params, window)
+        outcome = add_training_data(root, params, window, check.run_id, accept_drifted)
         outcome |= retrain(root, params_file, params)
     elif check.action == policy.ROLLBACK:
         outcome = {f"alias.{k}": v for k, v in rollback_champion(root, params, check).items()}

@@ -466,6 +466,18 @@ class DriftCfg(Strict):
     max_quality_drop: float = Field(5.0, ge=0, le=100)  # points of accuracy below the reference before retraining
     rollback_margin: float = Field(5.0, ge=0, le=100)  # points champion may trail previous-champion on a window
     cooldown_hours: float = Field(24.0, ge=0)  # no second retrain within this many hours
+    min_labelled_rows: int = Field(50, ge=1)  # fewer labelled rows: the policy acts on the estimated accuracy
+    estimate: bool = True  # estimate accuracy without labels (CBPE, calibrated on the reference split)
+    estimate_sigmas: float = Field(3.0, gt=0)  # the estimate's band: this many standard deviations
+    alert_sigmas: float = Field(4.0, gt=0)  # alarm lines derived from reference chunks: this many spreads away
+    chunks: int = Field(200, ge=10)  # bootstrap reference chunks (of the window's size) behind the alarm lines
+    multivariate: bool = True  # PCA reconstruction-error check of joint shifts
+    multivariate_variance: float = Field(0.65, gt=0, le=1)  # share of the reference's variance the PCA keeps
+    multivariate_threshold: float | None = Field(None, gt=1)  # error ratio that alarms; null: from reference chunks
+    impact_columns: int = Field(20, ge=0)  # drifted columns whose effect on the predictions is weighed (0: off)
+    holdback_margin: float | None = Field(0.5, ge=0)  # rows beyond the reference range by this share of it are
+    #                                                   held back from retraining data; null: none held back
+    accept_drifted_rows: bool = False  # append held-back rows anyway (or `ottimo drift-check --accept-drifted`)
     seed: int = 42
     experiment: str | None = None  # MLflow monitoring experiment; null: "<mlflow.experiment>-monitoring"
     deployment_name: str = "scheduled"  # deployment drift-check/<deployment_name>

@@ -21,6 +21,9 @@ STUDY, TRIAL = "study", "trial"
 SCORE, CHECK = "score", "drift-check"  # in the monitoring experiment
 CHECKED = "drift.checked"  # on a score run: "false", or the id of the drift-check run that used it
 WINDOW, CLOSED = "window", "check.closed"  # on a drift-check run: the hash of its score runs; "false" until closed
+QUALITY_SOURCE = "quality.source"  # on a drift-check run: labels | estimate | none; "realized" once labels came
+ACCURACY_REALIZED = "accuracy.realized"  # on score and drift-check runs: accuracy on labels that came later
+HELD_BACK = "rows.held_back"  # on a drift-check run: rows kept out of the training data appended on retrain
 
 # Run tags.
 PARENT = "mlflow.parentRunId"  # MLflow's own: nests a run under another in the UI

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,8 @@ from ottimo.config import Params
 from ottimo.data import batches, versioning
 from ottimo.data.tables import materialise_raw, read_table, validate_frame
 from ottimo.monitor import drift as policy
-from ottimo.monitor import ledger
-from ottimo.onnx.measure import predict
+from ottimo.monitor import holdback, ledger
+from ottimo.onnx.measure import predict, scores
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import promotion, versions
 from ottimo.registry.security import fetch_verified, serving_session
@@ -70,25 +70,78 @@ def collect_window(root: Path, params: Params) -> Window:
     return Window(paths, runs, rows)
 
 
+LABELS_DIR = "labels"  # under score.incoming: late labels, `batch,row,<target>` (CSV or Parquet); not scored
+
+
+@task
+def attach_late_labels(root: Path, params: Params) -> int:
+    """Labels that came after scoring (files in <score.incoming>/labels/ with columns batch, row and the target,
+    naming rows of scored batches): the realized accuracy of the predictions made then replaces the estimate on
+    the score run and on the drift check that judged the batch. Each file is read once (moved to labels/done/);
+    rows naming an unknown batch or row are skipped with a warning. Returns the labelled rows attached."""
+    log = get_run_logger()
+    folder = root / params.score.incoming / LABELS_DIR
+    files = sorted(p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in (".csv", ".parquet")) \
+        if folder.is_dir() else []
+    if not files:
+        return 0
+    client, exp = ledger.connect_monitoring(root, params)
+    target, attached = params.data.target, 0
+    for path in files:
+        late = read_table(path)
+        missing = {"batch", "row", target} - set(late.columns)
+        if missing:
+            log.warning("late labels %s lack column(s) %s: skipped", path.name, sorted(missing))
+            continue
+        for name, part in late.dropna(subset=[target]).groupby("batch"):
+            run = ledger.score_run_of(client, exp, str(name))
+            pred_path = Path(run.data.tags.get("predictions.path", "")) if run else None
+            if pred_path is None or not pred_path.is_file():
+                log.warning("late labels %s name batch %s, which has no scored predictions: skipped", path.name, name)
+                continue
+            made = pd.read_parquet(pred_path)["prediction"].to_numpy()
+            correct, labelled = policy.realized(made, part["row"].to_numpy(), part[target].to_numpy())
+            if labelled < len(part):
+                log.warning("late labels %s: %d row(s) of %s are not in the batch: skipped", path.name,
+                            len(part) - labelled, name)
+            check = ledger.record_realized(client, exp, run, correct, labelled)
+            attached += labelled
+            log.info("late labels for %s: realized accuracy %.4f on %d rows%s", name, correct / max(labelled, 1),
+                     labelled, f" (drift check {check} updated)" if check else "")
+        done = folder / "done"
+        done.mkdir(exist_ok=True)
+        path.replace(done / path.name)
+    return attached
+
+
 def _predictor(sess, features: list[str], labels: list[int]) -> policy.Predict:
     """Rows -> the class labels a session predicts for them."""
     return lambda rows: np.asarray(labels)[predict(sess, rows[features].to_numpy(dtype="float32"))]
 
 
-def _previous(root: Path, params: Params, features: list[str], labels: list[int]) -> policy.Predict | None:
-    """previous-champion as a predictor, or None without one; its ONNX file is fetched and verified when it is
-    first asked to predict (only windows with labelled rows need it)."""
+def _scorer(sess, features: list[str]) -> policy.Proba:
+    """Rows -> the session's class scores (logits or probabilities), for the estimate without labels."""
+    return lambda rows: scores(sess, rows[features].to_numpy(dtype="float32"))
+
+
+def _previous(root: Path, params: Params, features: list[str],
+              labels: list[int]) -> tuple[policy.Predict | None, policy.Proba | None]:
+    """previous-champion as a predictor and a scorer, or (None, None) without one; its ONNX file is fetched and
+    verified when it is first asked (once: both share the session)."""
     client, _ = connect(root, params.mlflow)
     name = params.mlflow.registered_model
     prev = versions.alias_version(client, name, versions.PREVIOUS)
     if prev is None:
-        return None
+        return None, None
+    opened: list = []
 
-    def predict_rows(rows: pd.DataFrame) -> np.ndarray:
-        path, mv = fetch_verified(client, name, prev.version, work_dir(root, f"serving-v{prev.version}"))
-        return _predictor(serving_session(path, mv.tags["sha256"]), features, labels)(rows)
+    def sess():
+        if not opened:
+            path, mv = fetch_verified(client, name, prev.version, work_dir(root, f"serving-v{prev.version}"))
+            opened.append(serving_session(path, mv.tags["sha256"]))
+        return opened[0]
 
-    return predict_rows
+    return (lambda rows: _predictor(sess(), features, labels)(rows)), (lambda rows: _scorer(sess(), features)(rows))
 
 
 @task
@@ -114,9 +167,10 @@ def check_window(root: Path, params: Params, champion: Champion, window: Window)
     enough = window.rows >= cfg.min_rows
     cur = batches.window([Path(b) for b in window.batches], schema) if enough else None
     rows = len(cur) if enough else window.rows
-    found = policy.assess(reference, cur, rows, features, target, cfg,
-                          _predictor(champion.session(), features, labels),  # sha256 checked again
-                          _previous(root, params, features, labels) if enough else None)
+    sess = champion.session()  # sha256 checked again
+    previous, previous_scores = _previous(root, params, features, labels) if enough else (None, None)
+    found = policy.assess(reference, cur, rows, features, target, cfg, _predictor(sess, features, labels),
+                          previous, _scorer(sess, features), previous_scores)
     ev = found.evidence
     files = [policy.save_html(snap, out / f"{name}.html") for name, snap in found.reports.items()]
     has_previous = versions.alias_version(client, params.mlflow.registered_model, versions.PREVIOUS) is not None
@@ -131,6 +185,8 @@ def check_window(root: Path, params: Params, champion: Champion, window: Window)
         vocab.FLOW_RUN: str(runtime.flow_run.id), "batches": vocab.clip(",".join(Path(b).name for b in window.batches)),
         vocab.WINDOW: key, vocab.CLOSED: "false"})
     numbers = {k: float(v) for k, v in ev.as_dict().items() if isinstance(v, int | float) and v is not None}
+    source = policy.quality_source(ev, cfg)
+    client.set_tag(run.info.run_id, vocab.QUALITY_SOURCE, source or "none")
     for key, value in numbers.items():
         client.log_metric(run.info.run_id, key, value)
     for path in files + [out / "summary.json"]:
@@ -149,9 +205,12 @@ def _resume(client, run) -> Check:
 
 
 @task
-def add_training_data(root: Path, params: Params, window: Window) -> dict[str, str]:
+def add_training_data(root: Path, params: Params, window: Window, check_id: str = "",
+                      accept_drifted: bool = False) -> dict[str, str]:
     """Append the window's labelled rows to the training data file and version it with DVC (`dvc add`,
-    `dvc repro prepare`); return the data revision (unchanged when no row was labelled) and the rows added."""
+    `dvc repro prepare`); return the data revision (unchanged when no row was labelled) and the rows added.
+    Rows that fail the training data's value checks or lie far outside its range (drift.holdback_margin) are held
+    back (written to limits.quarantine_dir with their reasons), unless `accept_drifted` or drift.accept_drifted_rows."""
     log = get_run_logger()
     cfg = params.data
     raw = materialise_raw(root, cfg)
@@ -163,14 +222,38 @@ def add_training_data(root: Path, params: Params, window: Window) -> dict[str, s
         versioning.reproduce(root)
         return {"data_revision": versioning.revision(root), "rows_added": "0"}
     old = read_table(raw)
-    new = pd.concat([old] + [f[old.columns].dropna(subset=[cfg.target]) for f in frames], ignore_index=True)
-    new = validate_frame(new, cfg, raw)
+    rows = pd.concat([f.reindex(columns=old.columns).dropna(subset=[cfg.target]) for f in frames], ignore_index=True)
+    outcome: dict[str, str] = {}
+    if not (accept_drifted or params.drift.accept_drifted_rows):
+        features = [c for c in old.columns if c != cfg.target]
+        known = cfg.labels or sorted(int(v) for v in old[cfg.target].unique())
+        parts = holdback.split(rows, old, features, cfg.target, known, params.drift.holdback_margin,
+                               params.limits.max_abs_value)
+        if len(parts.held):
+            outcome = {"rows_held_back": str(len(parts.held)), "held_back": vocab.clip("; ".join(parts.summary)),
+                       "held_back.path": str(_keep_held(root, params, parts.held, check_id or "window"))}
+            log.warning("%d labelled row(s) held back from the training data: %s (accept them with "
+                        "drift.accept_drifted_rows or `ottimo drift-check --accept-drifted`)", len(parts.held),
+                        "; ".join(parts.summary))
+        rows = parts.kept
+    else:
+        outcome = {"rows_held_back": "0 (accepted explicitly)"}
+    new = validate_frame(pd.concat([old, rows], ignore_index=True), cfg, raw)
     new.to_parquet(raw, index=False) if raw.suffix == ".parquet" else new.to_csv(raw, index=False)
     versioning.track(root, cfg.path)
     versioning.reproduce(root)
     rev = versioning.revision(root)
     log.info("training data %s: %d -> %d rows, data revision %s", cfg.path, len(old), len(new), rev[:12])
-    return {"data_revision": rev, "rows_added": str(len(new) - len(old))}
+    return {"data_revision": rev, "rows_added": str(len(new) - len(old))} | outcome
+
+
+def _keep_held(root: Path, params: Params, held: pd.DataFrame, name: str) -> Path:
+    """The held-back rows as `<quarantine>/heldback-<check run>.parquet`, each with its reason (column)."""
+    folder = root / params.limits.quarantine_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"heldback-{name}.parquet"
+    held.to_parquet(path, index=False)
+    return path
 
 
 @task
@@ -191,6 +274,12 @@ def close_check(root: Path, params: Params, check: Check, window: Window, outcom
     """Record what the decision did on the check run, mark the window's batches as decided (not after
     "insufficient data": they wait for more rows), publish the check as a Prefect markdown artifact."""
     client, _ = ledger.connect_monitoring(root, params)
+    if outcome.get("rows_held_back", "0").split()[0] != "0":
+        check = replace(check, reasons=check.reasons + [
+            f"{outcome['rows_held_back']} labelled row(s) held back from the training data ({outcome['held_back']}; "
+            f"kept in {outcome['held_back.path']}); accept them with drift.accept_drifted_rows or --accept-drifted"])
+        client.set_tag(check.run_id, "reasons", vocab.clip("; ".join(check.reasons)))
+        client.set_tag(check.run_id, vocab.HELD_BACK, outcome["rows_held_back"])
     for key, value in outcome.items():
         client.set_tag(check.run_id, f"outcome.{key}", vocab.clip(str(value)))
     if check.action != policy.INSUFFICIENT:
@@ -204,8 +293,10 @@ def close_check(root: Path, params: Params, check: Check, window: Window, outcom
              "quality_report.html, summary.json).", "", *[f"- {r}" for r in check.reasons], "",
              "| evidence | value |", "| --- | --- |"]
     lines += [f"| {k} | {fmt(ev.get(k))} |" for k in ("drifted_columns", "columns", "drift_share", "dataset_drift",
+              "multivariate_ratio", "multivariate_threshold", "multivariate_drift",
               "prediction_drift_score", "prediction_drift", "labelled_rows", "accuracy", "reference_accuracy",
-              "previous_accuracy")]
+              "previous_accuracy", "estimated_accuracy", "estimate_low", "estimate_high", "estimate_alarm",
+              "estimated_previous_accuracy")]
     if ev.get("drifted"):
         lines += ["", "Drifted columns: " + ", ".join(ev["drifted"][:30])]
     if outcome:

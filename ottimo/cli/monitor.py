@@ -64,13 +64,16 @@ def score(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
 
 
 @monitor_app.command("drift-check")
-def drift_check(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
+def drift_check(project_dir: Path = PROJECT, params_file: str = PARAMS, accept_drifted: bool = typer.Option(
+        False, "--accept-drifted", help="on retrain, append labelled rows that fail the training data's value "
+        "checks or lie far outside its range (held back by default)")) -> None:
     """Run the drift check once: Evidently on the scored batches → nothing | retrain | rollback."""
     root = project_dir.resolve()
     params_or_exit(root, params_file)
     from flows.drift import drift_check as flow
 
-    summary = finish(flow(project_dir=str(root), params_file=params_file, return_state=True), "Drift check")
+    summary = finish(flow(project_dir=str(root), params_file=params_file, accept_drifted=accept_drifted,
+                        return_state=True), "Drift check")
     console.print(f"[bold]decision: {summary.action}[/bold]")
     for reason in summary.reasons:
         console.print(f"  - {reason}")

@@ -87,3 +87,33 @@ def in_cooldown(client: MlflowClient, exp: str, hours: float, now: datetime | No
         return False
     started = datetime.fromtimestamp(run.info.start_time / 1000, UTC)
     return (now or datetime.now(UTC)) - started < timedelta(hours=hours)
+
+
+def score_run_of(client: MlflowClient, exp: str, batch_name: str):
+    """The newest score run of the batch file named `batch_name`, or None."""
+    runs = client.search_runs([exp], f"tags.`{vocab.KIND}` = '{vocab.SCORE}' and tags.batch = '{batch_name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def record_realized(client: MlflowClient, exp: str, score_run, correct: int, labelled: int) -> str | None:
+    """Late labels for a scored batch: its realized accuracy on the score run and, when a drift check already
+    judged that batch, on the check run too (over all of its batches with late labels): metric `accuracy` and
+    `accuracy_realized` replace the estimate, tag quality.source = realized. Returns the check run id or None."""
+    run_id = score_run.info.run_id
+    client.log_metric(run_id, "realized_correct", correct)
+    client.log_metric(run_id, "realized_labelled_rows", labelled)
+    client.set_tag(run_id, vocab.ACCURACY_REALIZED, f"{correct / labelled:.6f}" if labelled else "none")
+    check = client.get_run(run_id).data.tags.get(vocab.CHECKED, "false")
+    if check == "false":
+        return None
+    scored = client.search_runs([exp], f"tags.`{vocab.KIND}` = '{vocab.SCORE}' and tags.`{vocab.CHECKED}` = "
+                                f"'{check}'", max_results=10_000)
+    hits = sum(int(r.data.metrics.get("realized_correct", 0)) for r in scored)
+    rows = sum(int(r.data.metrics.get("realized_labelled_rows", 0)) for r in scored)
+    if rows:
+        client.log_metric(check, "accuracy", hits / rows)
+        client.log_metric(check, "accuracy_realized", hits / rows)
+        client.log_metric(check, "realized_labelled_rows", rows)
+        client.set_tag(check, vocab.QUALITY_SOURCE, "realized")
+    return check

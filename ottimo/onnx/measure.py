@@ -36,9 +36,13 @@ def session(path: Path, threads: int = 1) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def scores(sess: ort.InferenceSession, X: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """The model's raw class scores (logits or probabilities), one row per input row."""
+    return np.concatenate([sess.run([OUTPUT], {INPUT: X[i : i + batch]})[0] for i in range(0, len(X), batch)])
+
+
 def predict(sess: ort.InferenceSession, X: np.ndarray, batch: int = 1024) -> np.ndarray:
-    out = [sess.run([OUTPUT], {INPUT: X[i : i + batch]})[0] for i in range(0, len(X), batch)]
-    return np.concatenate(out).argmax(axis=1)
+    return scores(sess, X, batch).argmax(axis=1)
 
 
 def accuracy(model: Path | ort.InferenceSession, X: np.ndarray, y: np.ndarray) -> float:
