@@ -31,8 +31,9 @@ from ottimo.models.architectures import build_model, count_parameters
 from ottimo.onnx.export import export_guard, export_onnx, parity_check, sha256, verify_sha256
 from ottimo.onnx.measure import measure, predict, session
 from ottimo.ops.faults import checkpoint
+from ottimo.registry import report
 from ottimo.registry.gate import GateFailed
-from ottimo.registry.tracking import connect, flatten, work_dir
+from ottimo.registry.tracking import connect, flatten, new_logged_model, run_model_uri, work_dir
 from tasks.data import DataVersion
 from tasks.evaluate import Evaluated, Exported
 from tasks.train import Candidate
@@ -71,8 +72,9 @@ def _open_run(root: Path, params: Params, parent_run_id: str, name: str, techniq
               settings: dict, data: DataVersion) -> str:
     client, exp = connect(root, params.mlflow)
     run = client.create_run(exp, run_name=name, tags={
+        **report.inherited(client, parent_run_id), vocab.CANDIDATE_NAME: name,
         vocab.PARENT: parent_run_id, vocab.FLOW_RUN: str(runtime.flow_run.id), vocab.KIND: vocab.COMPRESSED,
-        vocab.DATA_REVISION: data.revision, "model.family": base.family, "compress.technique": technique,
+        vocab.DATA_REVISION: data.revision, vocab.FAMILY_RUN: base.family, vocab.TECHNIQUE: technique,
         "compress.base": base.name, "teacher": params.compress.teacher})
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten(
         {"technique": technique, "base": base.name, **settings}).items()])
@@ -80,10 +82,17 @@ def _open_run(root: Path, params: Params, parent_run_id: str, name: str, techniq
 
 
 def _log_onnx(root: Path, params: Params, run_id: str, path: Path, X: np.ndarray) -> tuple[str, str]:
-    """Log the ONNX file as the run's MLflow model; return (model URI, sha256)."""
+    """Log the ONNX file as the run's MLflow model, in the run's experiment and named after the candidate;
+    return (model URI, sha256)."""
     example = X[:2]
+    client = connect(root, params.mlflow)[0]
+    tags = client.get_run(run_id).data.tags
+    name = tags.get(vocab.RUN_NAME) or run_id
+    model_id = new_logged_model(client, run_id, name, {k: tags[k] for k in (
+        vocab.FAMILY_RUN, vocab.TECHNIQUE, vocab.DATA_REVISION) if k in tags})
     info = mlflow.onnx.log_model(
-        onnx.load(str(path)), name="model", run_id=run_id, save_as_external_data=False,
+        onnx.load(str(path)), name=vocab.model_name(name), model_id=model_id, run_id=run_id,
+        save_as_external_data=False,
         onnx_execution_providers=["CPUExecutionProvider"], input_example=example,
         signature=infer_signature(example, session(path).run(None, {"features": example})[0]))
     digest = sha256(path)
@@ -309,6 +318,6 @@ def resolve_teacher(root: Path, params: Params, run_id: str, data: DataVersion) 
     model.load_state_dict(torch.load(ckpt, weights_only=True))
     path = export_onnx(model.eval(), n_features, out / "model.onnx")
     parity_check(model, path, splits.X_test, params.evaluate.parity_atol)
-    uri = f"runs:/{run.info.run_id}/model"
+    uri = run_model_uri(client, run.info.run_id)  # the model logged by its pipeline (named after the family)
     return Built(family, "trained", "", family, run.info.run_id, str(path), sha256(path), uri, n_features,
                  n_classes, str(ckpt), arch, count_parameters(model)), parent

@@ -12,13 +12,14 @@ from mlflow.entities import Metric
 from mlflow.models import infer_signature
 from prefect import get_run_logger, task
 
+from ottimo import vocab
 from ottimo.config import Params
 from ottimo.data.tables import load_splits
 from ottimo.models.architectures import build_model
 from ottimo.onnx.export import export_onnx, parity_check, sha256
 from ottimo.onnx.measure import confusion_png, measure, predict, session
 from ottimo.registry import security, versions
-from ottimo.registry.tracking import connect, work_dir
+from ottimo.registry.tracking import connect, new_logged_model, work_dir
 from tasks.data import DataVersion
 from tasks.retry import RETRY_TRANSIENT
 from tasks.train import Candidate
@@ -48,6 +49,9 @@ class Evaluated:
 def export_candidate(root: Path, params: Params, cand: Candidate, data: DataVersion) -> Exported:
     """Export to ONNX with a dynamic batch axis, check parity on the test split, log it as an MLflow ONNX model."""
     client, _ = connect(root, params.mlflow)
+    model_id = new_logged_model(client, cand.run_id, cand.family, {vocab.FAMILY_RUN: cand.family,
+                                                                   vocab.TECHNIQUE: "trained",
+                                                                   vocab.DATA_REVISION: data.revision})
     model = build_model(cand.family, cand.n_features, cand.n_classes, params.train.patched(cand.overrides))
     model.load_state_dict(torch.load(cand.checkpoint, weights_only=True))
     path = export_onnx(model, cand.n_features, work_dir(root, cand.run_id) / versions.ONNX_FILE)
@@ -56,7 +60,8 @@ def export_candidate(root: Path, params: Params, cand: Candidate, data: DataVers
     digest = sha256(path)
     example = X_test[:2]
     info = mlflow.onnx.log_model(
-        onnx.load(str(path)), name="model", run_id=cand.run_id, save_as_external_data=False,
+        onnx.load(str(path)), name=vocab.model_name(cand.family), model_id=model_id, run_id=cand.run_id,
+        save_as_external_data=False,
         onnx_execution_providers=["CPUExecutionProvider"],
         signature=infer_signature(example, session(path).run(None, {"features": example})[0]),
         input_example=example,
