@@ -136,7 +136,7 @@ table { border-collapse: collapse; font-size: 13px; }
 th, td { border: 1px solid #d0d7de; padding: 6px 10px; vertical-align: top; }
 th { background: #f3f5f7; text-align: left; white-space: nowrap; }
 td { white-space: nowrap; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.reason { white-space: normal; min-width: 28em; max-width: 48em; }
+td.reason { white-space: normal; min-width: 18em; max-width: 36em; }
 tr.chosen td { background: #e6f4ea; font-weight: 600; }
 tr:nth-child(even):not(.chosen) td { background: #fafbfc; }
 </style>"""
