@@ -28,7 +28,7 @@ from pathlib import Path
 from ottimo.config import load_params
 from ottimo.registry import security
 
-CODE = Path(__file__).resolve().parents[1]  # where flows/ lives: the serve process runs from here
+CODE = Path(__file__).resolve().parents[2]  # the repo root, where flows/ lives: the serve process runs from here
 ORDER = ("prefect", "mlflow", "serve")
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
          "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}

@@ -16,6 +16,7 @@ from ottimo.data import versioning
 from ottimo.data.tables import load_splits
 from ottimo.onnx.export import sha256
 from ottimo.onnx.measure import predict, session
+from ottimo.registry import versions
 from ottimo.registry.tracking import connect
 
 
@@ -24,8 +25,8 @@ def run(project: Path):
 
 
 def registry_state(client: MlflowClient, name: str) -> tuple[dict, list]:
-    versions = client.search_model_versions(f"name = '{name}'")
-    return versions.aliases(client, name), sorted((str(v.version), dict(v.tags)) for v in versions)
+    found = client.search_model_versions(f"name = '{name}'")  # not `versions`: that is the module
+    return versions.aliases(client, name), sorted((str(v.version), dict(v.tags)) for v in found)
 
 
 def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(project, prefect_harness, tmp_path):
