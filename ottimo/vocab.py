@@ -25,6 +25,8 @@ WINDOW, CLOSED = "window", "check.closed"  # on a drift-check run: the hash of i
 # Experiment tags. MLflow 3's UI opens an experiment in its GenAI view (traces, "Agent versions") unless this tag
 # says it is classic ML model development (values from its JS bundle: genai_development, custom_model_development).
 EXPERIMENT_KIND, CLASSIC_ML = "mlflow.experimentKind", "custom_model_development"
+# ... and its sidebar follows a per-browser mode (GenAI by default) that a link sets with this query parameter.
+CLASSIC_VIEW = "?workflowType=machine_learning"
 
 # Run tags.
 PARENT = "mlflow.parentRunId"  # MLflow's own: nests a run under another in the UI

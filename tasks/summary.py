@@ -60,7 +60,7 @@ def publish_links(root: Path, params: Params, run_id: str, rows: list[dict], dec
         return link(f"v{v}", f"models/{name}/versions/{v}")
 
     lines = [f"# Training pipeline: champion is {name} {version(decision.version)}",
-             "", f"MLflow run: {link(run_id, f'experiments/{exp}/runs/{run_id}')}"
+             "", f"MLflow run: {link(run_id, f'experiments/{exp}/runs/{run_id}{vocab.CLASSIC_VIEW}')}"
              + ("" if web else f" in `{uri}`"), "",
              "| family | version | accuracy | p95 ms | size MB | gate |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['family']} | {version(str(r['version']))} | "
@@ -90,7 +90,7 @@ def summarise_failure(flow, flow_run, state) -> None:
     outcome = report.collect(client, exp, run.info.run_id, state.message or "flow failed")
     md = report.record(client, run.info.run_id, outcome, params, run.data.tags.get(vocab.DATA_REVISION, ""))
     uri = tracking_uri(root, params.mlflow)
-    where = (f"[{run.info.run_id}]({uri.rstrip('/')}/#/experiments/{exp}/runs/{run.info.run_id})"
+    where = (f"[{run.info.run_id}]({uri.rstrip('/')}/#/experiments/{exp}/runs/{run.info.run_id}{vocab.CLASSIC_VIEW})"
              if uri.startswith("http") else f"`{run.info.run_id}` in `{uri}`")
     MarkdownArtifact(markdown=f"# Training pipeline failed\n\nMLflow run: {where}\n\n{md}", key="pipeline-summary",
                      description=f"Why the pipeline failed; {params.mlflow.registered_model} unchanged",

@@ -102,12 +102,11 @@ def markdown(outcome: Outcome, dataset: str, revision: str, flow_run_url: str | 
                 f"{' v' + outcome.version if outcome.version else ''}. The champion is unchanged.")
     else:
         head = "**FAILED before the gate decided**; nothing promoted, the champion is unchanged."
-    lines = [head, ""]
+    lines = [head, "", f"Data: `{dataset}` at DVC revision `{revision[:12]}`."  # first: the UI folds the rest
+             + (f" Prefect: [flow run]({flow_run_url})." if flow_run_url else ""), ""]
     lines += [f"- {r}" for r in outcome.reasons]
     if outcome.failure:
         lines += ["", f"Failure: {vocab.clip(outcome.failure, 600)}"]
-    lines += ["", f"Data: `{dataset}` at DVC revision `{revision[:12]}`."
-              + (f" Prefect: [flow run]({flow_run_url})." if flow_run_url else "")]
     if outcome.candidates:
         lines += ["", "| candidate | technique | accuracy | macro F1 | p50 ms | p95 ms | size MB | verdict |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]

@@ -169,7 +169,8 @@ def test_run_from_prefect_ui_promotes_in_mlflow_ui(stack, browser):
     assert parent.data.metrics[vocab.GATE_PASSED] == 1.0 and figures <= set(parent.data.metrics)
     assert "PASS" in parent.data.tags[vocab.NOTE] and f"({ep.prefect_ui}/runs/flow-run/{run['id']})" in \
         parent.data.tags[vocab.NOTE]
-    browser.get(f"{ep.mlflow_ui}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}")
+    # the link the pipeline-summary artifact gives: it switches MLflow's sidebar to the classic (training) view
+    browser.get(f"{ep.mlflow_ui}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}{vocab.CLASSIC_VIEW}")
     body = wait_text(browser, "gate_passed", "7-mlflow-pipeline-run")
     assert parent.info.run_name in body and "test_accuracy" in body and "test_p95_ms" in body, body
     assert "flow run" in body, body  # the description, with its link to the Prefect flow run
@@ -187,7 +188,7 @@ def test_run_from_prefect_ui_promotes_in_mlflow_ui(stack, browser):
     wait_text(browser, "mlp", "9-mlflow-logged-models")
     browser.get(f"{ep.mlflow_ui}/#/experiments/{exp.experiment_id}")
     body = wait_text(browser, parent.info.run_name, "10-mlflow-experiment-runs")
-    assert "Agent versions" not in body, body
+    assert "Agent versions" not in body and "Training runs" in body, body
 
     # the version's description: the model card, its tables spaced
     browser.get(f"{ep.mlflow_ui}/#/models/ottimo-classifier/versions/1")
