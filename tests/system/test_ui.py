@@ -181,14 +181,14 @@ def test_run_from_prefect_ui_promotes_in_mlflow_ui(stack, browser):
     assert [m.name for m in models if m.source_run_id == candidate.info.run_id] == ["mlp"]
     assert not client.search_logged_models([client.get_experiment_by_name("Default").experiment_id])
     assert champion.source == f"models:/{models[0].model_id}" or models[0].model_id in champion.source
-    browser.get(f"{ep.mlflow_ui}/#/experiments/{exp.experiment_id}/runs/{candidate.info.run_id}")
+    browser.get(f"{ep.mlflow_ui}/#/experiments/{exp.experiment_id}/runs/{candidate.info.run_id}{vocab.CLASSIC_VIEW}")
     body = wait_text(browser, "Logged models (1)", "8-mlflow-candidate-run")
     assert "mlp" in body, body
-    browser.get(f"{ep.mlflow_ui}/#/experiments/{exp.experiment_id}/models")
+    browser.get(f"{ep.mlflow_ui}/#/experiments/{exp.experiment_id}/models{vocab.CLASSIC_VIEW}")
     wait_text(browser, "mlp", "9-mlflow-logged-models")
-    browser.get(f"{ep.mlflow_ui}/#/experiments/{exp.experiment_id}")
+    browser.get(f"{ep.mlflow_ui}/#/experiments/{exp.experiment_id}/runs{vocab.CLASSIC_VIEW}")
     body = wait_text(browser, parent.info.run_name, "10-mlflow-experiment-runs")
-    assert "Agent versions" not in body and "Training runs" in body, body
+    assert "Agent versions" not in body and "Model registry" in body, body  # the classic sidebar
 
     # the version's description: the model card, its tables spaced
     browser.get(f"{ep.mlflow_ui}/#/models/ottimo-classifier/versions/1")
