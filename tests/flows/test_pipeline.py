@@ -16,7 +16,7 @@ from ottimo.data import versioning
 from ottimo.data.tables import load_splits
 from ottimo.onnx.export import sha256
 from ottimo.onnx.measure import predict, session
-from ottimo.registry import versions
+from ottimo.registry import versions as registry  # not `versions`: the test names its version list so
 from ottimo.registry.tracking import connect
 
 
@@ -25,8 +25,8 @@ def run(project: Path):
 
 
 def registry_state(client: MlflowClient, name: str) -> tuple[dict, list]:
-    found = client.search_model_versions(f"name = '{name}'")  # not `versions`: that is the module
-    return versions.aliases(client, name), sorted((str(v.version), dict(v.tags)) for v in found)
+    found = client.search_model_versions(f"name = '{name}'")
+    return registry.aliases(client, name), sorted((str(v.version), dict(v.tags)) for v in found)
 
 
 def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(project, prefect_harness, tmp_path):
@@ -61,7 +61,7 @@ def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(proje
     assert versioning.status_cloud(project) == {}  # raw and prepared data are all in the remote
 
     # the champion's ONNX file, downloaded from models:/<name>@champion and verified, reproduces its test accuracy
-    path, mv = versions.download_verified(client, name, "champion", tmp_path / "champion")
+    path, mv = registry.download_verified(client, name, "champion", tmp_path / "champion")
     assert sha256(path) == mv.tags["sha256"]
     splits = load_splits(project / "data" / "prepared")
     accuracy = float((predict(session(path), splits.X_test) == splits.y_test).mean())
