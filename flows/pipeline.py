@@ -15,11 +15,11 @@ from tasks.data import prepare_data, push_data, validate_raw
 from tasks.doctor import reconcile
 from tasks.evaluate import evaluate_candidate, evaluate_champion, export_candidate
 from tasks.registry import gate, promote_selected, register_candidate
-from tasks.summary import PipelineSummary, fail_open_mlflow_runs, summarise
+from tasks.summary import PipelineSummary, fail_open_mlflow_runs, summarise, summarise_failure
 from tasks.train import start_pipeline_run, train_candidate
 
 
-@flow(name="training-pipeline", on_failure=[fail_open_mlflow_runs])
+@flow(name="training-pipeline", on_failure=[fail_open_mlflow_runs, summarise_failure])
 def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml", max_epochs: int | None = None,
                       min_accuracy: float | None = None, tune_enabled: bool | None = None,
                       candidates: list[Literal["mlp", "transformer"]] | None = None) -> PipelineSummary:

@@ -25,13 +25,26 @@ QUALITY_SOURCE = "quality.source"  # on a drift-check run: labels | estimate | n
 ACCURACY_REALIZED = "accuracy.realized"  # on score and drift-check runs: accuracy on labels that came later
 HELD_BACK = "rows.held_back"  # on a drift-check run: rows kept out of the training data appended on retrain
 
+# Experiment tags. MLflow 3's UI opens an experiment in its GenAI view (traces, "Agent versions") unless this tag
+# says it is classic ML model development (values from its JS bundle: genai_development, custom_model_development).
+EXPERIMENT_KIND, CLASSIC_ML = "mlflow.experimentKind", "custom_model_development"
+# ... and its sidebar follows a per-browser mode (GenAI by default) that a link sets with this query parameter.
+CLASSIC_VIEW = "?workflowType=machine_learning"
+
 # Run tags.
 PARENT = "mlflow.parentRunId"  # MLflow's own: nests a run under another in the UI
+RUN_NAME = "mlflow.runName"  # MLflow's own: the run's name in the UI
+NOTE = "mlflow.note.content"  # MLflow's own: the run's description (markdown) in the UI
 FLOW_RUN = "prefect.flow_run_id"  # the Prefect flow run that made the run
 FLOW_RUN_URL = "prefect.flow_run_url"
 OWNER = "ottimo.owner"  # the process that runs a pipeline or study run (JSON), for `ottimo doctor`
 FAILURE = "failure"  # why a run failed, in words
 FAMILY_RUN = "model.family"
+CANDIDATE_NAME = "ottimo.candidate"  # on candidate and compressed runs: the name the gate and the registry know it by
+ROOT_FLOW_RUN = "prefect.root_flow_run_id"  # the pipeline's flow run, also on runs made by its subflows
+TECHNIQUE = "compress.technique"  # trained | distill | prune-... | int8-...
+GATE_SELECTED = "gate.selected"  # on the pipeline run: "<candidate> v<version>"
+PROMOTED = "champion"  # on the pipeline run: the version it promoted
 COMMIT = "ottimo.code_commit"  # the git commit of the code that trained the model
 
 # Tags on both runs and registered versions.
@@ -44,7 +57,7 @@ RUN_ID = "run_id"
 SHA256 = "sha256"  # of the version's ONNX file; checked before it is loaded
 FAMILY = "family"
 PENDING, PASSED, FAILED, ABANDONED = "pending", "passed", "failed", "abandoned"  # abandoned: its run died first
-CHAMPION_SINCE = "champion_since"  # when it last became champion (the champion history)
+CHAMPION_SINCE = "champion_since"  # when it last became champion (ISO 8601 UTC; older versions: a Unix time)
 ROLLED_BACK, RESTORED, ROLLBACK_BY = "rolled_back", "restored", "rolled_back.by"
 
 # Registered-model tags.
@@ -54,6 +67,19 @@ LEGACY = {DATA_REVISION: "data_revision", GATE_VERDICT: "gate_verdict", GATE_REA
 
 TAG_LIMIT = 5000  # MLflow keeps at most this many characters of a tag value (and of a version description)
 PARAM_LIMIT = 6000  # ... and of a param value
+
+
+# Metrics on the pipeline run: the gated candidate's figures and the verdict, so runs sort and chart over time.
+GATE_PASSED = "gate_passed"  # 1 passed, 0 refused
+
+# Logged-model names may not contain these characters (MLflow's _validate_logged_model_name).
+MODEL_NAME_BAD = "/:.%\"'"
+
+
+def model_name(*parts: str) -> str:
+    """A logged model's name from what it is (family, technique), in characters MLflow accepts."""
+    name = "-".join(p for p in parts if p) or "model"
+    return "".join("-" if c in MODEL_NAME_BAD else c for c in name)
 
 
 def tag(tags: Mapping[str, str], name: str, default: str | None = None) -> str | None:

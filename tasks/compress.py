@@ -28,9 +28,10 @@ from ottimo.models.architectures import count_parameters, rebuild
 from ottimo.onnx.export import export_guard, export_onnx, parity_check, sha256, verify_sha256
 from ottimo.onnx.measure import measure, predict, session
 from ottimo.ops.faults import checkpoint
+from ottimo.registry import report
 from ottimo.registry.gate import GateFailed
 from ottimo.registry.logged_model import log_onnx_model
-from ottimo.registry.tracking import connect, flatten, work_dir
+from ottimo.registry.tracking import connect, flatten, run_model_uri, work_dir
 from tasks.data import DataVersion
 from tasks.evaluate import Evaluated, Exported
 from tasks.train import Candidate
@@ -67,12 +68,22 @@ def _open_run(root: Path, params: Params, parent_run_id: str, name: str, techniq
               settings: dict, data: DataVersion) -> str:
     client, exp = connect(root, params.mlflow)
     run = client.create_run(exp, run_name=name, tags={
+        **report.inherited(client, parent_run_id), vocab.CANDIDATE_NAME: name,
         vocab.PARENT: parent_run_id, vocab.FLOW_RUN: str(runtime.flow_run.id), vocab.KIND: vocab.COMPRESSED,
-        vocab.DATA_REVISION: data.revision, "model.family": base.family, "compress.technique": technique,
+        vocab.DATA_REVISION: data.revision, vocab.FAMILY_RUN: base.family, vocab.TECHNIQUE: technique,
         "compress.base": base.name, "teacher": params.compress.teacher})
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten(
         {"technique": technique, "base": base.name, **settings}).items()])
     return run.info.run_id
+
+
+def _log_onnx(root: Path, params: Params, run_id: str, path: Path, X: np.ndarray) -> tuple[str, str]:
+    """Log a candidate's ONNX file as its run's model, named after the candidate (the run's name) and tagged with
+    its family, technique and data revision; return (model URI, sha256)."""
+    client = connect(root, params.mlflow)[0]
+    tags = client.get_run(run_id).data.tags
+    return log_onnx_model(client, run_id, path, X, tags.get(vocab.RUN_NAME) or run_id,
+                          {k: tags[k] for k in (vocab.FAMILY_RUN, vocab.TECHNIQUE, vocab.DATA_REVISION) if k in tags})
 
 
 def _finish_torch(root: Path, params: Params, model: torch.nn.Module, name: str, technique: str, base: Built,
@@ -84,7 +95,7 @@ def _finish_torch(root: Path, params: Params, model: torch.nn.Module, name: str,
     with export_guard.exclusive():
         path = export_onnx(model, base.n_features, out / "model.onnx")
         diff = parity_check(model, path, splits.X_test, params.evaluate.parity_atol)
-        uri, digest = log_onnx_model(connect(root, params.mlflow)[0], run_id, path, splits.X_test)
+        uri, digest = _log_onnx(root, params, run_id, path, splits.X_test)
     client = connect(root, params.mlflow)[0]
     client.log_metric(run_id, "parity_max_abs_diff", diff)
     client.log_artifact(run_id, str(out / "checkpoint.pt"))
@@ -168,7 +179,7 @@ def quantize_variant(root: Path, params: Params, base: Built, method: str, data:
             rng = np.random.default_rng(params.project.seed)
             rows = rng.choice(len(splits.X_train), min(cfg.calibration_rows, len(splits.X_train)), replace=False)
             quantize.static_int8(Path(base.onnx_path), dst, splits.X_train[rows], cfg.per_channel, cfg.reduce_range)
-        uri, digest = log_onnx_model(connect(root, params.mlflow)[0], run_id, dst, splits.X_test)
+        uri, digest = _log_onnx(root, params, run_id, dst, splits.X_test)
     agreement = float((predict(session(dst), splits.X_test) == predict(session(Path(base.onnx_path)),
                                                                         splits.X_test)).mean())
     client = connect(root, params.mlflow)[0]
@@ -301,6 +312,6 @@ def resolve_teacher(root: Path, params: Params, run_id: str, data: DataVersion) 
     model = rebuild(family, n_features, n_classes, params.train.patched(arch), ckpt)
     path = export_onnx(model, n_features, out / "model.onnx")
     parity_check(model, path, splits.X_test, params.evaluate.parity_atol)
-    uri = f"runs:/{run.info.run_id}/model"
+    uri = run_model_uri(client, run.info.run_id)  # the model logged by its pipeline (named after the family)
     return Built(family, "trained", "", family, run.info.run_id, str(path), sha256(path), uri, n_features,
                  n_classes, str(ckpt), arch, count_parameters(model)), parent

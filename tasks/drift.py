@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from mlflow.entities import Param
 from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
@@ -23,7 +24,7 @@ from ottimo.onnx.measure import predict, scores
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import promotion, versions
 from ottimo.registry.security import fetch_verified, serving_session
-from ottimo.registry.tracking import connect, work_dir
+from ottimo.registry.tracking import connect, flatten, work_dir
 from tasks.score import Champion
 
 
@@ -179,11 +180,20 @@ def check_window(root: Path, params: Params, champion: Champion, window: Window)
                "data_revision": champion.data_revision, "batches": [Path(b).name for b in window.batches],
                "evidence": ev.as_dict(), "policy": cfg.model_dump()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    run = client.create_run(exp, run_name="drift-check", tags={
+    from tasks.train import flow_run_url  # the flow run's Prefect page (None on the ephemeral API)
+
+    url = flow_run_url()
+    run = client.create_run(exp, run_name=f"drift-check: {decision.action.upper()}", tags={
+        **({vocab.FLOW_RUN_URL: url} if url else {}),
+        vocab.NOTE: vocab.clip(f"**{decision.action.upper()}** on {ev.rows} rows from {len(window.batches)} "
+                               f"batch(es), champion v{champion.version}."
+                               + (f" Prefect: [flow run]({url})." if url else "") + "\n\n"
+                               + "\n".join(f"- {r}" for r in decision.reasons)),
         vocab.KIND: vocab.CHECK, "decision": decision.action, "reasons": vocab.clip("; ".join(decision.reasons)),
         "champion": champion.version, vocab.DATA_REVISION: champion.data_revision,
         vocab.FLOW_RUN: str(runtime.flow_run.id), "batches": vocab.clip(",".join(Path(b).name for b in window.batches)),
         vocab.WINDOW: key, vocab.CLOSED: "false"})
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten({"drift": cfg.model_dump()}).items()])
     numbers = {k: float(v) for k, v in ev.as_dict().items() if isinstance(v, int | float) and v is not None}
     source = policy.quality_source(ev, cfg)
     client.set_tag(run.info.run_id, vocab.QUALITY_SOURCE, source or "none")

@@ -95,8 +95,10 @@ def score_batch(root: Path, params: Params, champion: Champion, batch: str) -> S
     labelled = schema["target"] in df.columns
     client, exp = ledger.connect_monitoring(root, params)
     out = batches.predictions_path(path)
+    predicted = [schema["labels"][i] for i in pred]
+    figures = ledger.scored_figures(predicted, df[schema["target"]].tolist() if labelled else None)
     run_id = ledger.record_score(client, exp, path, out, len(df), labelled, champion.version, sha256(path),
-                                  {vocab.FLOW_RUN: str(runtime.flow_run.id)})
+                                  {vocab.FLOW_RUN: str(runtime.flow_run.id)}, figures)
     batches.write_predictions(path, pred, schema["labels"], champion.version)
     log.info("scored %s: %d rows%s with v%s -> %s", path.name, len(df), " (labelled)" if labelled else "",
              champion.version, out.name)

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import MarkdownArtifact, create_markdown_artifact
 
 from ottimo import vocab
 from ottimo.config import Params, project_params
+from ottimo.registry import report
 from ottimo.registry.tracking import connect, tracking_uri
 from tasks.data import DataVersion
 from tasks.evaluate import Evaluated
@@ -34,6 +35,10 @@ def summarise(root: Path, params: Params, data: DataVersion, run_id: str, evalua
     rows = [{"family": e.family, "version": v, **e.metrics, "verdict": decision.verdicts[e.family]}
             for e, v in zip(evaluated, versions, strict=True)]
     ui = f"mlflow ui --backend-store-uri {tracking_uri(root, params.mlflow)} --host 127.0.0.1 --port 5000"
+    client, exp = connect(root, params.mlflow)
+    outcome = report.passed(client, exp, run_id, decision.family, decision.version, decision.reasons,
+                            decision.expected_champion)
+    report.record(client, run_id, outcome, params, data.revision)  # name, metrics, description of the run
     publish_links(root, params, run_id, rows, decision, aliases)
     return PipelineSummary(data.revision, data.reproduced, run_id, rows, decision.version, decision.reasons, aliases,
                            ui)
@@ -55,7 +60,7 @@ def publish_links(root: Path, params: Params, run_id: str, rows: list[dict], dec
         return link(f"v{v}", f"models/{name}/versions/{v}")
 
     lines = [f"# Training pipeline: champion is {name} {version(decision.version)}",
-             "", f"MLflow run: {link(run_id, f'experiments/{exp}/runs/{run_id}')}"
+             "", f"MLflow run: {link(run_id, f'experiments/{exp}/runs/{run_id}{vocab.CLASSIC_VIEW}')}"
              + ("" if web else f" in `{uri}`"), "",
              "| family | version | accuracy | p95 ms | size MB | gate |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['family']} | {version(str(r['version']))} | "
@@ -66,6 +71,30 @@ def publish_links(root: Path, params: Params, run_id: str, rows: list[dict], dec
               "", f"Registry: {link(name, f'models/{name}')}"]
     create_markdown_artifact(markdown="\n".join(lines), key="pipeline-summary",
                              description=f"MLflow run, registered versions and gate verdict of {name}")
+
+
+def summarise_failure(flow, flow_run, state) -> None:
+    """Flow on_failure hook of the pipeline: its MLflow run still gets its summary (what each candidate scored, why
+    the gate refused or what failed) as name, metrics and description, and the flow run a markdown artifact."""
+    root = Path(flow_run.parameters.get("project_dir", ".")).resolve()
+    try:
+        params = project_params(root, flow_run.parameters.get("params_file", "params.yaml"))
+    except Exception:  # invalid config: nothing was logged
+        return
+    client, exp = connect(root, params.mlflow)
+    runs = client.search_runs([exp], f"tags.`{vocab.FLOW_RUN}` = '{flow_run.id}' and "
+                              f"tags.`{vocab.KIND}` = '{vocab.PIPELINE}'", max_results=1)
+    if not runs:  # failed before the pipeline run was opened (validation, data): the traceback says it all
+        return
+    run = runs[0]
+    outcome = report.collect(client, exp, run.info.run_id, state.message or "flow failed")
+    md = report.record(client, run.info.run_id, outcome, params, run.data.tags.get(vocab.DATA_REVISION, ""))
+    uri = tracking_uri(root, params.mlflow)
+    where = (f"[{run.info.run_id}]({uri.rstrip('/')}/#/experiments/{exp}/runs/{run.info.run_id}{vocab.CLASSIC_VIEW})"
+             if uri.startswith("http") else f"`{run.info.run_id}` in `{uri}`")
+    MarkdownArtifact(markdown=f"# Training pipeline failed\n\nMLflow run: {where}\n\n{md}", key="pipeline-summary",
+                     description=f"Why the pipeline failed; {params.mlflow.registered_model} unchanged",
+                     flow_run_id=flow_run.id).create()
 
 
 def fail_open_mlflow_runs(flow, flow_run, state) -> None:

@@ -18,6 +18,7 @@ from ottimo.models.architectures import count_parameters
 from ottimo.models.train import fit
 from ottimo.ops.doctor import owner
 from ottimo.ops.faults import checkpoint
+from ottimo.registry import report
 from ottimo.registry.tracking import connect, flatten, work_dir
 from tasks.data import DataVersion
 
@@ -51,9 +52,11 @@ def start_pipeline_run(root: Path, params: Params, data: DataVersion) -> str:
     """Open the parent MLflow run: params, data revision, dataset input, Prefect flow-run id (and its UI page)."""
     client, exp = connect(root, params.mlflow)
     url = flow_run_url()
-    run = client.create_run(exp, run_name="pipeline", tags={
-        vocab.FLOW_RUN: str(runtime.flow_run.id), vocab.DATA_REVISION: data.revision, vocab.KIND: vocab.PIPELINE,
-        vocab.OWNER: owner(),  # `ottimo doctor` fails the run if this process dies with it RUNNING
+    flow_run_id = str(runtime.flow_run.id)
+    run = client.create_run(exp, run_name=report.running_name(report.dataset_name(params), data.revision), tags={
+        vocab.FLOW_RUN: flow_run_id, vocab.ROOT_FLOW_RUN: flow_run_id, vocab.DATA_REVISION: data.revision,
+        vocab.KIND: vocab.PIPELINE, vocab.OWNER: owner(),  # `ottimo doctor` fails the run if this process dies RUNNING
+        vocab.NOTE: "Running." + (f" Prefect: [flow run]({url})." if url else ""),
         **({vocab.FLOW_RUN_URL: url} if url else {})})
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in flatten(
         params.model_dump()).items()])
@@ -73,9 +76,10 @@ def train_candidate(root: Path, params: Params, family: str, data: DataVersion, 
     log = get_run_logger()
     client, exp = connect(root, params.mlflow)
     cfg = params.train.patched(overrides)
-    run = client.create_run(exp, run_name=family, tags={
-        vocab.PARENT: parent_run_id, vocab.FLOW_RUN: str(runtime.flow_run.id),
-        vocab.DATA_REVISION: data.revision, vocab.KIND: vocab.CANDIDATE, "model.family": family,
+    run = client.create_run(exp, run_name=f"{family} trained{' (tuned)' if overrides else ''}", tags={
+        **report.inherited(client, parent_run_id), vocab.PARENT: parent_run_id,
+        vocab.FLOW_RUN: str(runtime.flow_run.id), vocab.DATA_REVISION: data.revision, vocab.KIND: vocab.CANDIDATE,
+        vocab.FAMILY_RUN: family, vocab.CANDIDATE_NAME: family, vocab.TECHNIQUE: "trained",
         "tuned": str(bool(overrides)).lower()})
     run_id = run.info.run_id
     family_cfg = getattr(cfg, family).model_dump()

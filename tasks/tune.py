@@ -19,6 +19,7 @@ from ottimo.config import Params, TuneCfg
 from ottimo.data.tables import load_splits
 from ottimo.models import tune
 from ottimo.ops.doctor import owner
+from ottimo.registry import report
 from ottimo.registry.tracking import connect, flatten, work_dir
 from tasks.data import DataVersion
 
@@ -82,7 +83,8 @@ def open_study(root: Path, params: Params, family: str, data: DataVersion, paren
     left = tune.remaining(study, cfg.n_trials)
     flow_run_id = str(runtime.flow_run.id)
     client, exp = connect(root, params.mlflow)
-    tags = {vocab.FLOW_RUN: flow_run_id, vocab.KIND: vocab.STUDY, "optuna.study": name, "model.family": family,
+    tags = {**report.inherited(client, parent_run_id), vocab.FLOW_RUN: flow_run_id, vocab.KIND: vocab.STUDY,
+            "optuna.study": name, vocab.FAMILY_RUN: family,
             vocab.DATA_REVISION: data.revision, "optuna.resumed_trials": str(len(study.trials) - len(interrupted)),
             "optuna.interrupted": ",".join(map(str, interrupted))}
     if parent_run_id:
@@ -113,8 +115,9 @@ def run_trials(root: Path, params: Params, ref: StudyRef, data: DataVersion, wor
     cfg = params.tune
     study = tune.open_study(ref.storage, ref.name, cfg, ref.family, ref.seed, worker)
     client, exp = connect(root, params.mlflow)
-    runs = tune.TrialRuns(client, exp, ref.mlflow_run_id, {vocab.FLOW_RUN: ref.flow_run_id, "optuna.study": ref.name,
-                                                          "model.family": ref.family})
+    runs = tune.TrialRuns(client, exp, ref.mlflow_run_id, {  # the study run's filterable tags, and its flow run
+        **report.inherited(client, ref.mlflow_run_id), vocab.FLOW_RUN: ref.flow_run_id, "optuna.study": ref.name,
+        vocab.FAMILY_RUN: ref.family, vocab.DATA_REVISION: data.revision})
     objective = tune.objective(ref.family, load_splits(Path(data.prepared)), params.train, cfg, params.evaluate,
                                ref.seed, runs)
     log = get_run_logger()

@@ -156,9 +156,25 @@ def render(card: ModelCard, full: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
+PAD = "&nbsp;"  # MLflow's markdown (showdown) draws table cells with no padding: numbers run together
+
+
+def spaced(md: str) -> str:
+    """Markdown tables with their cells padded by non-breaking spaces (MLflow renders them without spacing);
+    separator rows and other lines unchanged."""
+    out = []
+    for line in md.split("\n"):
+        if line.startswith("| ") and line.endswith(" |"):
+            cells = line[2:-2].split(" | ")
+            line = "| " + " | ".join(f"{PAD}{c}{PAD}" for c in cells) + " |"
+        out.append(line)
+    return "\n".join(out)
+
+
 def description(card: ModelCard, limit: int = DESCRIPTION_LIMIT) -> str:
-    """The compact card, cut to `limit` characters if it is still longer (the full one is card.md)."""
-    md = render(card, full=False)
+    """The compact card with spaced tables, cut to `limit` characters if it is still longer (the full one is
+    card.md)."""
+    md = spaced(render(card, full=False))
     if len(md) <= limit:
         return md
     note = "\n\n… (cut to fit the registry; the full card is `card/card.md`)\n"

@@ -167,33 +167,90 @@ def markdown(rows: list[Row], selection: Selection, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+STYLE = """<style>
+body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 24px; color: #1f2933; }
+h1 { font-size: 20px; } p { font-size: 14px; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border: 1px solid #d0d7de; padding: 6px 10px; vertical-align: top; }
+th { background: #f3f5f7; text-align: left; white-space: nowrap; }
+td { white-space: nowrap; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.reason { white-space: normal; min-width: 18em; max-width: 36em; }
+tr.chosen td { background: #e6f4ea; font-weight: 600; }
+tr:nth-child(even):not(.chosen) td { background: #fafbfc; }
+</style>"""
+
+
 def html(rows: list[Row], selection: Selection, title: str) -> str:
-    body = table(rows, selection).to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
-    return f"<html><head><meta charset='utf-8'><title>{title}</title></head><body><h1>{title}</h1>" \
-           f"<p>Selected: <b>{selection.chosen or 'none'}</b> (objective {selection.objective})</p>{body}</body></html>"
+    """The report as a standalone page: a styled table (numbers right-aligned, the selection's reason wrapped in
+    a wide last column, the chosen row highlighted)."""
+    from html import escape
+
+    df = table(rows, selection)
+    head = {"candidate": "candidate", "technique": "technique", "base": "base", "accuracy": "accuracy",
+            "macro_f1": "macro F1", "p50_ms": "p50 ms",
+            "p95_ms": "p95 ms", "rows_per_s_b64": "rows/s @64", "size_kb": "size kB", "parameters": "params",
+            "sparsity": "sparsity", "pareto": "Pareto", "selection": "selection"}
+    fmt = {"accuracy": ".4f", "macro_f1": ".4f", "p50_ms": ".4f", "p95_ms": ".4f", "rows_per_s_b64": ",.0f",
+           "size_kb": ".1f", "parameters": ",", "sparsity": ".2f"}
+
+    def cell(col: str, v) -> str:
+        if col in fmt:
+            text = "-" if v is None or v != v else format(v, fmt[col])
+            return f"<td class='num'>{text}</td>"
+        return f"<td class='{'reason' if col == 'selection' else 'text'}'>{escape(str(v))}</td>"
+
+    cols = [c for c in head if c in df.columns]
+    lines = ["<table>", "<thead><tr>" + "".join(f"<th>{head[c]}</th>" for c in cols) + "</tr></thead>", "<tbody>"]
+    for _, r in df.iterrows():
+        chosen = " class='chosen'" if r.candidate == selection.chosen else ""
+        lines.append(f"<tr{chosen}>" + "".join(cell(c, r[c]) for c in cols) + "</tr>")
+    lines += ["</tbody>", "</table>"]
+    way = "lowest" if LOWER_IS_BETTER[selection.objective] else "highest"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>{STYLE}</head><body>"
+            f"<h1>{escape(title)}</h1><p>Selected: <b>{escape(selection.chosen or 'none')}</b> (objective: {way} "
+            f"{selection.objective})</p>" + "\n".join(lines) + "</body></html>")
 
 
 def pareto_png(rows: list[Row], selection: Selection, path: Path) -> Path:
-    """Accuracy against p95 latency at batch 1; marker area proportional to file size; the front joined."""
+    """Accuracy against p95 latency at batch 1; marker area proportional to file size; the front joined. Each point
+    carries a number, and the key beside the plot names it: candidates close together cannot overlap names."""
     good = [r for r in rows if not r.error]
-    fig = Figure(figsize=(8, 5.5))
-    ax = fig.subplots()
+    fig = Figure(figsize=(12, 6))
+    ax = fig.add_axes((0.07, 0.1, 0.56, 0.8))
     biggest = max(r.metrics["size_mb"] for r in good) if good else 1.0
-    for r in good:
+    order = sorted(good, key=lambda r: (r.metrics["p95_ms"], -r.metrics["accuracy"]))
+    for r in order:
         chosen = r.name == selection.chosen
         ax.scatter(r.metrics["p95_ms"], r.metrics["accuracy"] * 100, s=30 + 600 * r.metrics["size_mb"] / biggest,
                    alpha=0.6, edgecolors="red" if chosen else "black", linewidths=2.5 if chosen else 0.5)
-        ax.annotate(r.name, (r.metrics["p95_ms"], r.metrics["accuracy"] * 100), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
     front = sorted((r for r in good if r.name in set(pareto_front(rows))), key=lambda r: r.metrics["p95_ms"])
     ax.plot([r.metrics["p95_ms"] for r in front], [r.metrics["accuracy"] * 100 for r in front], "k--", lw=0.8,
             label="Pareto front")
     ax.set_xscale("log")
+    if good:  # room around the points for their numbers
+        xs = [r.metrics["p95_ms"] for r in good]
+        ys = [r.metrics["accuracy"] * 100 for r in good]
+        ax.set_xlim(min(xs) / 1.25, max(xs) * 1.25)
+        pad = max(0.5, (max(ys) - min(ys)) * 0.12)
+        ax.set_ylim(min(ys) - pad, max(ys) + pad)
+    placed: list[tuple[float, float]] = []  # label positions in pixels: a number close to another moves up
+    for i, r in enumerate(order, 1):
+        x, y = ax.transData.transform((r.metrics["p95_ms"], r.metrics["accuracy"] * 100))
+        dy = 6
+        while any(abs(x + 6 - px) < 16 and abs(y + dy - py) < 11 for px, py in placed):
+            dy += 11
+        placed.append((x + 6, y + dy))
+        ax.annotate(str(i), (r.metrics["p95_ms"], r.metrics["accuracy"] * 100), xytext=(6, dy),
+                    textcoords="offset points", fontsize=8, fontweight="bold" if r.name == selection.chosen else None,
+                    color="red" if r.name == selection.chosen else "black",
+                    arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if dy > 6 else None)
+    key = "\n".join(f"{i:>2}  {r.name}  ({r.metrics['accuracy']:.4f}, {r.metrics['p95_ms']:.4f} ms)"
+                     + ("  ← selected" if r.name == selection.chosen else "") for i, r in enumerate(order, 1))
+    fig.text(0.65, 0.9, key, va="top", ha="left", family="monospace", fontsize=8)
     ax.set_xlabel("p95 latency at batch 1 (ms, log scale, onnxruntime)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Compression candidates (marker size = file size); selected: {selection.chosen or 'none'}")
+    ax.set_title(f"Compression candidates (marker size = file size); selected: {selection.chosen or 'none'}",
+                 fontsize=10)
     ax.legend(loc="lower right")
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
-

@@ -7,10 +7,13 @@ as its window and marks them with its own run id once it has decided.
 from __future__ import annotations
 
 import hashlib
+import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 
 from ottimo import vocab
 from ottimo.config import Params
@@ -22,14 +25,33 @@ def experiment_name(params: Params) -> str:
 
 
 def connect_monitoring(root: Path, params: Params) -> tuple[MlflowClient, str]:
-    """A client and the monitoring experiment id (created on first use, artifacts beside the main ones)."""
+    """A client and the monitoring experiment id (created on first use, artifacts beside the main ones; marked
+    classic ML like the main one, by connect)."""
     return connect(root, params.mlflow.model_copy(update={"experiment": experiment_name(params)}))
 
 
+def scored_figures(predicted: list, labels: list | None = None) -> dict[str, float]:
+    """What a batch's scoring says in numbers: rows, the predicted class distribution (`predicted.<class>`, a
+    share of the rows) and, for the rows that carry a label (`labels`, None where missing), `labelled_rows` and
+    `accuracy`."""
+    n = len(predicted)
+    out: dict[str, float] = {"rows": float(n)}
+    for cls, count in sorted(Counter(map(str, predicted)).items()):
+        out[f"predicted.{cls}"] = count / n if n else 0.0
+    if labels is not None:
+        pairs = [(p, y) for p, y in zip(predicted, labels, strict=True) if y is not None and y == y]  # not NaN
+        out["labelled_rows"] = float(len(pairs))
+        if pairs:
+            out["accuracy"] = sum(str(p) == str(int(y) if isinstance(y, float) else y) for p, y in pairs) / len(pairs)
+    return out
+
+
 def record_score(client: MlflowClient, exp: str, batch: Path, predictions: Path, rows: int, labelled: bool,
-                 version: str, batch_sha256: str, tags: dict[str, str]) -> str:
+                 version: str, batch_sha256: str, tags: dict[str, str],
+                 figures: dict[str, float] | None = None) -> str:
     """One finished run for a scored batch; it waits in the next drift window (drift.checked = false). A run for
-    the same file and content made by a process that died before it wrote the predictions is reused (no double)."""
+    the same file and content made by a process that died before it wrote the predictions is reused (no double).
+    `figures` (scored_figures: class distribution, accuracy on labelled rows) are logged beside `rows`."""
     same = f"tags.`{vocab.KIND}` = '{vocab.SCORE}' and tags.`batch.sha256` = '{batch_sha256}'"
     for old in client.search_runs([exp], same, max_results=100):
         if old.data.tags.get("batch.path") == str(batch):
@@ -37,11 +59,13 @@ def record_score(client: MlflowClient, exp: str, batch: Path, predictions: Path,
                 client.log_metric(old.info.run_id, "rows", rows)
                 client.set_terminated(old.info.run_id, "FINISHED")
             return old.info.run_id
-    run = client.create_run(exp, run_name=f"score {batch.name}", tags={
+    run = client.create_run(exp, run_name=f"score {batch.name} ({rows} rows, v{version})", tags={
         vocab.KIND: vocab.SCORE, "batch": batch.name, "batch.path": str(batch), "batch.sha256": batch_sha256,
         "predictions.path": str(predictions), "model.version": str(version), "labelled": str(labelled).lower(),
         vocab.CHECKED: "false", **tags})
-    client.log_metric(run.info.run_id, "rows", rows)
+    now = int(time.time() * 1000)
+    client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in
+                                               ({**(figures or {}), "rows": rows}).items()])
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 

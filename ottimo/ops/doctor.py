@@ -179,7 +179,7 @@ class Doctor:
         now = aliases(self.client, self.name)
         by_version = {str(v.version): v for v in versions}
         history = sorted((v for v in versions if vocab.CHAMPION_SINCE in v.tags),
-                         key=lambda v: float(v.tags[vocab.CHAMPION_SINCE]), reverse=True)
+                         key=lambda v: promotion.since_seconds(v.tags[vocab.CHAMPION_SINCE]), reverse=True)
         champion = now.get(CHAMPION)
         if champion is None and versions:
             restore = next((v for v in [str(h.version) for h in history] + [now.get(PREVIOUS)]
@@ -196,10 +196,10 @@ class Doctor:
                 self._note("champion-missing", f"aliases of {self.name}",
                            "no champion, and no version was ever champion", "run the pipeline again", None)
         if champion is not None and now.get(PREVIOUS) == champion:
-            since = float(by_version[champion].tags.get(vocab.CHAMPION_SINCE, "inf")) if champion in by_version \
-                else float("inf")
+            mine = by_version.get(champion)
+            since = promotion.since_seconds(mine.tags.get(vocab.CHAMPION_SINCE)) if mine else float("inf")
             rest = next((str(h.version) for h in history if str(h.version) != champion
-                         and float(h.tags[vocab.CHAMPION_SINCE]) < since), None)
+                         and promotion.since_seconds(h.tags[vocab.CHAMPION_SINCE]) < since), None)
             self._note("previous-is-champion", f"aliases of {self.name}", f"previous-champion = champion = v{champion}",
                        f"previous-champion -> {'v' + rest if rest else 'none'} (the champion before it)",
                        lambda: self._set({PREVIOUS: rest}))

@@ -10,17 +10,22 @@ import onnx
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
+from ottimo import vocab
 from ottimo.onnx.export import INPUT, sha256
 from ottimo.onnx.measure import session
+from ottimo.registry.tracking import new_logged_model
 
 
-def log_onnx_model(client: MlflowClient, run_id: str, path: Path, X: np.ndarray) -> tuple[str, str]:
-    """Log the ONNX file as run `run_id`'s MLflow model, its signature and input example from the first two rows
-    of X, and tag the run with the file's sha256 (onnx.sha256); return (model URI, sha256)."""
+def log_onnx_model(client: MlflowClient, run_id: str, path: Path, X: np.ndarray, name: str,
+                   tags: dict[str, str]) -> tuple[str, str]:
+    """Log the ONNX file as run `run_id`'s MLflow model, in the run's own experiment as a logged model named
+    `name` (a family, a candidate) with `tags`, its signature and input example from the first two rows of X, and
+    tag the run with the file's sha256 (onnx.sha256); return (model URI, sha256)."""
     example = X[:2]
+    model_id = new_logged_model(client, run_id, name, tags)
     info = mlflow.onnx.log_model(
-        onnx.load(str(path)), name="model", run_id=run_id, save_as_external_data=False,
-        onnx_execution_providers=["CPUExecutionProvider"], input_example=example,
+        onnx.load(str(path)), name=vocab.model_name(name), model_id=model_id, run_id=run_id,
+        save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"], input_example=example,
         signature=infer_signature(example, session(path).run(None, {INPUT: example})[0]))
     digest = sha256(path)
     client.set_tag(run_id, "onnx.sha256", digest)

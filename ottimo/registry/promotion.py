@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -99,6 +100,22 @@ def finishable(client: MlflowClient, name: str, entry: dict) -> bool:
     return servable(client, name, entry["target"].get(CHAMPION), entry.get("gate", True))
 
 
+def since_now() -> str:
+    """A champion_since value: now, ISO 8601 in UTC with milliseconds (readable in the registry UI)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def since_seconds(value: str | None, default: float = float("inf")) -> float:
+    """A champion_since value as Unix seconds: ISO 8601, or the Unix float older versions were tagged with."""
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        stamp = datetime.fromisoformat(value)
+        return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+
+
 def _apply(client: MlflowClient, name: str, target: dict[str, str | None], history: bool = True) -> None:
     """Set (or delete, for None) each alias in order; the crash hook sits between two moves. `history`: stamp
     the new champion's champion_since (not when undoing)."""
@@ -111,7 +128,7 @@ def _apply(client: MlflowClient, name: str, target: dict[str, str | None], histo
         else:
             client.set_registered_model_alias(name, alias, str(version))
     if history and target.get(CHAMPION):
-        client.set_model_version_tag(name, target[CHAMPION], vocab.CHAMPION_SINCE, f"{time.time():.3f}")
+        client.set_model_version_tag(name, target[CHAMPION], vocab.CHAMPION_SINCE, since_now())
 
 
 def recover(client: MlflowClient, name: str) -> str | None:

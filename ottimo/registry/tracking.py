@@ -15,6 +15,7 @@ from typing import get_args
 import mlflow
 from mlflow import MlflowClient
 
+from ottimo import vocab
 from ottimo.config import CardFigure, MlflowCfg, Params
 
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
@@ -80,9 +81,32 @@ def connect(root: Path, cfg: MlflowCfg) -> tuple[MlflowClient, str]:
     client = MlflowClient(uri, uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
+        if vocab.EXPERIMENT_KIND not in exp.tags:  # made before Ottimo set it: opened in the GenAI view
+            client.set_experiment_tag(exp.experiment_id, vocab.EXPERIMENT_KIND, vocab.CLASSIC_ML)
         return client, exp.experiment_id
     artifacts = (root / "mlruns" / "artifacts").resolve().as_uri() if uri.startswith("sqlite") else None
-    return client, client.create_experiment(cfg.experiment, artifact_location=artifacts)
+    return client, client.create_experiment(cfg.experiment, artifact_location=artifacts,
+                                            tags={vocab.EXPERIMENT_KIND: vocab.CLASSIC_ML})
+
+
+def new_logged_model(client: MlflowClient, run_id: str, name: str, tags: dict[str, str] | None = None) -> str:
+    """A logged model (PENDING) in the run's own experiment, named for what it is; pass its id to
+    `mlflow.<flavor>.log_model(model_id=...)`. Left to log_model, the model would land in the process's current
+    experiment (Default), not the run's, and the run's page would show "Logged models (0)"."""
+    run = client.get_run(run_id)
+    model = client.create_logged_model(run.info.experiment_id, name=vocab.model_name(name), source_run_id=run_id,
+                                       tags={k: vocab.clip(v) for k, v in (tags or {}).items()},
+                                       params=dict(run.data.params), model_type="onnx-classifier")
+    return model.model_id
+
+
+def run_model_uri(client: MlflowClient, run_id: str) -> str:
+    """The `models:/m-<id>` URI of the newest model logged by a run (what a registry version points at)."""
+    outputs = client.get_run(run_id).outputs
+    models = outputs.model_outputs if outputs else []
+    if not models:
+        raise LookupError(f"run {run_id} logged no model")
+    return f"models:/{models[-1].model_id}"
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -97,5 +121,5 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(v, dict):
             out |= flatten(v, key + ".")
         else:
-            out[key] = redact(str(v))[:6000]
+            out[key] = vocab.clip(redact(str(v)), vocab.PARAM_LIMIT)
     return out

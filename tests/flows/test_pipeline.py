@@ -50,6 +50,13 @@ def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(proje
     assert parent.info.status == "FINISHED" and parent.data.tags["gate.verdict"] == "passed"
     assert parent.data.tags[vocab.FLOW_RUN] == str(first.state_details.flow_run_id)
     assert parent.inputs.dataset_inputs[0].dataset.digest == summary.data_revision[:12]
+    # the run says what it decided: name, the gated candidate's figures and the verdict as metrics, a description
+    assert parent.info.run_name.endswith(f"→ v{aliases['champion']} PASS"), parent.info.run_name
+    assert parent.data.metrics[vocab.GATE_PASSED] == 1.0 and "test_accuracy" in parent.data.metrics
+    assert parent.data.tags[vocab.NOTE].startswith("**PASS")
+    assert client.get_experiment(exp).tags[vocab.EXPERIMENT_KIND] == vocab.CLASSIC_ML
+    models = client.search_logged_models([exp])  # in the run's experiment, named after the family
+    assert sorted(m.name for m in models) == sorted(params.train.candidates)
     assert (project / ".dvc-remote" / "files" / "md5").is_dir()
     assert versioning.status_cloud(project) == {}  # raw and prepared data are all in the remote
 
@@ -94,6 +101,10 @@ def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(proje
     failed_parent = client.search_runs([exp], "tags.`ottimo.kind` = 'pipeline'", order_by=["start_time DESC"])[0]
     assert failed_parent.info.status == "FAILED"
     assert "p95 latency" in failed_parent.data.tags["gate.reasons"]
+    # a failed run still gets its summary: the verdict as a metric, a name and a description with every candidate
+    assert failed_parent.data.metrics[vocab.GATE_PASSED] == 0.0 and "test_p95_ms" in failed_parent.data.metrics
+    assert failed_parent.info.run_name.endswith(" FAIL") and "**FAIL" in failed_parent.data.tags[vocab.NOTE]
+    assert all(f"| {family} |" in failed_parent.data.tags[vocab.NOTE] for family in params.train.candidates)
 
 
 def test_bad_raw_data_stops_before_anything_is_trained(project, prefect_harness):

@@ -184,3 +184,70 @@ def test_run_from_prefect_ui_promotes_in_mlflow_ui(stack, browser):
     assert artifact["flow_run_id"] == run["id"]
     assert f"{ep.mlflow_ui}/#/models/ottimo-classifier/versions/1" in artifact["data"]
     assert f"runs/{parent.info.run_id}" in artifact["data"] and "**Gate: PASS**" in artifact["data"]
+
+    # MLflow's page of the pipeline run: a name that explains it, the gated candidate's metrics and the verdict,
+    # its description; the experiment opens in the classic ML view
+    from ottimo import vocab
+
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags[vocab.EXPERIMENT_KIND] == vocab.CLASSIC_ML
+    assert parent.info.run_name.startswith("pipeline ") and parent.info.run_name.endswith(" → v1 PASS")
+    figures = {"test_accuracy", "test_macro_f1", "test_p50_ms", "test_p95_ms", "test_size_mb"}
+    assert parent.data.metrics[vocab.GATE_PASSED] == 1.0 and figures <= set(parent.data.metrics)
+    assert "PASS" in parent.data.tags[vocab.NOTE] and f"({ep.prefect_ui}/runs/flow-run/{run['id']})" in \
+        parent.data.tags[vocab.NOTE]
+    # the link the pipeline-summary artifact gives: it switches MLflow's sidebar to the classic (training) view
+    browser.get(f"{ep.mlflow_ui}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}{vocab.CLASSIC_VIEW}")
+    body = wait_text(browser, "gate_passed", "7-mlflow-pipeline-run")
+    assert parent.info.run_name in body and "test_accuracy" in body and "test_p95_ms" in body, body
+    assert "flow run" in body, body  # the description, with its link to the Prefect flow run
+
+    # the candidate's ONNX model is logged in the run's experiment (not Default), named after its family
+    candidate = client.get_run(champion.run_id)
+    models = client.search_logged_models([exp.experiment_id])
+    assert [m.name for m in models if m.source_run_id == candidate.info.run_id] == ["mlp"]
+    assert not client.search_logged_models([client.get_experiment_by_name("Default").experiment_id])
+    assert champion.source == f"models:/{models[0].model_id}" or models[0].model_id in champion.source
+    browser.get(f"{ep.mlflow_ui}/#/experiments/{exp.experiment_id}/runs/{candidate.info.run_id}{vocab.CLASSIC_VIEW}")
+    body = wait_text(browser, "Logged models (1)", "8-mlflow-candidate-run")
+    assert "mlp" in body, body
+    browser.get(f"{ep.mlflow_ui}/#/experiments/{exp.experiment_id}/models{vocab.CLASSIC_VIEW}")
+    wait_text(browser, "mlp", "9-mlflow-logged-models")
+    browser.get(f"{ep.mlflow_ui}/#/experiments/{exp.experiment_id}/runs{vocab.CLASSIC_VIEW}")
+    body = wait_text(browser, parent.info.run_name, "10-mlflow-experiment-runs")
+    assert "Agent versions" not in body and "Model registry" in body, body  # the classic sidebar
+
+    # the version's description: the model card, its tables spaced
+    browser.get(f"{ep.mlflow_ui}/#/models/ottimo-classifier/versions/1")
+    wait_text(browser, "Model card", "11-mlflow-version-card")
+
+
+def test_compression_report_is_readable_in_a_browser(browser, tmp_path):
+    """The compression report's HTML in Chromium (a styled table) and pareto.png with candidates close together."""
+    from ottimo.compress import pareto
+
+    def row(name: str, technique: str, acc: float, p95: float, size: float) -> pareto.Row:
+        return pareto.Row(name, technique, "" if technique == "trained" else "mlp",
+                          {"accuracy": acc, "macro_f1": acc - 0.002, "p50_ms": p95 * 0.8, "p95_ms": p95,
+                           "throughput_rps": 90_000.0, "size_mb": size}, parameters=4810, run_id=name)
+
+    rows = [row("mlp", "trained", 0.9667, 0.0210, 0.02), row("student-mlp", "distill", 0.9750, 0.0209, 0.01),
+            row("student-mlp+prune-s50", "prune-structured", 0.9778, 0.0212, 0.008),
+            row("student-mlp+int8-static", "int8-static", 0.9750, 0.0290, 0.006),
+            row("student-mlp+prune-s50+int8-static", "int8-static", 0.9722, 0.0300, 0.005),
+            row("transformer", "trained", 0.9611, 0.1400, 0.08)]
+    reasons = {r.name: f"lost: p95 {r.metrics['p95_ms']:.4f} ms is above the chosen one's; within the accuracy "
+                       "floor and the drop allowed against the teacher" for r in rows}
+    reasons["student-mlp+prune-s50"] = "chosen: best accuracy among the candidates that can pass the gate"
+    selection = pareto.Selection("student-mlp+prune-s50", "p95_ms", reasons)  # the report, whatever the policy
+    OUT.mkdir(parents=True, exist_ok=True)
+    page = tmp_path / "report.html"
+    page.write_text(pareto.html(rows, selection, "Compression of mlp: 6 candidates"))
+    pareto.pareto_png(rows, selection, OUT / "pareto.png")
+    browser.get(page.as_uri())
+    body = wait_text(browser, "student-mlp+prune-s50+int8-static", "12-compression-report")
+    from selenium.webdriver.common.by import By
+
+    widths = [el.size["width"] for el in browser.find_elements(By.CSS_SELECTOR, "td")]
+    assert min(widths) > 30, widths  # no one-character columns
+    assert "Selected:" in body
