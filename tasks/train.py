@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +62,10 @@ def start_pipeline_run(root: Path, params: Params, data: DataVersion) -> str:
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in flatten(
         params.model_dump()).items()])
     train = pd.read_parquet(Path(data.prepared) / "train.parquet")
-    ds = mlflow.data.from_pandas(train, source=data.prepared, targets=params.data.target, name="train",
-                                 digest=data.revision[:12])
+    with warnings.catch_warnings():  # MLflow's hints on integer columns and local sources: not the user's business
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
+        ds = mlflow.data.from_pandas(train, source=data.prepared, targets=params.data.target, name="train",
+                                     digest=data.revision[:12])
     client.log_inputs(run.info.run_id, [mlflow.entities.DatasetInput(ds._to_mlflow_entity())])
     get_run_logger().info("MLflow run %s (experiment %s)", run.info.run_id, params.mlflow.experiment)
     return run.info.run_id

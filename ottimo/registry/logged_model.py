@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -23,10 +24,12 @@ def log_onnx_model(client: MlflowClient, run_id: str, path: Path, X: np.ndarray,
     tag the run with the file's sha256 (onnx.sha256); return (model URI, sha256)."""
     example = X[:2]
     model_id = new_logged_model(client, run_id, name, tags)
-    info = mlflow.onnx.log_model(
-        onnx.load(str(path)), name=vocab.model_name(name), model_id=model_id, run_id=run_id,
-        save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"], input_example=example,
-        signature=infer_signature(example, session(path).run(None, {INPUT: example})[0]))
+    with warnings.catch_warnings():  # MLflow's schema hints (integer columns) would reach the user's terminal
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
+        info = mlflow.onnx.log_model(
+            onnx.load(str(path)), name=vocab.model_name(name), model_id=model_id, run_id=run_id,
+            save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"], input_example=example,
+            signature=infer_signature(example, session(path).run(None, {INPUT: example})[0]))
     digest = sha256(path)
     client.set_tag(run_id, "onnx.sha256", digest)
     return info.model_uri, digest
