@@ -160,13 +160,15 @@ PAD = "&nbsp;"  # MLflow's markdown (showdown) draws table cells with no padding
 
 
 def spaced(md: str) -> str:
-    """Markdown tables with their cells padded by non-breaking spaces (MLflow renders them without spacing);
-    separator rows and other lines unchanged."""
+    """Markdown tables with their header cells padded by non-breaking spaces: MLflow renders tables without cell
+    padding, and a wider header spaces every row of its column (padding every cell would cost the description
+    its last sections). Other lines unchanged."""
+    lines = md.split("\n")
     out = []
-    for line in md.split("\n"):
-        if line.startswith("| ") and line.endswith(" |"):
-            cells = line[2:-2].split(" | ")
-            line = "| " + " | ".join(f"{PAD}{c}{PAD}" for c in cells) + " |"
+    for i, line in enumerate(lines):
+        header = i + 1 < len(lines) and lines[i + 1].startswith("|---")
+        if header and line.startswith("| ") and line.endswith(" |"):
+            line = "| " + " | ".join(f"{PAD}{c}{PAD}" for c in line[2:-2].split(" | ")) + " |"
         out.append(line)
     return "\n".join(out)
 

@@ -323,7 +323,7 @@ def test_with_a_champion_the_pipeline_picks_a_candidate_the_gate_passes(tmp_path
     parent = client.get_run(summary.run_id)
     assert parent.data.tags["gate.verdict"] == "passed"
     chosen = parent.data.tags["compress.selected"]
-    runs = {r.info.run_name: r for r in client.search_runs(
+    runs = {r.data.tags[vocab.CANDIDATE_NAME]: r for r in client.search_runs(
         [exp], f"tags.`mlflow.parentRunId` = '{summary.run_id}'") if "compress.selection" in r.data.tags}
     accuracy = {name: r.data.metrics["test_accuracy"] for name, r in runs.items()}
     assert accuracy[chosen] >= champion_acc - 0.005 - 1e-9, (chosen, accuracy, champion_acc)
