@@ -18,7 +18,7 @@ EXIT_CODE = 77
 POINTS = ("after-prepare", "mid-tuning", "after-training", "mid-compression", "after-registering",
           "between-alias-moves")
 # The production loop's points (tests/test_crash_loop.py): hit by `ottimo score` and `ottimo drift-check`.
-LOOP_POINTS = ("mid-scoring", "mid-drift-check")
+LOOP_POINTS = ("mid-scoring", "mid-drift-check", "after-appending-rows", "before-rollback-tags")
 
 _passed: Counter[str] = Counter()
 
