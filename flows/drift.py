@@ -9,6 +9,7 @@ from prefect.deployments import run_deployment
 
 from ottimo.config import Params, project_params
 from ottimo.monitor import drift as policy
+from ottimo.ops.faults import checkpoint
 from tasks.drift import (
     CheckSummary,
     add_training_data,
@@ -16,7 +17,9 @@ from tasks.drift import (
     check_window,
     close_check,
     collect_window,
+    retrain_state,
     rollback_champion,
+    start_retrain,
 )
 from tasks.lineage import forget_subflow_results
 from tasks.score import load_champion
@@ -47,7 +50,7 @@ def drift_check(project_dir: str = ".", params_file: str = "params.yaml", accept
     outcome: dict[str, str] = {}
     if check.action == policy.RETRAIN:
         outcome = add_training_data(root, params, window, check.run_id, accept_drifted)
-        outcome |= retrain(root, params_file, params)
+        outcome |= retrain(root, params_file, params, check.run_id)
     elif check.action == policy.ROLLBACK:
         outcome = {f"alias.{k}": v for k, v in rollback_champion(root, params, check).items()}
     summary = close_check(root, params, check, window, outcome)
@@ -57,16 +60,24 @@ def drift_check(project_dir: str = ".", params_file: str = "params.yaml", accept
     return summary
 
 
-def retrain(root: Path, params_file: str, params: Params) -> dict[str, str]:
-    """The training pipeline as a subflow here, or through its deployment when this flow runs from one."""
+def retrain(root: Path, params_file: str, params: Params, check_id: str) -> dict[str, str]:
+    """The training pipeline as a subflow here, or through its deployment when this flow runs from one. The
+    pipeline records its champion on the drift-check run when it finishes (either way); a rerun of the check after
+    a crash resumes: a retrain that finished is not run again, a deployment run is started once (idempotency key)."""
+    done = retrain_state(root, params, check_id)
+    if done is not None:
+        return done
+    where = {"project_dir": str(root), "params_file": params_file, "drift_check_run": check_id}
     if runtime.deployment.id:
-        run = run_deployment(f"training-pipeline/{params.deploy.training_name}", timeout=0,
-                             parameters={"project_dir": str(root), "params_file": params_file})
-        return {"training": "started", "training_flow_run": str(run.id)}
+        run = run_deployment(f"training-pipeline/{params.deploy.training_name}", timeout=0, parameters=where,
+                             idempotency_key=f"retrain-{check_id}")
+        return start_retrain(root, params, check_id, str(run.id))
     from flows.pipeline import training_pipeline
 
-    state = training_pipeline(project_dir=str(root), params_file=params_file, return_state=True)
+    start_retrain(root, params, check_id, None)
+    state = training_pipeline(**where, return_state=True)
     forget_subflow_results()  # close_check gets its outcome as values, not as inputs of type flow_run
     if not state.is_completed():
         return {"training": "failed", "message": state.message or state.name}
+    checkpoint("after-retrain")  # the pipeline recorded its champion on the check run; the check is not closed
     return {"training": "completed", "champion": state.result().champion}

@@ -15,14 +15,15 @@ from tasks.data import prepare_data, push_data, validate_raw
 from tasks.doctor import reconcile
 from tasks.evaluate import evaluate_candidate, evaluate_champion, export_candidate
 from tasks.registry import gate, promote_selected, register_candidate
-from tasks.summary import PipelineSummary, fail_open_mlflow_runs, summarise, summarise_failure
+from tasks.summary import PipelineSummary, fail_open_mlflow_runs, report_to_drift_check, summarise, summarise_failure
 from tasks.train import start_pipeline_run, train_candidate
 
 
 @flow(name="training-pipeline", on_failure=[fail_open_mlflow_runs, summarise_failure])
 def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml", max_epochs: int | None = None,
                       min_accuracy: float | None = None, tune_enabled: bool | None = None,
-                      candidates: list[Literal["mlp", "transformer"]] | None = None) -> PipelineSummary:
+                      candidates: list[Literal["mlp", "transformer"]] | None = None,
+                      drift_check_run: str | None = None) -> PipelineSummary:
     """Train every candidate family on the DVC-versioned data and promote the best one that passes the gate.
 
     Args:
@@ -32,6 +33,7 @@ def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml", 
         min_accuracy: The gate's minimum test accuracy, 0 to 1 (gate.min_accuracy); empty: as in params.yaml.
         tune_enabled: Run the Optuna tuning stage first (tune.enabled); empty: as in params.yaml.
         candidates: Model families to train (train.candidates); empty: as in params.yaml.
+        drift_check_run: The MLflow drift-check run whose retrain started this run; its outcome is recorded there.
     """
     root = Path(project_dir).resolve()
     params = project_params(root, params_file).overridden({
@@ -59,4 +61,7 @@ def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml", 
     cards = [model_card(root, params, e, v, champion_accuracy) for e, v in zip(evaluated, versions, strict=True)]
     decision = gate(root, params, run_id, evaluated, versions, champion_accuracy, cards=[c.figures for c in cards])
     aliases = promote_selected(root, params, run_id, decision)
-    return summarise(root, params, data, run_id, evaluated, versions, decision, aliases)
+    summary = summarise(root, params, data, run_id, evaluated, versions, decision, aliases)
+    if drift_check_run:
+        report_to_drift_check(root, params, drift_check_run, summary.champion)
+    return summary

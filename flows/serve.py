@@ -29,7 +29,7 @@ ROLLBACK_NAME = "rollback-champion"  # deployment rollback/rollback-champion
 FROM_PARAMS = {"max_epochs": "train.max_epochs", "min_accuracy": "gate.min_accuracy",
                "tune_enabled": "tune.enabled", "candidates": "train.candidates"}
 # parameters the training pipeline hands its stage flows; not for the form (empty: the flow prepares its own)
-INTERNAL = ("data", "parent_run_id", "params")
+INTERNAL = ("data", "parent_run_id", "params", "drift_check_run")  # drift_check_run: set by the drift check
 
 
 def deployments(project_dir: str, params_file: str = "params.yaml") -> list[RunnerDeployment]:

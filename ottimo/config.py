@@ -242,7 +242,7 @@ class EvaluateCfg(Strict):
 CardFigure = Literal[
     "accuracy.accuracy", "accuracy.macro_f1",
     "robustness.noise", "robustness.scale", "robustness.missing",
-    "generalisation.train_test_gap", "generalisation.train_val_gap",
+    "generalisation.train_test_gap", "generalisation.train_val_gap", "generalisation.drift_accuracy",
     "fairness.recall_spread", "fairness.min_class_recall", "fairness.slice_gap",
     "interpretability.top5_share",
     "scalability.p50_ms", "scalability.p95_ms", "scalability.max_throughput_rps",
@@ -292,6 +292,10 @@ class SliceCfg(Strict):
 class CardCfg(Strict):
     seed: int = 42
     severities: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.2, 0.4, 0.8], min_length=2)
+    # generalisation: the drift simulator's mild covariate shifts (rotate/blur only when image_shape fits)
+    drift_kinds: list[Literal["shift", "scale", "noise", "rotate", "blur"]] = Field(
+        default_factory=lambda: ["shift", "scale", "noise", "rotate", "blur"])
+    drift_severities: list[float] = Field(default_factory=lambda: [0.1, 0.25], min_length=1)
     slices: list[SliceCfg] = Field(default_factory=list)
     min_slice_rows: int = Field(10, ge=1)
     image_shape: list[int] | None = None  # e.g. [8, 8] for digits: the importance heat-map; null for tabular
@@ -308,6 +312,13 @@ class CardCfg(Strict):
     def _severities(cls, v: list[float]) -> list[float]:
         if v[0] != 0 or any(b <= a for a, b in zip(v, v[1:], strict=False)) or v[-1] > 1:
             raise ValueError("must start at 0 and increase strictly up to at most 1")
+        return v
+
+    @field_validator("drift_severities")
+    @classmethod
+    def _mild(cls, v: list[float]) -> list[float]:
+        if any(not 0 < x <= 0.5 for x in v):
+            raise ValueError("mild shifts: each severity above 0 and at most 0.5 (robustness covers larger ones)")
         return v
 
     @field_validator("image_shape")

@@ -24,6 +24,12 @@ WINDOW, CLOSED = "window", "check.closed"  # on a drift-check run: the hash of i
 QUALITY_SOURCE = "quality.source"  # on a drift-check run: labels | estimate | none; "realized" once labels came
 ACCURACY_REALIZED = "accuracy.realized"  # on score and drift-check runs: accuracy on labels that came later
 HELD_BACK = "rows.held_back"  # on a drift-check run: rows kept out of the training data appended on retrain
+ACTING = "check.acting"  # on a drift-check run: JSON {step: state} of carrying out its decision, written before each
+#   step (append: the training data's row count and sha256 before it, the rows it adds; retrain: the flow run it
+#   started) and marked done after it; a rerun after a crash resumes from it instead of acting twice
+OUTCOME = "outcome."  # prefix on a drift-check run: what its decision did (outcome.data_revision, outcome.champion)
+OUTCOME_TRAINING, OUTCOME_CHAMPION = OUTCOME + "training", OUTCOME + "champion"  # a retrain's result, its champion
+DRIFT_CHECK = "drift_check.run"  # on a pipeline run: the drift-check run whose retrain started it
 
 # Experiment tags. MLflow 3's UI opens an experiment in its GenAI view (traces, "Agent versions") unless this tag
 # says it is classic ML model development (values from its JS bundle: genai_development, custom_model_development).
@@ -37,7 +43,8 @@ RUN_NAME = "mlflow.runName"  # MLflow's own: the run's name in the UI
 NOTE = "mlflow.note.content"  # MLflow's own: the run's description (markdown) in the UI
 FLOW_RUN = "prefect.flow_run_id"  # the Prefect flow run that made the run
 FLOW_RUN_URL = "prefect.flow_run_url"
-OWNER = "ottimo.owner"  # the process that runs a pipeline or study run (JSON), for `ottimo doctor`
+OWNER = "ottimo.owner"  # the process that runs a pipeline, study, score or drift-check run (JSON), for `ottimo doctor`
+#   (a RUNNING MLflow run, or a Running Prefect flow run, whose owner is gone is repaired)
 FAILURE = "failure"  # why a run failed, in words
 FAMILY_RUN = "model.family"
 CANDIDATE_NAME = "ottimo.candidate"  # on candidate and compressed runs: the name the gate and the registry know it by

@@ -1,4 +1,5 @@
-"""Reconcile at the pipeline's start: repair what a crashed or killed run left, as `ottimo doctor --repair` does."""
+"""Reconcile at the pipeline's start: repair what a crashed or killed run left, as `ottimo doctor --repair` does;
+and the doctor's Prefect part (flow runs left Running by a killed process), which `ottimo doctor` runs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from ottimo.config import Params
+from ottimo.monitor import ledger
 from ottimo.ops import doctor
 from ottimo.registry.tracking import connect
 from tasks.retry import RETRY_TRANSIENT
@@ -27,3 +29,30 @@ def reconcile(root: Path, params: Params) -> list[str]:
     if not lines:
         log.info("reconcile: registry and runs consistent")
     return lines
+
+
+def flow_runs(root: Path, params: Params, repair: bool) -> list[doctor.Finding]:
+    """Prefect flow runs still Running whose process is gone (the doctor decides from the owner tags of their
+    MLflow pipeline and drift-check runs); with `repair` each is set Crashed, and a training run that a drift
+    check's retrain started is recorded as crashed on that check run. Uses the Prefect API in the settings (or
+    the ephemeral one)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.states import Crashed
+
+    client, exp = connect(root, params.mlflow)
+    mclient, mexp = ledger.connect_monitoring(root, params)
+    with get_client(sync_client=True) as api:
+        found = api.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+            type=FlowRunFilterStateType(any_=[StateType.RUNNING]))), sort=FlowRunSort.START_TIME_DESC, limit=200)
+        running = [doctor.FlowRun(str(r.id), r.name, (r.parameters or {}).get("drift_check_run")) for r in found]
+        owners = doctor.flow_run_owners(client, [exp, mexp], [r.id for r in running])
+
+        def crash(run: doctor.FlowRun, message: str) -> None:
+            api.set_flow_run_state(run.id, Crashed(message=message), force=True)
+            if run.drift_check_run:
+                ledger.record_retrain(mclient, run.drift_check_run, "crashed", message=message)
+
+        return doctor.stale_flow_runs(running, owners, crash if repair else None)

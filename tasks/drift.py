@@ -3,7 +3,9 @@ and carry out the decision (new training data under DVC, or a rollback), every s
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from mlflow.entities import Param
+from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
@@ -21,6 +24,7 @@ from ottimo.data.tables import materialise_raw, read_table, validate_frame
 from ottimo.monitor import drift as policy
 from ottimo.monitor import holdback, ledger
 from ottimo.onnx.measure import predict, scores
+from ottimo.ops.doctor import owner
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import promotion, versions
 from ottimo.registry.security import fetch_verified, serving_session
@@ -192,7 +196,7 @@ def check_window(root: Path, params: Params, champion: Champion, window: Window)
         vocab.KIND: vocab.CHECK, "decision": decision.action, "reasons": vocab.clip("; ".join(decision.reasons)),
         "champion": champion.version, vocab.DATA_REVISION: champion.data_revision,
         vocab.FLOW_RUN: str(runtime.flow_run.id), "batches": vocab.clip(",".join(Path(b).name for b in window.batches)),
-        vocab.WINDOW: key, vocab.CLOSED: "false"})
+        vocab.WINDOW: key, vocab.CLOSED: "false", vocab.OWNER: owner()})  # owner: the doctor tells a killed flow run
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten({"drift": cfg.model_dump()}).items()])
     numbers = {k: float(v) for k, v in ev.as_dict().items() if isinstance(v, int | float) and v is not None}
     source = policy.quality_source(ev, cfg)
@@ -214,16 +218,32 @@ def _resume(client, run) -> Check:
     return Check(run.info.run_id, summary["decision"], summary["reasons"], summary["evidence"], summary["champion"])
 
 
+APPEND = "append"  # the step of a drift check's ACTING marker that appends labelled rows to the training data
+
+
 @task
 def add_training_data(root: Path, params: Params, window: Window, check_id: str = "",
                       accept_drifted: bool = False) -> dict[str, str]:
     """Append the window's labelled rows to the training data file and version it with DVC (`dvc add`,
     `dvc repro prepare`); return the data revision (unchanged when no row was labelled) and the rows added.
     Rows that fail the training data's value checks or lie far outside its range (drift.holdback_margin) are held
-    back (written to limits.quarantine_dir with their reasons), unless `accept_drifted` or drift.accept_drifted_rows."""
+    back (written to limits.quarantine_dir with their reasons), unless `accept_drifted` or drift.accept_drifted_rows.
+
+    Resumable: the check run's ACTING marker records the file's row count and sha256 before the append and the
+    outcome; a rerun of the same check after a crash finds it and appends nothing twice (a file that changed since
+    the marker was written already holds the rows: only its DVC versioning is redone)."""
     log = get_run_logger()
     cfg = params.data
     raw = materialise_raw(root, cfg)
+    client, _ = ledger.connect_monitoring(root, params)
+    check_id = check_id if check_id and _is_run(client, check_id) else ""  # "": no check run to resume from
+    marker = ledger.acting(client, check_id).get(APPEND) if check_id else None
+    if marker is not None and (marker.get("done") or _digest(raw) != marker["sha256_before"]):
+        log.warning("drift check %s appended its %s row(s) before it was stopped: not appending them again",
+                    check_id, marker["outcome"]["rows_added"])
+        if marker.get("done"):
+            return {"data_revision": marker["data_revision"]} | marker["outcome"]
+        return _version_data(root, params, client, check_id, marker["outcome"])
     frames = [f for f in (read_table(Path(b)) for b in window.batches) if cfg.target in f.columns]
     versioning.ensure_repo(root)
     if not frames:
@@ -234,14 +254,16 @@ def add_training_data(root: Path, params: Params, window: Window, check_id: str 
     old = read_table(raw)
     rows = pd.concat([f.reindex(columns=old.columns).dropna(subset=[cfg.target]) for f in frames], ignore_index=True)
     outcome: dict[str, str] = {}
+    held = None
     if not (accept_drifted or params.drift.accept_drifted_rows):
         features = [c for c in old.columns if c != cfg.target]
         known = cfg.labels or sorted(int(v) for v in old[cfg.target].unique())
         parts = holdback.split(rows, old, features, cfg.target, known, params.drift.holdback_margin,
                                params.limits.max_abs_value)
         if len(parts.held):
-            outcome = {"rows_held_back": str(len(parts.held)), "held_back": vocab.clip("; ".join(parts.summary)),
-                       "held_back.path": str(_keep_held(root, params, parts.held, check_id or "window"))}
+            held = parts.held
+            outcome = {"rows_held_back": str(len(parts.held)), "held_back": vocab.clip("; ".join(parts.summary), 2000),
+                       "held_back.path": str(_held_path(root, params, check_id or "window"))}
             log.warning("%d labelled row(s) held back from the training data: %s (accept them with "
                         "drift.accept_drifted_rows or `ottimo drift-check --accept-drifted`)", len(parts.held),
                         "; ".join(parts.summary))
@@ -249,21 +271,86 @@ def add_training_data(root: Path, params: Params, window: Window, check_id: str 
     else:
         outcome = {"rows_held_back": "0 (accepted explicitly)"}
     new = validate_frame(pd.concat([old, rows], ignore_index=True), cfg, raw)
-    new.to_parquet(raw, index=False) if raw.suffix == ".parquet" else new.to_csv(raw, index=False)
-    versioning.track(root, cfg.path)
+    outcome = {"rows_added": str(len(new) - len(old))} | outcome
+    if check_id:  # the marker first: from here on a rerun must not append these rows again
+        ledger.act(client, check_id, APPEND, rows_before=len(old), sha256_before=_digest(raw), outcome=outcome)
+    if held is not None:
+        held.to_parquet(outcome["held_back.path"], index=False)
+    _write_atomically(new, raw)
+    checkpoint("after-appending-rows")
+    log.info("training data %s: %d -> %d rows", cfg.path, len(old), len(new))
+    return _version_data(root, params, client, check_id, outcome)
+
+
+def _version_data(root: Path, params: Params, client, check_id: str, outcome: dict[str, str]) -> dict[str, str]:
+    """`dvc add` the training data and `dvc repro prepare` (both idempotent), mark the append step done."""
+    versioning.track(root, params.data.path)
     versioning.reproduce(root)
     rev = versioning.revision(root)
-    log.info("training data %s: %d -> %d rows, data revision %s", cfg.path, len(old), len(new), rev[:12])
-    return {"data_revision": rev, "rows_added": str(len(new) - len(old))} | outcome
+    get_run_logger().info("training data versioned: data revision %s", rev[:12])
+    if check_id:
+        ledger.act(client, check_id, APPEND, done=True, data_revision=rev)
+    return {"data_revision": rev} | outcome
 
 
-def _keep_held(root: Path, params: Params, held: pd.DataFrame, name: str) -> Path:
-    """The held-back rows as `<quarantine>/heldback-<check run>.parquet`, each with its reason (column)."""
+def _is_run(client, run_id: str) -> bool:
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomically(df: pd.DataFrame, path: Path) -> None:
+    """Write the table beside `path` and rename it over: a crash leaves the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_parquet(tmp, index=False) if path.suffix == ".parquet" else df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _held_path(root: Path, params: Params, name: str) -> Path:
+    """Where held-back rows go: `<quarantine>/heldback-<check run>.parquet`, each with its reason (column)."""
     folder = root / params.limits.quarantine_dir
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"heldback-{name}.parquet"
-    held.to_parquet(path, index=False)
-    return path
+    return folder / f"heldback-{name}.parquet"
+
+
+
+
+def retrain_state(root: Path, params: Params, check_id: str) -> dict[str, str] | None:
+    """What a retrain this drift check started before it was stopped came to: its outcome when the training
+    pipeline finished (it records it), its flow run when one was started through a deployment; None: start one
+    (none was started, or a subflow retrain died with the process and must run again)."""
+    client, _ = ledger.connect_monitoring(root, params)
+    state = ledger.acting(client, check_id).get(ledger.RETRAIN)
+    if not state:
+        return None
+    if state.get("outcome"):
+        get_run_logger().warning("drift check %s: its retrain finished before it was stopped (%s); not again",
+                                 check_id, state["outcome"])
+        return state["outcome"]
+    if state.get("flow_run"):
+        get_run_logger().warning("drift check %s: its retrain was started (flow run %s); not again", check_id,
+                                 state["flow_run"])
+        return {"training": "started", "training_flow_run": state["flow_run"]}
+    return None
+
+
+def start_retrain(root: Path, params: Params, check_id: str, flow_run: str | None) -> dict[str, str]:
+    """Mark the retrain step started on the drift-check run (with the deployment's flow run, when there is one)."""
+    client, _ = ledger.connect_monitoring(root, params)
+    ledger.act(client, check_id, ledger.RETRAIN, started=True, **({"flow_run": flow_run} if flow_run else {}))
+    if flow_run:
+        client.set_tag(check_id, vocab.OUTCOME_TRAINING, "started")
+    return {"training": "started", "training_flow_run": flow_run} if flow_run else {}
 
 
 @task

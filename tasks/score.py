@@ -16,6 +16,7 @@ from ottimo.data.tables import DataValidationError
 from ottimo.monitor import ledger
 from ottimo.onnx.export import sha256
 from ottimo.onnx.measure import predict
+from ottimo.ops.doctor import owner
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import versions
 from ottimo.registry.security import fetch_verified, serving_session
@@ -98,7 +99,7 @@ def score_batch(root: Path, params: Params, champion: Champion, batch: str) -> S
     predicted = [schema["labels"][i] for i in pred]
     figures = ledger.scored_figures(predicted, df[schema["target"]].tolist() if labelled else None)
     run_id = ledger.record_score(client, exp, path, out, len(df), labelled, champion.version, sha256(path),
-                                  {vocab.FLOW_RUN: str(runtime.flow_run.id)}, figures)
+                                  {vocab.FLOW_RUN: str(runtime.flow_run.id), vocab.OWNER: owner()}, figures)
     batches.write_predictions(path, pred, schema["labels"], champion.version)
     log.info("scored %s: %d rows%s with v%s -> %s", path.name, len(df), " (labelled)" if labelled else "",
              champion.version, out.name)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import MarkdownArtifact, create_markdown_artifact
 
 from ottimo import vocab
 from ottimo.config import Params, project_params
+from ottimo.monitor import ledger
 from ottimo.registry import report
 from ottimo.registry.tracking import connect, tracking_uri
 from tasks.data import DataVersion
@@ -97,13 +98,26 @@ def summarise_failure(flow, flow_run, state) -> None:
                      flow_run_id=flow_run.id).create()
 
 
+@task
+def report_to_drift_check(root: Path, params: Params, check_id: str, champion: str) -> None:
+    """The pipeline's last step when a drift check's retrain started it: its champion on that check run (a retrain
+    started through a deployment is otherwise known there only by its flow-run id)."""
+    client, _ = ledger.connect_monitoring(root, params)
+    ledger.record_retrain(client, check_id, "completed", champion)
+    get_run_logger().info("drift check %s: retrain completed, champion v%s", check_id, champion)
+
+
 def fail_open_mlflow_runs(flow, flow_run, state) -> None:
-    """Flow on_failure hook: MLflow runs of this flow run still RUNNING are marked FAILED with the reason."""
+    """Flow on_failure hook: MLflow runs of this flow run still RUNNING are marked FAILED with the reason; the
+    drift check that started it (parameter drift_check_run) learns that its retrain failed."""
     root = Path(flow_run.parameters.get("project_dir", ".")).resolve()
     try:
         params = project_params(root, flow_run.parameters.get("params_file", "params.yaml"))
     except Exception:  # invalid config: nothing was logged
         return
+    if check_id := flow_run.parameters.get("drift_check_run"):
+        mclient, _ = ledger.connect_monitoring(root, params)
+        ledger.record_retrain(mclient, check_id, "failed", message=state.message or "training pipeline failed")
     client, exp = connect(root, params.mlflow)
     runs = client.search_runs([exp], f"tags.`{vocab.FLOW_RUN}` = '{flow_run.id}' and attributes.status = 'RUNNING'")
     for run in runs:

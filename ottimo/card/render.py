@@ -47,11 +47,20 @@ def _robustness(s: dict, full: bool) -> list[str]:
     return out + ["", *(f"- {k}: {s['method'][k]}" for k in KINDS)] if full else out
 
 
-def _generalisation(s: dict) -> list[str]:
+def _generalisation(s: dict, full: bool = True) -> list[str]:
     out = _table(["train", "val", "test", "train − test gap", "train − val gap"],
                  [[_f(s["train_accuracy"]), _f(s["val_accuracy"]), _f(s["test_accuracy"]),
                    _f(s["train_test_gap"]), _f(s["train_val_gap"])]])
-    return out + ["", f"Accuracy under mild drift: {s['drift_note']}."]
+    out += ["", f"Accuracy under mild drift: **{_f(s.get('drift_accuracy'))}**: {s['drift_note']}."]
+    curves = s.get("drift_curves") or {}
+    if curves:
+        sevs = s["drift_severities"]
+        out += ["", *_table(["shift", *(f"severity {x:g}" for x in sevs)],
+                            [[k, *(_f(a, 3) for a in c)] for k, c in curves.items()])]
+        out += ["", *(f"- {k}: {s['drift_method'][k]}" for k in curves)] if full else []
+    if s.get("drift_skipped"):
+        out += ["", f"Not measured: {', '.join(s['drift_skipped'])} (needs card.image_shape matching the features)."]
+    return out
 
 
 def _fairness(s: dict) -> list[str]:
@@ -146,7 +155,7 @@ def render(card: ModelCard, full: bool = True) -> str:
             f"`{lin.get('run_id')}` ({', '.join(['card.json', 'card.md', *card.plots])})."]
     body = {
         "accuracy": _accuracy(card.accuracy, full), "robustness": _robustness(card.robustness, full),
-        "generalisation": _generalisation(card.generalisation), "fairness": _fairness(card.fairness),
+        "generalisation": _generalisation(card.generalisation, full), "fairness": _fairness(card.fairness),
         "interpretability": _interpretability(card.interpretability, full), "lineage": _lineage(lin, full),
         "scalability": _scalability(card.scalability, full), "deployment": _deployment(card.deployment, full),
     }

@@ -11,12 +11,15 @@ from ottimo.cli.common import PARAMS, PROJECT, console, params_or_exit
 
 def doctor(
     repair: bool = typer.Option(False, "--repair", help="Apply the safe repairs (under the promotion lock)."),
+    flow_runs: bool = typer.Option(True, "--flow-runs/--no-flow-runs",
+                                   help="Also check Prefect flow runs left Running by a killed process (uses "
+                                        "PREFECT_API_URL, else Prefect's ephemeral API)."),
     project_dir: Path = PROJECT,
     params_file: str = PARAMS,
 ) -> None:
     """Check the registry and MLflow runs for what a crash leaves: a half-done alias move, runs left RUNNING,
-    versions without a gate verdict or sha256, a missing champion, previous-champion = champion. Exit code 1 while
-    anything is left unrepaired."""
+    versions without a gate verdict or sha256, a missing champion, previous-champion = champion, Prefect flow runs
+    left Running by a killed process (set Crashed). Exit code 1 while anything is left unrepaired."""
     from ottimo.ops.doctor import examine
     from ottimo.registry.tracking import connect
 
@@ -24,6 +27,14 @@ def doctor(
     params = params_or_exit(root, params_file)
     client, exp = connect(root, params.mlflow)
     findings = examine(client, exp, params.mlflow.registered_model, params.reliability, repair=repair)
+    if flow_runs:
+        from tasks.doctor import flow_runs as stale_flow_runs  # the Prefect part lives with the tasks
+
+        try:
+            findings += stale_flow_runs(root, params, repair)
+        except Exception as err:  # noqa: BLE001 - no Prefect API: the registry checks still count
+            console.print(f"[yellow]Prefect flow runs not checked: {type(err).__name__}: {err}[/yellow]",
+                          soft_wrap=True)
     if not findings:
         console.print(f"[green]{params.mlflow.registered_model}: registry and runs are consistent[/green]")
         return

@@ -7,6 +7,7 @@ as its window and marks them with its own run id once it has decided.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -95,6 +96,35 @@ def open_check(client: MlflowClient, exp: str, key: str):
 def mark_checked(client: MlflowClient, score_run_ids: list[str], check_run_id: str) -> None:
     for run_id in score_run_ids:
         client.set_tag(run_id, vocab.CHECKED, check_run_id)
+
+
+def acting(client: MlflowClient, check_run_id: str) -> dict[str, dict]:
+    """What a drift check has done so far to carry out its decision, step by step ({} before it started)."""
+    return json.loads(client.get_run(check_run_id).data.tags.get(vocab.ACTING) or "{}")
+
+
+def act(client: MlflowClient, check_run_id: str, step: str, **state) -> dict:
+    """Record a step of carrying out a drift check's decision (before it, and again when done), so a rerun after
+    a crash resumes from it instead of acting twice. Returns the step's state."""
+    steps = acting(client, check_run_id)
+    steps[step] = steps.get(step, {}) | state
+    client.set_tag(check_run_id, vocab.ACTING, json.dumps(steps))
+    return steps[step]
+
+
+RETRAIN = "retrain"  # the ACTING step of a retrain: the flow run started, then (by the pipeline) its outcome
+
+
+def record_retrain(client: MlflowClient, check_run_id: str, training: str, champion: str | None = None,
+                   message: str | None = None) -> dict[str, str]:
+    """The training pipeline a drift check started, as it ends: its outcome (completed | failed) and champion on
+    the check run, as outcome.training / outcome.champion and in its ACTING marker (a rerun of the check finds it)."""
+    outcome = {"training": training} | ({"champion": str(champion)} if champion else {}) | (
+        {"message": vocab.clip(message, 1000)} if message else {})
+    act(client, check_run_id, RETRAIN, done=True, outcome=outcome)
+    for key, value in outcome.items():
+        client.set_tag(check_run_id, vocab.OUTCOME + key, vocab.clip(value))
+    return outcome
 
 
 def last_check(client: MlflowClient, exp: str, decision: str | None = None):

@@ -3,6 +3,8 @@
 Checks: a half-done alias move (journal), MLflow runs left RUNNING by a process that is gone, versions whose
 gate verdict never came, a challenger whose verdict is unknown, a missing champion, previous-champion equal to
 champion, versions without a sha256 tag. `ottimo doctor` and the pipeline's start run the same checks.
+`ottimo doctor` also finds Prefect flow runs still Running whose process is gone (`stale_flow_runs`: the decision
+is here, the Prefect client that lists and sets them Crashed is in tasks/doctor.py: the core imports no Prefect).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +34,7 @@ VERDICTS = ("passed", "failed")
 @dataclass(frozen=True)
 class Finding:
     check: str  # journal | stale-run | pending-verdict | challenger-unknown | champion-missing | previous-is-champion
-    subject: str  # | sha256-missing
+    subject: str  # | sha256-missing | stale-flow-run
     problem: str
     action: str  # what --repair does (did), or what the user should do when it cannot be repaired
     repaired: bool | None  # None: report only (no safe automatic repair); False: not attempted (no --repair)
@@ -223,3 +226,49 @@ def examine(client: MlflowClient, experiment_id: str, name: str, cfg: Reliabilit
             repair: bool = False) -> list[Finding]:
     """Every inconsistency found (and, with `repair`, repaired where that is safe)."""
     return Doctor(client, experiment_id, name, cfg, repair).run()
+
+
+@dataclass(frozen=True)
+class FlowRun:
+    """A Prefect flow run in state Running, as the doctor needs it (the Prefect layer reads it)."""
+    id: str
+    name: str
+    drift_check_run: str | None = None  # a training pipeline started by a drift check's retrain: that check run
+
+
+def flow_run_owners(client: MlflowClient, experiment_ids: list[str], flow_run_ids: list[str]) -> dict[str, list[str]]:
+    """The owner tags of the MLflow runs (pipeline, drift-check) each flow run made, by flow-run id."""
+    owners: dict[str, list[str]] = {}
+    for flow_run in flow_run_ids:  # few: the flow runs Prefect shows Running
+        runs = client.search_runs(experiment_ids, f"tags.`{vocab.FLOW_RUN}` = '{flow_run}'", max_results=1000)
+        owners[flow_run] = [t for r in runs if (t := r.data.tags.get(vocab.OWNER))]
+    return owners
+
+
+def process_gone(owners: list[str], alive: Callable[[str | None], bool | None] = owner_alive) -> bool:
+    """Whether the process of a flow run is known to be gone: an owner of its MLflow runs is dead, none is alive.
+    No owner, or owners only on other hosts: it cannot be told, so it is left alone."""
+    states = [alive(o) for o in owners]
+    return False in states and True not in states
+
+
+def stale_flow_runs(running: list[FlowRun], owners: Mapping[str, list[str]],
+                    crash: Callable[[FlowRun, str], None] | None,
+                    alive: Callable[[str | None], bool | None] = owner_alive) -> list[Finding]:
+    """Flow runs Prefect still shows Running although the process that ran them is gone (killed, power cut): the
+    process exited without telling the API. `crash(run, message)` sets one Crashed (None: report only, not
+    attempted). A training run started by a drift check's retrain also needs its outcome on that check run: the
+    caller's `crash` records it."""
+    found = []
+    for run in running:
+        if not process_gone(owners.get(run.id, []), alive):
+            continue
+        message = "process died (found Running by ottimo doctor: the owner process of its MLflow runs is gone)"
+        if crash is not None:
+            crash(run, message)
+        found.append(Finding("stale-flow-run", f"flow run {run.id} ({run.name})",
+                             "Running in Prefect, but the process that ran it is gone",
+                             "set it Crashed" + (f" and record the retrain as crashed on drift check "
+                                                 f"{run.drift_check_run}" if run.drift_check_run else ""),
+                             crash is not None))
+    return found

@@ -17,8 +17,9 @@ EXIT_CODE = 77
 # The training pipeline's crash points (tests/test_crash.py parametrises over them).
 POINTS = ("after-prepare", "mid-tuning", "after-training", "mid-compression", "after-registering",
           "between-alias-moves")
-# The production loop's points (tests/test_crash_loop.py): hit by `ottimo score` and `ottimo drift-check`.
-LOOP_POINTS = ("mid-scoring", "mid-drift-check")
+# The production loop's points (tests/system/test_crash_loop.py; before-rollback-tags: tests/flows/
+# test_loop_hardening.py): hit by `ottimo score`, `ottimo drift-check` and a rollback.
+LOOP_POINTS = ("mid-scoring", "mid-drift-check", "after-appending-rows", "after-retrain", "before-rollback-tags")
 
 _passed: Counter[str] = Counter()
 

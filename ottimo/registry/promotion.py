@@ -2,7 +2,8 @@
 
 A move (promotion, rollback, repair) takes the model's lock, finishes or undoes any move a dead process left,
 checks that `champion` is still the version the caller based its decision on, writes its intent to a journal
-(a registered-model tag), moves the aliases one by one, then clears the journal. An exception undoes the move
+(a registered-model tag), moves the aliases one by one, writes the version tags that belong to the move (a
+rollback's rolled_back/restored), then clears the journal. An exception undoes the move
 at once; a hard crash leaves the journal, and the next move, `ottimo doctor` or the pipeline's start finishes it
 (when its target is servable) or undoes it.
 """
@@ -24,6 +25,8 @@ from mlflow.exceptions import MlflowException
 from ottimo import vocab
 from ottimo.ops.faults import checkpoint
 from ottimo.registry.versions import CHAMPION, PREVIOUS, aliases
+
+JOURNAL_LIMIT = vocab.TAG_LIMIT  # a registered-model tag value: the journal entry must fit whole
 
 
 class PromotionError(RuntimeError):
@@ -131,6 +134,13 @@ def _apply(client: MlflowClient, name: str, target: dict[str, str | None], histo
         client.set_model_version_tag(name, target[CHAMPION], vocab.CHAMPION_SINCE, since_now())
 
 
+def _tag(client: MlflowClient, name: str, tags: list) -> None:
+    """The version tags a move carries ([version, key, value] each): written once its aliases are set, before its
+    journal is cleared, so a crash in between leaves them in the journal for `recover` to write."""
+    for version, key, value in tags:
+        client.set_model_version_tag(name, version, key, value)
+
+
 def recover(client: MlflowClient, name: str) -> str | None:
     """Finish a journaled move when its new champion is servable, else undo it; say what was done (None: no
     journal). Call it holding the lock: a journal seen under the lock was left by a process that died."""
@@ -140,16 +150,21 @@ def recover(client: MlflowClient, name: str) -> str | None:
     target, before = entry["target"], entry["before"]
     finish = finishable(client, name, entry)
     _apply(client, name, target if finish else before, history=finish)
+    if finish:
+        _tag(client, name, entry.get("tags", []))
     client.delete_registered_model_tag(name, vocab.JOURNAL)
     done = "finished" if finish else "undone (its new champion is not servable)"
     return f"interrupted {entry['op']} {before} -> {target} {done}"
 
 
 def move(client: MlflowClient, name: str, target: dict[str, str | None], expected_champion: str | None,
-         op: str, timeout: float = 120, gate: bool = True) -> dict[str, str]:
+         op: str, timeout: float = 120, gate: bool = True,
+         tags: list[tuple[str, str, str]] | None = None) -> dict[str, str]:
     """Move aliases to `target` ({alias: version, or None to remove}) as one unit, if `champion` is still
     `expected_champion`; return the aliases after. Already at `target`: nothing changes (idempotent rerun).
     `gate=False` lets a version without a passed gate verdict become champion (its sha256 is still required).
+    `tags` ((version, key, value) each) are part of the move: journaled with it, written after the aliases, and
+    written by whoever finishes the move when this process dies in between.
 
     Raises ChampionChanged when another move got there first, PromotionBusy when the lock is not free in time.
     """
@@ -169,10 +184,13 @@ def move(client: MlflowClient, name: str, target: dict[str, str | None], expecte
             raise PromotionError(f"{op} refused: {name} v{target[CHAMPION]} has not passed the gate or has no sha256 "
                                  "tag, so it may not be champion; nothing was changed.")
         entry = {"op": op, "before": {a: before.get(a) for a in target}, "target": target, "at": time.time(),
-                 "gate": gate}
+                 "gate": gate, "tags": [[str(v), k, vocab.clip(x)] for v, k, x in tags or []]}
         client.set_registered_model_tag(name, vocab.JOURNAL, json.dumps(entry))
         try:
             _apply(client, name, target)
+            if entry["tags"]:
+                checkpoint("before-rollback-tags")
+                _tag(client, name, entry["tags"])
         except BaseException as err:
             try:
                 _apply(client, name, entry["before"], history=False)
@@ -224,15 +242,15 @@ def rollback(client: MlflowClient, name: str, reason: str, expected_champion: st
             raise NoPreviousChampion(
                 f"{name}: no previous-champion to roll back to (champion {current or 'none'}); "
                 "nothing changed. Promote a known-good version with the `promote` flow instead.")
-        after = move(client, name, {CHAMPION: previous, PREVIOUS: current}, current, "rollback", timeout, gate=False)
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
-        client.set_model_version_tag(name, current, vocab.ROLLED_BACK,
-                                     vocab.clip(f"{stamp}: replaced by v{previous}: {reason}"))
-        client.set_model_version_tag(name, previous, vocab.RESTORED,
-                                     vocab.clip(f"{stamp}: restored over v{current}: {reason}"))
+        limit = (JOURNAL_LIMIT - 1000) // 2  # both reasons and the journal's own fields fit one tag value
+        tags = [(current, vocab.ROLLED_BACK, vocab.clip(f"{stamp}: replaced by v{previous}: {reason}", limit)),
+                (previous, vocab.RESTORED, vocab.clip(f"{stamp}: restored over v{current}: {reason}", limit))]
         if decision:
-            client.set_model_version_tag(name, current, vocab.ROLLBACK_BY, decision)
-        return after
+            tags.append((current, vocab.ROLLBACK_BY, vocab.clip(decision)))
+        # the tags go with the move (journaled): a crash after the aliases moved cannot lose them
+        return move(client, name, {CHAMPION: previous, PREVIOUS: current}, current, "rollback", timeout, gate=False,
+                    tags=tags)
 
 
 def _v(version: str | None) -> str:

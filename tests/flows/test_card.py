@@ -89,7 +89,10 @@ def test_every_section_and_figure_is_filled(card, synthetic):
     assert card.deployment["opset"] >= 18 and "Gemm" in card.deployment["operators"]
     assert card.deployment["inputs"][0]["shape"][1] == len(FEATURES) and card.deployment["single_thread_ok"] == 1.0
     assert [c["batch"] for c in card.scalability["curve"]] == [1, 32]
-    assert card.generalisation["drift_accuracy"] is None and "does not exist yet" in card.generalisation["drift_note"]
+    gen = card.generalisation  # tabular: the simulator's tabular shifts, measured; the image ones named as skipped
+    assert set(gen["drift_curves"]) == {"shift", "scale", "noise"} and gen["drift_skipped"] == ["rotate", "blur"]
+    assert gen["drift_accuracy"] == pytest.approx(np.mean([a for c in gen["drift_curves"].values() for a in c]))
+    assert "does not exist yet" not in gen["drift_note"] and "not measured" not in gen["drift_note"]
     assert card.interpretability["image_shape"] is None  # 8 tabular features: a bar chart
     md = render(card)
     assert [line[3:] for line in md.splitlines() if line.startswith("## ")] == list(SECTIONS.values())
@@ -98,6 +101,34 @@ def test_every_section_and_figure_is_filled(card, synthetic):
     path, splits = synthetic
     again = measure_card(path, splits, CFG, EVAL, 50.0, path.parent / "again")
     assert deterministic(again) == deterministic(card)
+
+
+def test_generalisation_measures_accuracy_under_mild_seeded_shifts(card, synthetic):
+    """Mild shifts cost some accuracy, never more than the unshifted test split has, and the same seed gives the
+    same figures (what `ottimo card show`'s recomputation relies on); the seed is recorded."""
+    from ottimo.card.render import render
+    from ottimo.card.sections import generalisation_section
+    from ottimo.onnx.measure import session
+
+    gen = card.generalisation
+    test = gen["test_accuracy"]
+    assert gen["drift_severities"] == [0.1, 0.25] and all(len(c) == 2 for c in gen["drift_curves"].values())
+    assert 0.5 < gen["drift_accuracy"] <= test + 0.02
+    assert gen["drift_drop"] == pytest.approx(test - gen["drift_accuracy"])
+    assert gen["drift_curves"]["shift"][1] <= gen["drift_curves"]["shift"][0] + 0.02  # more shift, no better
+    path, splits = synthetic
+    sess = session(path)
+    assert generalisation_section(sess, splits, CFG) == gen
+    other = generalisation_section(sess, splits, CFG.model_copy(update={"seed": 7}))
+    assert other["drift_curves"]["shift"] == gen["drift_curves"]["shift"]  # a deterministic shift
+    assert other["drift_seed"] == 7
+    md = render(card)
+    assert "Accuracy under mild drift: **" in md and "| shift |" in md and "does not exist yet" not in md
+    image = CardCfg(image_shape=[2, 4], drift_kinds=["rotate", "blur"], drift_severities=[0.1])
+    rotated = generalisation_section(sess, splits, image)  # 8 features as a 2 x 4 image: the image kinds run
+    assert set(rotated["drift_curves"]) == {"rotate", "blur"} and rotated["drift_skipped"] == []
+    with pytest.raises(ValueError, match="mild shifts"):
+        CardCfg(drift_severities=[0.8])
 
 
 def test_slices_by_value_quantiles_and_edges():

@@ -88,6 +88,37 @@ def test_a_rollback_killed_between_its_alias_moves_is_finished_by_the_doctor(reg
     assert doctor.examine(client, exp, NAME, params.reliability) == []
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("resume", ["doctor", "rerun"])
+def test_a_rollback_killed_after_its_alias_moves_keeps_its_tags(reg, tmp_path, resume):
+    """The rolled_back/restored tags are part of the move: killed after the aliases moved and before the tags,
+    the journal still holds them; the doctor's repair or the same decision rerun writes them, and swaps nothing."""
+    root, params, client, exp, (v1, v2, v3) = reg
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    proc = alias_worker(root, "rollback", "-", v2, barrier, crash_at="before-rollback-tags")
+    release(barrier, [proc])
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == EXIT_CODE, out
+    assert versions.aliases(client, NAME) == {CHAMPION: v1, PREVIOUS: v2}  # moved, ...
+    assert vocab.ROLLED_BACK not in client.get_model_version(NAME, v2).tags  # ... not yet tagged
+    entry = promotion.journal(client, NAME)
+    assert entry["op"] == "rollback" and {k for _, k, _ in entry["tags"]} == {
+        vocab.ROLLED_BACK, vocab.RESTORED, vocab.ROLLBACK_BY}
+    decision = next(x for _, k, x in entry["tags"] if k == vocab.ROLLBACK_BY)
+    if resume == "doctor":
+        found = doctor.examine(client, exp, NAME, params.reliability, repair=True)
+        assert [(f.check, f.repaired) for f in found] == [("journal", True)]
+    else:
+        assert promotion.rollback(client, NAME, "again", v2, decision) == {CHAMPION: v1, PREVIOUS: v2}
+    assert versions.aliases(client, NAME) == {CHAMPION: v1, PREVIOUS: v2}  # swapped once, not back
+    tags2, tags1 = client.get_model_version(NAME, v2).tags, client.get_model_version(NAME, v1).tags
+    assert "replaced by v" + v1 in tags2[vocab.ROLLED_BACK] and tags2[vocab.ROLLBACK_BY] == decision
+    assert "restored over v" + v2 in tags1[vocab.RESTORED]
+    assert promotion.journal(client, NAME) is None and doctor.examine(client, exp, NAME, params.reliability) == []
+    assert promotion.rollback(client, NAME, "again", v2, decision) == {CHAMPION: v1, PREVIOUS: v2}
+
+
 def _fingerprint(root, client):
     return versions.aliases(client, NAME), (root / "dvc.lock").read_bytes(), (root / "data" / "raw").exists() and \
         sorted(p.name for p in (root / "data" / "raw").iterdir())

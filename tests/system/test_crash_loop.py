@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections import Counter
 
+import pandas as pd
 import pytest
 
 from flows.drift import drift_check
@@ -24,12 +25,13 @@ from tests.helpers.loop_helpers import loop_project
 SMALL = {"drift": {"min_rows": 60, "max_rows": 200}}
 
 
-def _crash(point: str, command: str, root) -> None:
+def _crash(point: str, command: str, root, module: str = "ottimo.cli") -> None:
     from prefect.settings import PREFECT_API_URL
 
     env = dict(os.environ, PYTHONPATH=str(REPO), PREFECT_API_URL=PREFECT_API_URL.value(), OTTIMO_CRASH_AT=point,
                OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "ottimo.cli", command, "-C", str(root)], env=env,
+    args = [command, "-C", str(root)] if module == "ottimo.cli" else [str(root)]
+    out = subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == faults.EXIT_CODE, out.stdout[-2000:] + out.stderr[-3000:]
 
@@ -96,3 +98,99 @@ def test_a_crash_mid_drift_check_then_a_rerun_takes_the_decision_once(tmp_path, 
     if summary.action != "rollback":
         assert versions.aliases(client, name) == aliases
     assert not mclient.search_runs([exp], "attributes.status = 'RUNNING'")
+
+
+RETRAIN = {"drift": {"min_rows": 60, "max_rows": 200, "rollback_margin": 100.0}}
+
+
+def _labelled(root, params, n: int = 2) -> None:
+    """`n` labelled batches of 40 rows (the prepared test split, target included, every pixel that reaches 8 or
+    more +2: data drift within the hold-back margin), scored."""
+    incoming = root / params.score.incoming
+    incoming.mkdir(parents=True, exist_ok=True)
+    test = pd.read_parquet(root / "data" / "prepared" / "test.parquet")
+    features = [c for c in test.columns if c != params.data.target and test[c].max() >= 8]
+    test[features] = test[features] + 2.0
+    for i in range(n):
+        test.iloc[i * 40:(i + 1) * 40].to_parquet(incoming / f"l{i}.parquet", index=False)
+    assert batch_scoring(project_dir=str(root), return_state=True).is_completed()
+
+
+@pytest.mark.slow
+def test_a_crash_after_appending_rows_then_a_rerun_appends_them_once(tmp_path, prefect_harness, monkeypatch):
+    """Killed after the append, before DVC versioned it: the rerun resumes the check from its acting marker (the
+    rows are in, once); `ottimo doctor` finds the killed drift-check flow run still Running and sets it Crashed."""
+    from prefect.client.orchestration import get_client
+
+    import flows.pipeline
+    from tasks.doctor import flow_runs
+    from tests.helpers import drift_worker
+
+    root, params, _, _, _ = loop_project(tmp_path / "project", RETRAIN)
+    _labelled(root, params)
+    raw = root / params.data.path
+    before = len(pd.read_csv(raw))
+
+    _crash("after-appending-rows", "drift-check", root)
+    assert len(pd.read_csv(raw)) == before + 80
+    mclient, exp = ledger.connect_monitoring(root, params)
+    [left] = mclient.search_runs([exp], f"tags.`{vocab.KIND}` = '{vocab.CHECK}'")
+    assert left.data.tags["decision"] == "retrain" and left.data.tags[vocab.CLOSED] == "false"
+    marker = ledger.acting(mclient, left.info.run_id)["append"]
+    assert marker["rows_before"] == before and marker["outcome"]["rows_added"] == "80" and "done" not in marker
+
+    # the killed process's flow run: Running in Prefect until the doctor sets it Crashed (once)
+    killed = left.data.tags[vocab.FLOW_RUN]
+    [found] = [f for f in flow_runs(root, params, repair=False) if killed in f.subject]
+    assert found.check == "stale-flow-run" and found.repaired is False
+    with get_client(sync_client=True) as api:
+        assert api.read_flow_run(killed).state.is_running()
+        assert [f.repaired for f in flow_runs(root, params, repair=True) if killed in f.subject] == [True]
+        assert api.read_flow_run(killed).state.type.value == "CRASHED"
+    assert not [f for f in flow_runs(root, params, repair=False) if killed in f.subject]
+
+    monkeypatch.setattr(flows.pipeline, "training_pipeline", drift_worker.fake_training)
+    drift_worker.TRAINED.clear()
+    state = drift_check(project_dir=str(root), return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.run_id == left.info.run_id and summary.action == "retrain"
+    assert len(pd.read_csv(raw)) == before + 80  # appended once, not twice
+    assert summary.outcome["rows_added"] == "80" and summary.outcome["data_revision"]
+    assert drift_worker.TRAINED == [left.info.run_id]  # the retrain ran once, told which check started it
+    tags = mclient.get_run(left.info.run_id).data.tags
+    assert tags[vocab.CLOSED] == "true" and tags[vocab.OUTCOME_CHAMPION] == "1"
+    assert ledger.acting(mclient, left.info.run_id)["append"]["done"] is True
+    assert ledger.unchecked(mclient, exp) == []
+
+
+@pytest.mark.slow
+def test_a_crash_after_the_retrain_then_a_rerun_does_not_retrain_again(tmp_path, prefect_harness, monkeypatch):
+    """Killed after the training pipeline finished (it recorded its champion on the check run) and before the
+    check closed: the rerun closes the check with that outcome, appending and training nothing again."""
+    import flows.pipeline
+    from tests.helpers import drift_worker
+
+    root, params, _, _, _ = loop_project(tmp_path / "project", RETRAIN)
+    _labelled(root, params)
+    raw = root / params.data.path
+    before = len(pd.read_csv(raw))
+
+    _crash("after-retrain", "drift-check", root, module="tests.helpers.drift_worker")
+    mclient, exp = ledger.connect_monitoring(root, params)
+    [left] = mclient.search_runs([exp], f"tags.`{vocab.KIND}` = '{vocab.CHECK}'")
+    assert left.data.tags[vocab.CLOSED] == "false" and left.data.tags[vocab.OUTCOME_CHAMPION] == "1"
+    assert ledger.acting(mclient, left.info.run_id)["retrain"]["outcome"] == {"training": "completed",
+                                                                              "champion": "1"}
+
+    monkeypatch.setattr(flows.pipeline, "training_pipeline", drift_worker.fake_training)
+    drift_worker.TRAINED.clear()
+    state = drift_check(project_dir=str(root), return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.run_id == left.info.run_id
+    assert drift_worker.TRAINED == []  # not trained again
+    assert summary.outcome["training"] == "completed" and summary.outcome["champion"] == "1"
+    assert len(pd.read_csv(raw)) == before + 80
+    assert mclient.get_run(left.info.run_id).data.tags[vocab.CLOSED] == "true"
+    assert ledger.unchecked(mclient, exp) == []

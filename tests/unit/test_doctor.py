@@ -145,3 +145,20 @@ def test_half_done_move_to_an_unservable_version_is_undone(case):
     assert checks(client, exp, name, repair=True) == [("journal", True)]
     assert versions.aliases(client, name) == {CHAMPION: v1}
     assert promotion.journal(client, name) is None
+
+
+def test_a_flow_run_is_stale_when_its_owner_process_is_gone():
+    """The decision behind setting Prefect flow runs Crashed: only when an owner is known dead and none alive."""
+    from ottimo.ops.doctor import FlowRun, process_gone, stale_flow_runs
+
+    assert process_gone([DEAD]) and process_gone([DEAD, ELSEWHERE])
+    assert not process_gone([]) and not process_gone([ELSEWHERE]) and not process_gone([DEAD, owner()])
+    runs = [FlowRun("a", "killed"), FlowRun("b", "alive"), FlowRun("c", "unknown"),
+            FlowRun("d", "killed retrain", drift_check_run="check-1")]
+    owners = {"a": [DEAD], "b": [owner()], "d": [DEAD]}
+    assert [(f.check, f.subject, f.repaired) for f in stale_flow_runs(runs, owners, None)] == [
+        ("stale-flow-run", "flow run a (killed)", False), ("stale-flow-run", "flow run d (killed retrain)", False)]
+    crashed = []
+    found = stale_flow_runs(runs, owners, lambda run, message: crashed.append((run.id, message)))
+    assert [f.repaired for f in found] == [True, True] and [c[0] for c in crashed] == ["a", "d"]
+    assert "process died" in crashed[0][1] and "drift check check-1" in found[1].action
