@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ottimo import vocab
 from ottimo.card.store import prepared_for
 from ottimo.config import Params
 from ottimo.data.batches import schema_of
@@ -145,7 +146,7 @@ class Follower:
     def _open(self, version: str, t0: float) -> Served:
         dst = self.root / "mlruns" / "work" / f"serve-v{version}"
         path, mv = fetch_verified(self.client, self.name, version, dst)
-        revision = mv.tags.get("data_revision", "")
+        revision = vocab.tag(mv.tags, vocab.DATA_REVISION, "")
         schema = schema_of(prepared_for(self.root, revision))
         sess = serving_session(path, mv.tags["sha256"], self.params.deploy.serve.threads)
         served = Served(self.name, str(mv.version), mv.tags["sha256"], revision, list(schema["features"]),
