@@ -53,11 +53,11 @@ def _generalisation(s: dict, full: bool = True) -> list[str]:
                    _f(s["train_test_gap"]), _f(s["train_val_gap"])]])
     out += ["", f"Accuracy under mild drift: **{_f(s.get('drift_accuracy'))}**: {s['drift_note']}."]
     curves = s.get("drift_curves") or {}
-    if curves:
+    if curves and full:  # the per-shift table is card.md's; the registry description keeps the mean (its 5,000 chars)
         sevs = s["drift_severities"]
         out += ["", *_table(["shift", *(f"severity {x:g}" for x in sevs)],
                             [[k, *(_f(a, 3) for a in c)] for k, c in curves.items()])]
-        out += ["", *(f"- {k}: {s['drift_method'][k]}" for k in curves)] if full else []
+        out += ["", *(f"- {k}: {s['drift_method'][k]}" for k in curves)]
     if s.get("drift_skipped"):
         out += ["", f"Not measured: {', '.join(s['drift_skipped'])} (needs card.image_shape matching the features)."]
     return out
