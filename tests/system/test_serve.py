@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ottimo import vocab
 from ottimo.data import batches
 from ottimo.monitor import ledger
 from ottimo.onnx.measure import predict, session
@@ -178,7 +179,8 @@ def _tampered_version(client, exp, name, root: Path, revision: str) -> str:
 def test_a_tampered_version_is_refused_and_the_old_one_keeps_serving(served):
     root, params, client, exp, (v1, v2), port, log = served
     name = params.mlflow.registered_model
-    v3 = _tampered_version(client, exp, name, root, versions.version(client, name, v2).tags["data_revision"])
+    revision = vocab.tag(versions.version(client, name, v2).tags, vocab.DATA_REVISION)
+    v3 = _tampered_version(client, exp, name, root, revision)
     rows, _ = rows_of(root, 2, seed=2)
     load = Load("127.0.0.1", port, rows, clients=2, token=TOKEN).start()
     try:
