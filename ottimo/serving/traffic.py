@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ottimo import vocab
 from ottimo.config import Params
 from ottimo.data import batches
 from ottimo.monitor import ledger
@@ -148,8 +149,8 @@ class TrafficLog:
                 raise UnknownId(f"no logged request {rid} in {self.cfg.traffic_dir} (not logged, or deleted after "
                                 "its drift check)")
             run = self._score_run(path)
-            if run is not None and run.data.tags.get(ledger.CHECKED) != "false":
-                raise TooLate(f"the rows of {rid} were decided on by drift check {run.data.tags[ledger.CHECKED]}; "
+            if run is not None and run.data.tags.get(vocab.CHECKED) != "false":
+                raise TooLate(f"the rows of {rid} were decided on by drift check {run.data.tags[vocab.CHECKED]}; "
                               "a label now would not count")
             df = pd.read_parquet(path)
             df = _with_labels(df, {rid: labels}, self.target)
@@ -267,7 +268,7 @@ class TrafficLog:
 
     def _score_run(self, path: Path):
         client, exp = self._monitoring()
-        runs = client.search_runs([exp], f"tags.`{ledger.KIND}` = '{ledger.SCORE}' and tags.source = '{SOURCE}' "
+        runs = client.search_runs([exp], f"tags.`{vocab.KIND}` = '{vocab.SCORE}' and tags.source = '{SOURCE}' "
                                   f"and tags.`batch.path` = '{path}'", max_results=1)
         return runs[0] if runs else None
 
