@@ -16,7 +16,7 @@ from ottimo.config import deep_merge, load_params
 from ottimo.data import versioning
 from ottimo.ops import faults
 from ottimo.ops.doctor import examine
-from ottimo.registry import promotion
+from ottimo.registry import promotion, versions
 from ottimo.registry.tracking import connect
 from tests.conftest import REPO, write_project
 
@@ -65,9 +65,9 @@ def test_a_hard_crash_then_a_rerun_finishes_the_job(point, tmp_path, prefect_har
     runs = client.search_runs([exp])
     assert not [r for r in runs if r.info.status == "RUNNING"]
     assert all("process died" in r.data.tags["failure"] for r in runs if r.info.status == "FAILED")
-    versions = client.search_model_versions(f"name = '{name}'")
-    assert max(Counter(v.run_id for v in versions).values()) == 1  # no run registered twice
-    verdicts = Counter(vocab.tag(v.tags, vocab.GATE_VERDICT) for v in versions)
+    found = client.search_model_versions(f"name = '{name}'")
+    assert max(Counter(v.run_id for v in found).values()) == 1  # no run registered twice
+    verdicts = Counter(vocab.tag(v.tags, vocab.GATE_VERDICT) for v in found)
     assert set(verdicts) <= {"passed", "failed", vocab.ABANDONED}
     assert verdicts[vocab.ABANDONED] == (1 if point == "after-registering" else 0)
     aliases = versions.aliases(client, name)
