@@ -232,7 +232,7 @@ def test_push_data_retries_until_the_dvc_remote_is_back(tmp_path, harness):
 @pytest.mark.timeout(600)
 def test_pipeline_survives_the_mlflow_server_going_away_mid_run(tmp_path, prefect_harness, monkeypatch):
     from mlflow import MlflowClient
-    from tests.test_security import _free_port
+    from tests.system.test_security import _free_port
 
     from flows.pipeline import training_pipeline
     from ottimo.ops import servers

@@ -41,7 +41,7 @@ class Case:
     text: str | None = None  # ... or the raw text of params.yaml
     params_file: str = "params.yaml"  # ... or the params file a flow run / CLI names
     batch: tuple[str, ...] | None = ()  # as an incoming batch: fragments of its quarantine reason (() = `expect`) ...
-    batch_ok: str = ""  # ... or None, and why the scoring flow scores such a batch (tests/test_loop_hardening.py)
+    batch_ok: str = ""  # ... or None, and why the scoring flow scores such a batch (tests/flows/test_loop_hardening.py)
 
     @property
     def batch_expect(self) -> tuple[str, ...]:
