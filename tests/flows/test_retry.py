@@ -232,11 +232,11 @@ def test_push_data_retries_until_the_dvc_remote_is_back(tmp_path, harness):
 @pytest.mark.timeout(600)
 def test_pipeline_survives_the_mlflow_server_going_away_mid_run(tmp_path, prefect_harness, monkeypatch):
     from mlflow import MlflowClient
-    from tests.system.test_security import _free_port
 
     from flows.pipeline import training_pipeline
     from ottimo.ops import servers
     from ottimo.registry import versions
+    from tests.system.test_security import _free_port
 
     root = write_project(tmp_path / "project", {"deploy": {"mlflow_port": _free_port()},
                                                 "train": {"candidates": ["mlp"], "max_epochs": 12}})
