@@ -14,7 +14,7 @@ from collections import Counter
 ENV = "OTTIMO_CRASH_AT"
 EXIT_CODE = 77
 
-# The training pipeline's crash points (tests/test_crash.py parametrises over them).
+# The training pipeline's crash points (tests/system/test_crash.py parametrises over them).
 POINTS = ("after-prepare", "mid-tuning", "after-training", "mid-compression", "after-registering",
           "between-alias-moves")
 # The production loop's points (tests/system/test_crash_loop.py; before-rollback-tags: tests/flows/
