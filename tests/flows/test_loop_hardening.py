@@ -70,15 +70,20 @@ def test_promote_and_rollback_race_one_wins_the_other_is_refused(reg, tmp_path):
     assert promotion.journal(client, NAME) is None and doctor.examine(client, exp, NAME, params.reliability) == []
 
 
-@pytest.mark.slow
-def test_a_rollback_killed_between_its_alias_moves_is_finished_by_the_doctor(reg, tmp_path):
-    root, params, client, exp, (v1, v2, v3) = reg
+def _kill_a_rollback(root, champion: str, tmp_path, point: str) -> None:
+    """A rollback in its own process, decided on `champion`, killed at crash point `point`."""
     barrier = tmp_path / "barrier"
     barrier.mkdir()
-    proc = alias_worker(root, "rollback", "-", v2, barrier, crash_at="between-alias-moves")
+    proc = alias_worker(root, "rollback", "-", champion, barrier, crash_at=point)
     release(barrier, [proc])
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == EXIT_CODE, out
+
+
+@pytest.mark.slow
+def test_a_rollback_killed_between_its_alias_moves_is_finished_by_the_doctor(reg, tmp_path):
+    root, params, client, exp, (v1, v2, v3) = reg
+    _kill_a_rollback(root, v2, tmp_path, "between-alias-moves")
     assert versions.aliases(client, NAME) == {CHAMPION: v1, PREVIOUS: v1}  # cut in two
     assert promotion.journal(client, NAME)["op"] == "rollback"
     found = doctor.examine(client, exp, NAME, params.reliability)
@@ -94,12 +99,7 @@ def test_a_rollback_killed_after_its_alias_moves_keeps_its_tags(reg, tmp_path, r
     """The rolled_back/restored tags are part of the move: killed after the aliases moved and before the tags,
     the journal still holds them; the doctor's repair or the same decision rerun writes them, and swaps nothing."""
     root, params, client, exp, (v1, v2, v3) = reg
-    barrier = tmp_path / "barrier"
-    barrier.mkdir()
-    proc = alias_worker(root, "rollback", "-", v2, barrier, crash_at="before-rollback-tags")
-    release(barrier, [proc])
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == EXIT_CODE, out
+    _kill_a_rollback(root, v2, tmp_path, "before-rollback-tags")
     assert versions.aliases(client, NAME) == {CHAMPION: v1, PREVIOUS: v2}  # moved, ...
     assert vocab.ROLLED_BACK not in client.get_model_version(NAME, v2).tags  # ... not yet tagged
     entry = promotion.journal(client, NAME)
