@@ -17,7 +17,7 @@ import pandas as pd
 
 from ottimo.config import LimitsCfg
 from ottimo.data import intake
-from ottimo.data.tables import DataValidationError, Wording, check_table, read_table
+from ottimo.data.tables import Wording, check_table, read_table
 
 PREDICTIONS = ".predictions.parquet"
 BATCH = Wording(schema="the training schema", duplicate="; every column needs its own name", mismatch="",
@@ -49,16 +49,6 @@ def validate_batch(root: Path, path: Path, schema: dict, limits: LimitsCfg) -> p
     intake.preflight(root, path, limits)
     return check_table(read_table(path), schema["features"], schema["target"], schema["labels"], Path(path.name),
                        BATCH, bound=limits.max_abs_value, target_required=False)
-
-
-def check_columns(source: str, columns: list[str], features: list[str], target: str | None) -> None:
-    """Raise DataValidationError unless `columns` are the training features (and the target, when one is allowed),
-    naming what is missing and what is unexpected."""
-    missing = [c for c in features if c not in columns]
-    extra = [c for c in columns if c not in features and c != target]
-    if missing or extra:
-        raise DataValidationError(f"{source}: columns do not match the training schema: missing {missing[:10]}, "
-                                  f"unexpected {extra[:10]}")
 
 
 def quarantine(root: Path, batch: Path, reason: str, limits: LimitsCfg) -> tuple[Path | None, Path]:

@@ -149,6 +149,17 @@ class Wording:
     consequence: str = "nothing was prepared or trained"  # what a schema violation stopped (summarise_errors)
 
 
+def check_columns(source: str, columns: list[str], features: list[str], target: str | None,
+                  schema: str = "the training schema", hint: str = "") -> None:
+    """Raise DataValidationError unless `columns` are the training features (and the target, when one is allowed),
+    naming what is missing and what is unexpected (and `hint`, what to do)."""
+    missing = [c for c in features if c not in columns]
+    extra = [c for c in columns if c not in features and c != target]
+    if missing or extra:
+        raise DataValidationError(f"{source}: columns do not match {schema}: missing {missing[:10]}, "
+                                  f"unexpected {extra[:10]}{hint}")
+
+
 def check_table(df: pd.DataFrame, features: list[str], target: str, labels: list[int] | None, source: Path,
                 wording: Wording, min_rows: int = 1, bound: float | None = None,
                 target_required: bool = True) -> pd.DataFrame:
@@ -160,13 +171,7 @@ def check_table(df: pd.DataFrame, features: list[str], target: str, labels: list
         raise DataValidationError(f"{source}: duplicate column names {dupes}{wording.duplicate}")
     if target_required and target not in df.columns:
         raise DataValidationError(f"{source}: target column {target!r} is missing (data.target in params)")
-    missing = [c for c in features if c not in df.columns]
-    extra = [c for c in df.columns if c not in features and c != target]
-    if missing or extra:
-        raise DataValidationError(
-            f"{source}: columns do not match {wording.schema}: missing {missing[:10]}, unexpected {extra[:10]}"
-            f"{wording.mismatch}"
-        )
+    check_columns(str(source), list(df.columns), features, target, wording.schema, wording.mismatch)
     if len(df) == 0:
         raise DataValidationError(f"{source}: no data rows, only a header; {wording.empty}")
     if len(df) < min_rows:

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ottimo.data.batches import check_columns
-from ottimo.data.tables import DataValidationError
+from ottimo.data.tables import DataValidationError, check_columns
 
 
 class BadRequest(ValueError):
