@@ -60,6 +60,26 @@ def _inside_project(v: str) -> str:
 ProjectPath = Annotated[str, AfterValidator(_inside_project)]  # a file or folder the project owns
 
 
+class InputCfg(Strict):
+    """What one row is (the model family's `spec`): a flat table, an image, or a sequence of token ids. Images and
+    sequences come from feature columns (row-major, the shape's product of them) or from an .npz file (X, y)."""
+
+    kind: Literal["tabular", "image", "sequence"] = "tabular"
+    shape: list[int] | None = None  # image [channels, height, width]; sequence [length]; null: the feature count
+    pad_id: int = Field(0, ge=0)  # sequence: the padding token id
+    vocab_size: int | None = Field(None, ge=2)  # sequence: ids 0 .. vocab_size-1; null: max id in the data + 1
+
+    @model_validator(mode="after")
+    def _shape(self) -> InputCfg:
+        want = {"image": 3, "sequence": 1}.get(self.kind)
+        if self.shape is not None and (min(self.shape, default=0) < 1 or (want and len(self.shape) != want)):
+            raise ValueError(f"shape {self.shape} does not fit kind {self.kind!r}: image takes [channels, height, "
+                             "width], sequence [length], tabular null or [n_features]; positive integers")
+        if self.kind == "image" and self.shape is None:
+            raise ValueError("an image input needs its shape, e.g. [1, 8, 8] for digits")
+        return self
+
+
 class DataCfg(Strict):
     path: ProjectPath = "data/raw/digits.csv"
     builtin: Literal["digits", "breast_cancer", "wine"] | None = "digits"
@@ -67,6 +87,7 @@ class DataCfg(Strict):
     features: list[str] | None = None
     labels: list[int] | None = None
     min_rows: int = Field(100, ge=10)
+    input: InputCfg = InputCfg()
     splits: SplitsCfg = SplitsCfg()
     seed: int = 42
 
