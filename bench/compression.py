@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ottimo.models.architectures import count_parameters
 
 from ottimo.compress import pareto, quantize, techniques
 from ottimo.config import Params, load_params
 from ottimo.data.tables import Splits, load_splits, materialise_raw, prepare
-from ottimo.models.architectures import count_parameters
 from ottimo.models.train import fit
 from ottimo.onnx.export import export_onnx
 from ottimo.onnx.measure import measure

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from prefect import flow
 
@@ -16,13 +15,13 @@ from tasks.doctor import reconcile
 from tasks.evaluate import evaluate_candidate, evaluate_champion, export_candidate
 from tasks.registry import gate, promote_selected, register_candidate
 from tasks.summary import PipelineSummary, fail_open_mlflow_runs, report_to_drift_check, summarise, summarise_failure
-from tasks.train import start_pipeline_run, train_candidate
+from tasks.train import check_candidates, start_pipeline_run, train_candidate
 
 
 @flow(name="training-pipeline", on_failure=[fail_open_mlflow_runs, summarise_failure])
 def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml", max_epochs: int | None = None,
                       min_accuracy: float | None = None, tune_enabled: bool | None = None,
-                      candidates: list[Literal["mlp", "transformer"]] | None = None,
+                      candidates: list[str] | None = None,
                       drift_check_run: str | None = None) -> PipelineSummary:
     """Train every candidate family on the DVC-versioned data and promote the best one that passes the gate.
 
@@ -32,7 +31,8 @@ def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml", 
         max_epochs: Epoch budget of each candidate (train.max_epochs); empty: as in params.yaml.
         min_accuracy: The gate's minimum test accuracy, 0 to 1 (gate.min_accuracy); empty: as in params.yaml.
         tune_enabled: Run the Optuna tuning stage first (tune.enabled); empty: as in params.yaml.
-        candidates: Model families to train (train.candidates); empty: as in params.yaml.
+        candidates: Model families to train (train.candidates: mlp, transformer, cnn or one of families:); empty:
+            as in params.yaml.
         drift_check_run: The MLflow drift-check run whose retrain started this run; its outcome is recorded there.
     """
     root = Path(project_dir).resolve()
@@ -43,6 +43,7 @@ def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml", 
     reconcile(root, params)  # first finish or undo what a crashed run left
     validate_raw(root, params)
     data = prepare_data(root, params)
+    check_candidates(params, data)  # every family builds for these rows, before anything is trained or pushed
     push_data(root, params)
     run_id = start_pipeline_run(root, params, data)
     tuned = tune_stage(str(root), params_file, params, data, run_id) if params.tune.enabled else {}

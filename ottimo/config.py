@@ -6,14 +6,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
-Family = Literal["mlp", "transformer"]
 
 
 class ConfigError(ValueError):
@@ -110,47 +110,6 @@ class MlflowCfg(Strict):
     registered_model: str = "ottimo-classifier"
 
 
-class MlpCfg(Strict):
-    hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    optimizer: Optimizer = "adamw"
-    lr: float = Field(0.003, gt=0, le=1)
-    weight_decay: float = Field(0.0001, ge=0)
-
-
-class TransformerCfg(Strict):
-    patch_size: int = Field(8, ge=1)
-    d_model: int = Field(32, ge=4)
-    heads: int = Field(4, ge=1)
-    layers: int = Field(2, ge=1)
-    ff_dim: int = Field(64, ge=4)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    optimizer: Optimizer = "adamw"
-    lr: float = Field(0.002, gt=0, le=1)
-    weight_decay: float = Field(0.0001, ge=0)
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> TransformerCfg:
-        if self.d_model % self.heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
-        return self
-
-
-class TrainCfg(Strict):
-    candidates: list[Family] = Field(default_factory=lambda: ["mlp", "transformer"], min_length=1)
-    max_epochs: int = Field(60, ge=1)
-    patience: int = Field(8, ge=1)
-    batch_size: int = Field(64, ge=1)
-    log_every: int = Field(10, ge=1)
-    mlp: MlpCfg = MlpCfg()
-    transformer: TransformerCfg = TransformerCfg()
-
-    def patched(self, overrides: dict | None) -> TrainCfg:
-        """This config with nested `overrides` (e.g. a tuned {"batch_size": 32, "mlp": {"lr": 0.01}}) applied,
-        validated again so a tuned transformer still has d_model divisible by heads."""
-        return self if not overrides else TrainCfg.model_validate(deep_merge(self.model_dump(), overrides))
-
-
 class FloatRange(Strict):
     """A float searched in [low, high], log-uniformly when `log` (learning rates, weight decay)."""
 
@@ -181,42 +140,80 @@ class IntRange(Strict):
         return self
 
 
-class MlpSpace(Strict):
-    """MLP search space: `depth` hidden layers of `width` units each."""
-
-    lr: FloatRange = FloatRange(low=1e-4, high=3e-2, log=True)
-    width: list[int] = Field(default_factory=lambda: [32, 64, 128, 256], min_length=1)
-    depth: IntRange = IntRange(low=1, high=3)
-    dropout: FloatRange = FloatRange(low=0.0, high=0.4)
-    weight_decay: FloatRange = FloatRange(low=1e-6, high=1e-2, log=True)
-    batch_size: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
-    epochs: int = Field(20, ge=1)  # budget of one trial: the pruner's max resource
+# One searched setting: {low, high, step} of ints, {low, high, log} of floats, or a list of choices; null drops a
+# setting of a built-in family's space.
+SpaceSpec = IntRange | FloatRange | list[Any] | None
+TRAIN_KEYS = ("optimizer", "lr", "weight_decay", "batch_size")  # space keys that are training settings, not hparams
 
 
-class TransformerSpace(Strict):
-    """Patch-transformer search space; ff_dim is d_model * ff_mult."""
+class FamilyTrainCfg(Strict):
+    """A family's own training settings; each null one is train:'s."""
 
-    lr: FloatRange = FloatRange(low=3e-4, high=1e-2, log=True)
-    d_model: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
-    heads: list[int] = Field(default_factory=lambda: [2, 4], min_length=1)
-    layers: IntRange = IntRange(low=1, high=3)
-    ff_mult: list[int] = Field(default_factory=lambda: [2], min_length=1)
-    dropout: FloatRange = FloatRange(low=0.0, high=0.3)
-    weight_decay: FloatRange = FloatRange(low=1e-6, high=1e-2, log=True)
-    batch_size: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
-    epochs: int = Field(15, ge=1)
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> TransformerSpace:
-        bad = [(d, h) for d in self.d_model for h in self.heads if d % h]
-        if bad:
-            raise ValueError(f"every d_model choice must be divisible by every heads choice; not {bad}")
-        return self
+    optimizer: Optimizer | None = None
+    lr: float | None = Field(None, gt=0, le=1)
+    weight_decay: float | None = Field(None, ge=0)
+    batch_size: int | None = Field(None, ge=1)
 
 
-class SearchSpace(Strict):
-    mlp: MlpSpace = MlpSpace()
-    transformer: TransformerSpace = TransformerSpace()
+def _builder_path(v: str) -> str:
+    module, _, attr = v.partition(":")
+    if not module or not attr.isidentifier() or not all(p.isidentifier() for p in module.split(".")):
+        raise ValueError("must be 'module.path:function', e.g. mymodels.net:build (a module importable from the "
+                         "project folder)")
+    return v
+
+
+class FamilyCfg(Strict):
+    """A model family: `builder(spec, n_classes, **hparams) -> torch.nn.Module` (spec: ottimo.InputSpec), the
+    keyword arguments it is built with, its training settings and its tuning space (over hparams and the training
+    settings optimizer, lr, weight_decay, batch_size)."""
+
+    builder: Annotated[str, AfterValidator(_builder_path)]
+    hparams: dict[str, Any] = Field(default_factory=dict)
+    train: FamilyTrainCfg = FamilyTrainCfg()
+    space: dict[str, SpaceSpec] = Field(default_factory=dict)
+    trial_epochs: int = Field(15, ge=1)  # the epoch budget of one tuning trial (the pruner's max resource)
+
+    def searched(self) -> dict[str, IntRange | FloatRange | list]:
+        return {k: v for k, v in self.space.items() if v is not None}
+
+
+def _space(**kw) -> dict:
+    return kw
+
+
+BUILTIN_FAMILIES: dict[str, dict] = {  # params.yaml's `families:` is laid over these, key by key
+    "mlp": {"builder": "ottimo.models.builtin.mlp:build", "hparams": {"hidden": [128, 64], "dropout": 0.1},
+            "train": {"lr": 0.003}, "trial_epochs": 20, "space": _space(
+                lr={"low": 1e-4, "high": 3e-2, "log": True}, width=[32, 64, 128, 256], depth={"low": 1, "high": 3},
+                dropout={"low": 0.0, "high": 0.4}, weight_decay={"low": 1e-6, "high": 1e-2, "log": True},
+                batch_size=[32, 64, 128])},
+    "transformer": {"builder": "ottimo.models.builtin.transformer:build", "hparams": {
+        "patch_size": 8, "d_model": 32, "heads": 4, "layers": 2, "ff_dim": 64, "dropout": 0.1},
+        "train": {"lr": 0.002}, "trial_epochs": 15, "space": _space(
+            lr={"low": 3e-4, "high": 1e-2, "log": True}, d_model=[16, 32, 64], heads=[2, 4],
+            layers={"low": 1, "high": 3}, ff_mult=[2], dropout={"low": 0.0, "high": 0.3},
+            weight_decay={"low": 1e-6, "high": 1e-2, "log": True}, batch_size=[32, 64, 128])},
+    "cnn": {"builder": "ottimo.models.builtin.cnn:build", "hparams": {
+        "channels": [16, 32], "kernel": 3, "hidden": 64, "dropout": 0.1},
+        "train": {"lr": 0.003}, "trial_epochs": 15, "space": _space(
+            lr={"low": 3e-4, "high": 1e-2, "log": True}, channels=[[8, 16], [16, 32], [32, 64]],
+            hidden=[32, 64, 128], dropout={"low": 0.0, "high": 0.3},
+            weight_decay={"low": 1e-6, "high": 1e-2, "log": True}, batch_size=[32, 64, 128])},
+}
+
+
+class TrainCfg(Strict):
+    """Training of every candidate; a family's own `families.<name>.train` settings win over these."""
+
+    candidates: list[str] = Field(default_factory=lambda: ["mlp", "transformer"], min_length=1)
+    max_epochs: int = Field(60, ge=1)
+    patience: int = Field(8, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Optimizer = "adamw"
+    lr: float = Field(0.003, gt=0, le=1)
+    weight_decay: float = Field(0.0001, ge=0)
+    log_every: int = Field(10, ge=1)
 
 
 class TuneCfg(Strict):
@@ -241,7 +238,6 @@ class TuneCfg(Strict):
     seed: int | None = None  # null: project.seed
     multi_objective: bool = False  # NSGA-II on (val accuracy, ONNX p95 latency at batch 1); no pruning
     max_accuracy_drop: float = Field(1.0, ge=0, le=100)  # points below the best the chosen fastest trial may be
-    space: SearchSpace = SearchSpace()
 
     @field_validator("storage")
     @classmethod
@@ -394,7 +390,7 @@ class PruneCfg(Strict):
     """Pruning variants of each base model, each fine-tuned for `finetune_epochs` at `lr`."""
 
     unstructured: list[float] = Field(default_factory=lambda: [0.5, 0.8])  # global magnitude sparsities
-    structured: list[float] = Field(default_factory=lambda: [0.5])  # fraction of hidden / FF neurons removed
+    structured: list[float] = Field(default_factory=lambda: [0.5])  # fraction of channels / neurons removed
     finetune_epochs: int = Field(10, ge=0)
     lr: float = Field(0.001, gt=0, le=1)
 
@@ -421,9 +417,9 @@ class DistillCfg(Strict):
     """A smaller student trained on the teacher's temperature-softened logits plus the hard labels."""
 
     enabled: bool = True
-    student: Family = "mlp"
-    mlp: MlpCfg = MlpCfg(hidden=[64], dropout=0.0)  # the student's architecture (its optimizer and lr used)
-    transformer: TransformerCfg = TransformerCfg(d_model=16, heads=2, layers=1, ff_dim=32, dropout=0.0)
+    student: str = "mlp"  # a family (families:); its hparams with `hparams` laid over them
+    hparams: dict[str, Any] = Field(default_factory=dict)  # e.g. {hidden: [64], dropout: 0.0} for an mlp student
+    lr: float | None = Field(None, gt=0, le=1)  # null: the student family's training lr
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.7, ge=0, le=1)  # weight of the soft (KL) term; 1 - alpha on cross-entropy
     epochs: int = Field(40, ge=1)
@@ -445,7 +441,7 @@ class CompressCfg(Strict):
     """The compression stage: variants of the teacher (and of its distilled student), measured side by side."""
 
     enabled: bool = False
-    teacher: Family = "transformer"  # the trained family compressed; must be in train.candidates
+    teacher: str = "transformer"  # the trained family compressed; must be in train.candidates
     bases: list[Literal["teacher", "student"]] = Field(default_factory=lambda: ["teacher", "student"], min_length=1)
     prune: PruneCfg = PruneCfg()
     quantize: QuantizeCfg = QuantizeCfg()
@@ -519,6 +515,8 @@ class DriftCfg(Strict):
 class Params(Strict):
     project: ProjectCfg = ProjectCfg()
     data: DataCfg = DataCfg()
+    families: dict[str, FamilyCfg] = Field(default_factory=lambda: {
+        k: FamilyCfg.model_validate(v) for k, v in BUILTIN_FAMILIES.items()})
     dvc: DvcCfg = DvcCfg()
     mlflow: MlflowCfg = MlflowCfg()
     train: TrainCfg = TrainCfg()
@@ -532,6 +530,29 @@ class Params(Strict):
     reliability: ReliabilityCfg = ReliabilityCfg()
     score: ScoreCfg = ScoreCfg()
     drift: DriftCfg = DriftCfg()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _builtin_families(cls, raw: Any) -> Any:
+        """params.yaml's `families:` laid over the built-in ones: a new name adds a family, a built-in name
+        changes only the keys given (hparams and space key by key)."""
+        if isinstance(raw, dict) and isinstance(raw.get("families", {}), dict):
+            given = raw.get("families") or {}
+            merged = {k: deep_merge(BUILTIN_FAMILIES.get(k, {}), v) if isinstance(v, dict) else v
+                      for k, v in given.items()}
+            raw = raw | {"families": BUILTIN_FAMILIES | merged}
+        return raw
+
+    @model_validator(mode="after")
+    def _families_known(self) -> Params:
+        known = sorted(self.families)
+        named = [("train.candidates", f) for f in self.train.candidates] + [
+            ("compress.teacher", self.compress.teacher), ("compress.distill.student", self.compress.distill.student)]
+        for key, name in named:
+            if name not in self.families:
+                raise ValueError(f"{key}: {name!r} is not a model family; families are {known} (add yours under "
+                                 "families: with its builder)")
+        return self
 
     @model_validator(mode="after")
     def _teacher_is_trained(self) -> Params:
@@ -547,12 +568,24 @@ class Params(Strict):
                 if overrides else self)
 
 
+MOVED = {  # keys of earlier versions, and where their settings live now
+    "train.mlp": "families.mlp.hparams (and families.mlp.train)",
+    "train.transformer": "families.transformer.hparams (and families.transformer.train)",
+    "tune.space": "families.<name>.space (and families.<name>.trial_epochs)",
+    "compress.distill.mlp": "compress.distill.hparams", "compress.distill.transformer": "compress.distill.hparams",
+}
+
+
 def _describe(err: ValidationError, source: str) -> str:
     lines = [f"{source} is invalid:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and key in MOVED:
+            lines.append(f"  - {key}: this setting moved to {MOVED[key]}; move it there")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"  - {key}: unknown key (value {e['input']!r}); remove it or check its spelling")
+        elif not e["loc"]:  # a check across sections: its message names the keys
+            lines.append(f"  - {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  - {key}: got {e['input']!r}; {e['msg']}")
     lines.append("Fix the file and run again; nothing was run.")
@@ -577,7 +610,15 @@ def load_params(path: str | Path) -> Params:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping of sections (project, data, train, ...)")
+    importable(path.parent)
     return parse_params(raw, str(path))
+
+
+def importable(project: Path) -> None:
+    """Put the project folder on sys.path, so that a family's builder (families.<name>.builder) imports from it."""
+    folder = str(Path(project).resolve())
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 
 def project_params(root: str | Path, params_file: str = "params.yaml") -> Params:

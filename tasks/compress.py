@@ -9,12 +9,11 @@ made for concurrent tracing; fine-tuning and distillation run concurrently.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from mlflow.artifacts import download_artifacts
 from mlflow.entities import Metric, Param
 from prefect import get_run_logger, runtime, task
@@ -24,17 +23,20 @@ from ottimo import vocab
 from ottimo.compress import pareto, quantize, techniques
 from ottimo.config import Params
 from ottimo.data.tables import Splits, load_splits
-from ottimo.models.architectures import count_parameters, rebuild
+from ottimo.models.family import Recipe, count_parameters, rebuild, recipe
 from ottimo.onnx.export import export_guard, export_onnx, parity_check, sha256, verify_sha256
-from ottimo.onnx.measure import measure, predict, session
+from ottimo.onnx.measure import Metrics, measure, predict, session
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import report
 from ottimo.registry.gate import GateFailed
 from ottimo.registry.logged_model import log_onnx_model
 from ottimo.registry.tracking import connect, flatten, run_model_uri, work_dir
+from ottimo.spec import InputSpec
 from tasks.data import DataVersion
 from tasks.evaluate import Evaluated, Exported
-from tasks.train import Candidate
+from tasks.train import RECIPE_FILE, Candidate
+
+MEASURED = tuple(f.name for f in fields(Metrics))  # a skipped candidate's figures are all NaN
 
 
 @dataclass(frozen=True)
@@ -50,18 +52,20 @@ class Built:
     onnx_path: str
     sha256: str
     model_uri: str
-    n_features: int
+    spec: InputSpec  # one input row
     n_classes: int
     checkpoint: str | None = None  # state_dict, loaded with weights_only=True
-    arch: dict = field(default_factory=dict)  # TrainCfg patch {family: {...}} rebuilding the checkpoint's model
+    recipe: Recipe | None = None  # what rebuilds the checkpoint's model (None: structurally pruned or quantized)
     parameters: int = 0
     sparsity: float = 0.0
     settings: dict = field(default_factory=dict)
     error: str | None = None  # e.g. quantized predictions that disagree with the FP32 model
 
 
-def load_model(b: Built, params: Params) -> torch.nn.Sequential:
-    return rebuild(b.family, b.n_features, b.n_classes, params.train.patched(b.arch), b.checkpoint)
+def load_model(b: Built) -> torch.nn.Sequential:
+    if b.recipe is None or b.checkpoint is None:
+        raise ValueError(f"{b.name} ({b.technique}) is not rebuilt from a recipe; start from its ONNX file")
+    return rebuild(b.recipe, b.spec, b.n_classes, b.checkpoint)
 
 
 def _open_run(root: Path, params: Params, parent_run_id: str, name: str, technique: str, base: Built,
@@ -87,21 +91,32 @@ def _log_onnx(root: Path, params: Params, run_id: str, path: Path, X: np.ndarray
 
 
 def _finish_torch(root: Path, params: Params, model: torch.nn.Module, name: str, technique: str, base: Built,
-                  arch: dict, settings: dict, splits: Splits, data: DataVersion, parent_run_id: str) -> Built:
+                  recipe: Recipe | None, settings: dict, splits: Splits, data: DataVersion, parent_run_id: str
+                  ) -> Built:
     """Checkpoint, ONNX export with parity check, MLflow run with the model: a PyTorch-made candidate."""
     run_id = _open_run(root, params, parent_run_id, name, technique, base, settings, data)
     out = work_dir(root, run_id)
     torch.save(model.state_dict(), out / "checkpoint.pt")
     with export_guard.exclusive():
-        path = export_onnx(model, base.n_features, out / "model.onnx")
+        path = export_onnx(model, base.spec, out / "model.onnx")
         diff = parity_check(model, path, splits.X_test, params.evaluate.parity_atol)
         uri, digest = _log_onnx(root, params, run_id, path, splits.X_test)
     client = connect(root, params.mlflow)[0]
     client.log_metric(run_id, "parity_max_abs_diff", diff)
     client.log_artifact(run_id, str(out / "checkpoint.pt"))
-    return Built(name, technique, base.name, base.family, run_id, str(path), digest, uri, base.n_features,
-                 base.n_classes, str(out / "checkpoint.pt"), arch, count_parameters(model), techniques.sparsity(model),
-                 settings)
+    return Built(name, technique, base.name, recipe.family if recipe else base.family, run_id, str(path), digest,
+                 uri, base.spec, base.n_classes, str(out / "checkpoint.pt"), recipe, count_parameters(model),
+                 techniques.sparsity(model), settings)
+
+
+def _skipped(root: Path, params: Params, name: str, technique: str, base: Built, settings: dict, data: DataVersion,
+             parent_run_id: str, reason: str) -> Built:
+    """A candidate that could not be made: its run records why; the report shows it with that reason."""
+    run_id = _open_run(root, params, parent_run_id, name, technique, base, settings, data)
+    connect(root, params.mlflow)[0].set_tag(run_id, "compress.skipped", vocab.clip(reason))
+    get_run_logger().warning("%s skipped: %s", name, reason)
+    return Built(name, technique, base.name, base.family, run_id, "", "", "", base.spec, base.n_classes,
+                 parameters=base.parameters, settings=settings, error=f"skipped: {reason}")
 
 
 def _prune_name(base: str, method: str, amount: float) -> str:
@@ -117,19 +132,20 @@ def distill_student(root: Path, params: Params, teacher: Built, data: DataVersio
     """Train the configured student on the teacher's temperature-softened logits plus the hard labels."""
     cfg = params.compress.distill
     splits = load_splits(Path(data.prepared))
-    arch = {cfg.student: getattr(cfg, cfg.student).model_dump()}
-    lr = arch[cfg.student]["lr"]
+    student_recipe = recipe(params.families, params.train, cfg.student, {
+        "hparams": cfg.hparams, "train": {"lr": cfg.lr} if cfg.lr else {}})
     with export_guard.training():
-        student = techniques.distill(load_model(teacher, params), splits, cfg.student, params.train.patched(arch),
-                                   _finetune_spec(params, cfg.epochs, lr), cfg.temperature, cfg.alpha)
+        student = techniques.distill(load_model(teacher), splits, student_recipe,
+                                     _finetune_spec(params, cfg.epochs, student_recipe.lr), cfg.temperature, cfg.alpha)
     name = f"student-{cfg.student}"
-    settings = {"temperature": cfg.temperature, "alpha": cfg.alpha, "epochs": cfg.epochs, "student": arch}
-    built = _finish_torch(root, params, student, name, "distill", teacher, arch, settings, splits, data,
+    settings = {"temperature": cfg.temperature, "alpha": cfg.alpha, "epochs": cfg.epochs,
+                "student": {"family": cfg.student, **student_recipe.hparams}}
+    built = _finish_torch(root, params, student, name, "distill", teacher, student_recipe, settings, splits, data,
                           parent_run_id)
     get_run_logger().info("%s distilled from %s: val acc %.4f, %d parameters (teacher %d)", name, teacher.name,
-                          techniques.accuracy(student, splits.X_val, splits.y_val), built.parameters,
+                          techniques.accuracy(student, splits.rows(splits.X_val), splits.y_val), built.parameters,
                           teacher.parameters)
-    return replace(built, family=cfg.student)
+    return built
 
 
 @task(task_run_name=lambda parameters: "prune_variant[{}]".format(_prune_name(
@@ -140,19 +156,20 @@ def prune_variant(root: Path, params: Params, base: Built, method: str, amount: 
     then `prune.finetune_epochs` of fine-tuning."""
     cfg = params.compress.prune
     splits = load_splits(Path(data.prepared))
-    model = load_model(base, params)
+    name = _prune_name(base.name, method, amount)
+    settings = {"method": method, "amount": amount, "finetune_epochs": cfg.finetune_epochs, "lr": cfg.lr}
+    model = load_model(base)
     if method == "unstructured":
-        model = techniques.magnitude_prune(copy.deepcopy(model), amount)
-        arch = base.arch
+        model, rebuilt_by = techniques.magnitude_prune(copy.deepcopy(model), amount), base.recipe
     else:
-        model, patch = techniques.structured_prune(model, amount)
-        arch = {base.family: {**base.arch.get(base.family, {}), **patch[base.family]}}
+        try:
+            model, rebuilt_by = techniques.structured_prune(model, base.spec, base.n_classes, amount), None
+        except techniques.NotPrunable as err:
+            return _skipped(root, params, name, f"prune-{method}", base, settings, data, parent_run_id, str(err))
     with export_guard.training():
         spec = _finetune_spec(params, cfg.finetune_epochs, cfg.lr)
         techniques.make_permanent(techniques.finetune(model, splits, spec))
-    name = _prune_name(base.name, method, amount)
-    settings = {"method": method, "amount": amount, "finetune_epochs": cfg.finetune_epochs, "lr": cfg.lr}
-    built = _finish_torch(root, params, model, name, f"prune-{method}", base, arch, settings, splits, data,
+    built = _finish_torch(root, params, model, name, f"prune-{method}", base, rebuilt_by, settings, splits, data,
                           parent_run_id)
     get_run_logger().info("%s: sparsity %.2f, %d parameters (base %d), %.1f kB ONNX", name, built.sparsity,
                           built.parameters, base.parameters, Path(built.onnx_path).stat().st_size / 1e3)
@@ -170,6 +187,9 @@ def quantize_variant(root: Path, params: Params, base: Built, method: str, data:
     settings = {"method": method, "per_channel": cfg.per_channel, "reduce_range": cfg.reduce_range,
                 "calibration_rows": cfg.calibration_rows if method == "static" else 0, "format": "QDQ"
                 if method == "static" else "QOperator"}
+    if not base.onnx_path:
+        return _skipped(root, params, name, f"int8-{method}", base, settings, data, parent_run_id,
+                        f"its base {base.name} was skipped")
     run_id = _open_run(root, params, parent_run_id, name, f"int8-{method}", base, settings, data)
     dst = work_dir(root, run_id) / "model.onnx"
     with export_guard.exclusive():
@@ -178,7 +198,8 @@ def quantize_variant(root: Path, params: Params, base: Built, method: str, data:
         else:
             rng = np.random.default_rng(params.project.seed)
             rows = rng.choice(len(splits.X_train), min(cfg.calibration_rows, len(splits.X_train)), replace=False)
-            quantize.static_int8(Path(base.onnx_path), dst, splits.X_train[rows], cfg.per_channel, cfg.reduce_range)
+            quantize.static_int8(Path(base.onnx_path), dst, splits.rows(splits.X_train[rows]), cfg.per_channel,
+                                 cfg.reduce_range)
         uri, digest = _log_onnx(root, params, run_id, dst, splits.X_test)
     agreement = float((predict(session(dst), splits.X_test) == predict(session(Path(base.onnx_path)),
                                                                         splits.X_test)).mean())
@@ -190,8 +211,8 @@ def quantize_variant(root: Path, params: Params, base: Built, method: str, data:
         f"{cfg.min_agreement:.1%})")
     get_run_logger().info("%s: %.1f kB (FP32 %.1f kB), agreement with FP32 %.4f", name, dst.stat().st_size / 1e3,
                           Path(base.onnx_path).stat().st_size / 1e3, agreement)
-    return Built(name, f"int8-{method}", base.name, base.family, run_id, str(dst), digest, uri, base.n_features,
-                 base.n_classes, None, {}, base.parameters, base.sparsity, settings, error)
+    return Built(name, f"int8-{method}", base.name, base.family, run_id, str(dst), digest, uri, base.spec,
+                 base.n_classes, None, None, base.parameters, base.sparsity, settings, error)
 
 
 @task
@@ -203,6 +224,11 @@ def measure_candidates(root: Path, params: Params, built: list[Built], data: Dat
     splits = load_splits(Path(data.prepared))
     rows = []
     for b in built:
+        if not b.onnx_path:  # skipped: shown in the report with its reason, never measured or chosen
+            rows.append(pareto.Row(b.name, b.technique, b.base, dict.fromkeys(MEASURED, float("nan")), b.parameters,
+                                   0.0, b.run_id, b.error, b.settings))
+            client.set_terminated(b.run_id, "FINISHED")
+            continue
         path = verify_sha256(Path(b.onnx_path), b.sha256)
         metrics, _ = measure(path, splits.X_test, splits.y_test, params.evaluate)
         m = metrics.as_dict()
@@ -272,9 +298,8 @@ class CompressionResult:
 
 def from_trained(params: Params, cand: Candidate, exp: Exported) -> Built:
     """A trained candidate (its checkpoint and ONNX file) as the starting point of compression."""
-    arch = {cand.family: getattr(params.train.patched(cand.overrides), cand.family).model_dump()}
     return Built(cand.family, "trained", "", cand.family, cand.run_id, exp.onnx_path, exp.sha256, exp.model_uri,
-                 cand.n_features, cand.n_classes, cand.checkpoint, arch, cand.parameters)
+                 cand.spec, cand.n_classes, cand.checkpoint, cand.recipe, cand.parameters)
 
 
 @task
@@ -302,16 +327,15 @@ def resolve_teacher(root: Path, params: Params, run_id: str, data: DataVersion) 
     if rev != data.revision:
         raise ValueError(f"run {run.info.run_id} was trained on data revision {str(rev)[:12]}, the project's data "
                          f"is at {data.revision[:12]}; check that data out (git + dvc checkout) and run again")
-    family = run.data.tags["model.family"]
-    cfg_cls = type(getattr(params.train, family))
-    arch = {family: {k: yaml.safe_load(v) for k, v in run.data.params.items() if k in cfg_cls.model_fields}}
+    family = run.data.tags[vocab.FAMILY_RUN]
     out = work_dir(root, run.info.run_id)
     ckpt = Path(download_artifacts(run_id=run.info.run_id, artifact_path="checkpoint.pt", dst_path=str(out)))
+    r = Recipe.from_json(Path(download_artifacts(run_id=run.info.run_id, artifact_path=RECIPE_FILE,
+                                                 dst_path=str(out))).read_text())
     splits = load_splits(Path(data.prepared))
-    n_features, n_classes = splits.X_train.shape[1], len(splits.labels)
-    model = rebuild(family, n_features, n_classes, params.train.patched(arch), ckpt)
-    path = export_onnx(model, n_features, out / "model.onnx")
+    model = rebuild(r, splits.input, len(splits.labels), ckpt)
+    path = export_onnx(model, splits.input, out / "model.onnx")
     parity_check(model, path, splits.X_test, params.evaluate.parity_atol)
     uri = run_model_uri(client, run.info.run_id)  # the model logged by its pipeline (named after the family)
-    return Built(family, "trained", "", family, run.info.run_id, str(path), sha256(path), uri, n_features,
-                 n_classes, str(ckpt), arch, count_parameters(model)), parent
+    return Built(family, "trained", "", family, run.info.run_id, str(path), sha256(path), uri, splits.input,
+                 len(splits.labels), str(ckpt), r, count_parameters(model)), parent

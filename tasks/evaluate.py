@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from ottimo import vocab
 from ottimo.config import Params
 from ottimo.data.tables import load_splits
-from ottimo.models.architectures import rebuild
+from ottimo.models.family import rebuild
 from ottimo.onnx.export import export_onnx, parity_check
 from ottimo.onnx.measure import accuracy, confusion_png, measure
 from ottimo.registry import security, versions
@@ -46,8 +46,8 @@ class Evaluated:
 def export_candidate(root: Path, params: Params, cand: Candidate, data: DataVersion) -> Exported:
     """Export to ONNX with a dynamic batch axis, check parity on the test split, log it as an MLflow ONNX model."""
     client, _ = connect(root, params.mlflow)
-    model = rebuild(cand.family, cand.n_features, cand.n_classes, params.train.patched(cand.overrides), cand.checkpoint)
-    path = export_onnx(model, cand.n_features, work_dir(root, cand.run_id) / versions.ONNX_FILE)
+    model = rebuild(cand.recipe, cand.spec, cand.n_classes, cand.checkpoint)
+    path = export_onnx(model, cand.spec, work_dir(root, cand.run_id) / versions.ONNX_FILE)
     X_test = load_splits(Path(data.prepared)).X_test
     diff = parity_check(model, path, X_test, params.evaluate.parity_atol)
     model_uri, digest = log_onnx_model(client, cand.run_id, path, X_test, cand.family, {

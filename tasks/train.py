@@ -15,12 +15,13 @@ from prefect import get_run_logger, runtime, task
 from ottimo import vocab
 from ottimo.config import Params
 from ottimo.data.tables import load_splits
-from ottimo.models.architectures import count_parameters
+from ottimo.models.family import Recipe, build, count_parameters, recipe
 from ottimo.models.train import fit
 from ottimo.ops.doctor import owner
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import report
 from ottimo.registry.tracking import connect, flatten, work_dir
+from ottimo.spec import InputSpec
 from tasks.data import DataVersion
 
 
@@ -35,17 +36,21 @@ def flow_run_url() -> str | None:
     return f"{settings.ui_url.rstrip('/')}/runs/flow-run/{runtime.flow_run.id}"
 
 
+RECIPE_FILE = "recipe.json"  # a trained candidate's Recipe, logged to its run
+
+
 @dataclass(frozen=True)
 class Candidate:
     family: str
     run_id: str  # the candidate's MLflow run, nested under the pipeline run
     checkpoint: str  # state_dict file, loaded back with weights_only=True
-    n_features: int
+    recipe: Recipe  # what builds and trains it (the family's settings, tuned values laid over them)
+    spec: InputSpec  # one input row
     n_classes: int
     parameters: int
     best_epoch: int
     val_accuracy: float
-    overrides: dict | None = None  # the tuned TrainCfg patch it was trained with (None: params.yaml as is)
+    tuned: bool = False  # the recipe holds a tuning trial's values
 
 
 @task
@@ -78,17 +83,18 @@ def train_candidate(root: Path, params: Params, family: str, data: DataVersion, 
     `overrides` (the tuning stage's choice) patch params.yaml's train settings."""
     log = get_run_logger()
     client, exp = connect(root, params.mlflow)
-    cfg = params.train.patched(overrides)
+    r = recipe(params.families, params.train, family, overrides)
     run = client.create_run(exp, run_name=f"{family} trained{' (tuned)' if overrides else ''}", tags={
         **report.inherited(client, parent_run_id), vocab.PARENT: parent_run_id,
         vocab.FLOW_RUN: str(runtime.flow_run.id), vocab.DATA_REVISION: data.revision, vocab.KIND: vocab.CANDIDATE,
         vocab.FAMILY_RUN: family, vocab.CANDIDATE_NAME: family, vocab.TECHNIQUE: "trained",
         "tuned": str(bool(overrides)).lower()})
     run_id = run.info.run_id
-    family_cfg = getattr(cfg, family).model_dump()
     client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in flatten(
-        {"family": family, **family_cfg, "max_epochs": cfg.max_epochs, "patience": cfg.patience,
-         "batch_size": cfg.batch_size, "seed": params.project.seed}).items()])
+        {"family": family, "builder": r.builder, "hparams": r.hparams, "optimizer": r.optimizer, "lr": r.lr,
+         "weight_decay": r.weight_decay, "batch_size": r.batch_size, "max_epochs": params.train.max_epochs,
+         "patience": params.train.patience, "seed": params.project.seed}).items()])
+    client.log_text(run_id, r.to_json(), RECIPE_FILE)  # `ottimo compress --run-id` rebuilds the model from it
 
     splits = load_splits(Path(data.prepared))
     pending: list[Metric] = []
@@ -102,7 +108,7 @@ def train_candidate(root: Path, params: Params, family: str, data: DataVersion, 
             client.log_batch(run_id, metrics=pending)
             pending.clear()
 
-    result = fit(family, splits, cfg, params.project.seed, on_epoch)
+    result = fit(r, splits, params.train, params.project.seed, on_epoch)
     if pending:
         client.log_batch(run_id, metrics=pending)
     ckpt = work_dir(root, run_id) / "checkpoint.pt"
@@ -115,5 +121,17 @@ def train_candidate(root: Path, params: Params, family: str, data: DataVersion, 
     log.info("%s: best epoch %d of %d, val_acc %.4f, %d parameters", family, result.best_epoch,
              result.epochs_run, result.best_val_accuracy, n_params)
     checkpoint("after-training")
-    return Candidate(family, run_id, str(ckpt), splits.X_train.shape[1], len(splits.labels), n_params,
-                     result.best_epoch, result.best_val_accuracy, overrides)
+    return Candidate(family, run_id, str(ckpt), r, splits.input, len(splits.labels), n_params,
+                     result.best_epoch, result.best_val_accuracy, bool(overrides))
+
+
+@task
+def check_candidates(params: Params, data: DataVersion) -> list[str]:
+    """Build every candidate family once for the data's rows before any training: a builder that cannot be
+    imported or cannot take these rows fails the run at once, naming the family and what to change."""
+    splits = load_splits(Path(data.prepared))
+    for family in params.train.candidates:
+        build(recipe(params.families, params.train, family), splits.input, len(splits.labels))
+    get_run_logger().info("families %s build for %s rows, %d classes", params.train.candidates,
+                          splits.input.describe(), len(splits.labels))
+    return list(params.train.candidates)

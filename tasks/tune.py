@@ -18,6 +18,7 @@ from ottimo import vocab
 from ottimo.config import Params, TuneCfg
 from ottimo.data.tables import load_splits
 from ottimo.models import tune
+from ottimo.models.family import recipe, to_overrides
 from ottimo.ops.doctor import owner
 from ottimo.registry import report
 from ottimo.registry.tracking import connect, flatten, work_dir
@@ -41,7 +42,7 @@ class TuneResult:
     family: str
     study: str
     trial: int | None  # the chosen trial; None when the wall budget ran out before any trial
-    overrides: dict  # TrainCfg patch of the chosen trial ({} when none): what trains the candidate
+    overrides: dict  # the chosen trial's {"hparams", "train"} ({} when none): laid over the family's recipe
     values: list[float]  # its val accuracy (and ONNX p95 ms when multi-objective)
     complete: int
     pruned: int
@@ -78,7 +79,7 @@ def open_study(root: Path, params: Params, family: str, data: DataVersion, paren
     url = tune.storage_url(root, cfg)
     name = tune.study_name(cfg, family, data.revision)
     seed = params.project.seed if cfg.seed is None else cfg.seed
-    study = tune.open_study(url, name, cfg, family, seed)
+    study = tune.open_study(url, name, cfg, params.families[family], seed)
     interrupted = tune.fail_interrupted(url, name)
     left = tune.remaining(study, cfg.n_trials)
     flow_run_id = str(runtime.flow_run.id)
@@ -100,9 +101,10 @@ def open_study(root: Path, params: Params, family: str, data: DataVersion, paren
                     client.set_tag(run_id, vocab.FAILURE, tune.INTERRUPTED)
                     client.set_terminated(run_id, "FAILED")
             client.set_tag(trial_run.info.run_id, "trial.state", "failed")
-    space = getattr(cfg.space, family).model_dump()
+    fam = params.families[family]
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten(
-        {**cfg.model_dump(exclude={"space", "enabled"}), "seed": seed, "space": space}).items()])
+        {**cfg.model_dump(exclude={"enabled"}), "seed": seed, "trial_epochs": fam.trial_epochs,
+         "space": fam.model_dump(mode="json")["space"]}).items()])
     log.info("study %s (%s): %d trial(s) already there, %d interrupted marked failed, %d to run",
              name, url.split("://")[0], len(study.trials), len(interrupted), left)
     return StudyRef(family, name, url, seed, left, interrupted, run.info.run_id, flow_run_id)
@@ -113,13 +115,14 @@ def run_trials(root: Path, params: Params, ref: StudyRef, data: DataVersion, wor
                until: float | None) -> list[int]:
     """One worker's share: up to n_trials trials, none starting after `until`, each one a nested MLflow run."""
     cfg = params.tune
-    study = tune.open_study(ref.storage, ref.name, cfg, ref.family, ref.seed, worker)
+    fam = params.families[ref.family]
+    study = tune.open_study(ref.storage, ref.name, cfg, fam, ref.seed, worker)
     client, exp = connect(root, params.mlflow)
     runs = tune.TrialRuns(client, exp, ref.mlflow_run_id, {  # the study run's filterable tags, and its flow run
         **report.inherited(client, ref.mlflow_run_id), vocab.FLOW_RUN: ref.flow_run_id, "optuna.study": ref.name,
         vocab.FAMILY_RUN: ref.family, vocab.DATA_REVISION: data.revision})
-    objective = tune.objective(ref.family, load_splits(Path(data.prepared)), params.train, cfg, params.evaluate,
-                               ref.seed, runs)
+    objective = tune.objective(recipe(params.families, params.train, ref.family), fam, load_splits(
+        Path(data.prepared)), params.train, cfg, params.evaluate, ref.seed, runs)
     log = get_run_logger()
 
     def progress(t) -> None:
@@ -141,7 +144,8 @@ def close_study(root: Path, params: Params, ref: StudyRef) -> TuneResult:
     log = get_run_logger()
     cfg = params.tune
     client, _ = connect(root, params.mlflow)
-    study = tune.open_study(ref.storage, ref.name, cfg, ref.family, ref.seed)
+    fam = params.families[ref.family]
+    study = tune.open_study(ref.storage, ref.name, cfg, fam, ref.seed)
     n = tune.counts(study)
     metrics = [Metric(f"trials_{k}" if k != "epochs" else "epochs_total", v, 0, 0) for k, v in n.items()]
     try:
@@ -171,5 +175,5 @@ def close_study(root: Path, params: Params, ref: StudyRef) -> TuneResult:
         client.log_dict(ref.mlflow_run_id, {"chosen": best.number, "front": pareto}, "pareto_front.json")
     client.set_terminated(ref.mlflow_run_id, "FINISHED")
     return TuneResult(ref.family, ref.name, best.number if best else None,
-                      tune.to_overrides(ref.family, best.params) if best else {}, list(best.values) if best else [],
+                      to_overrides(tune.decode(fam, best.params)) if best else {}, list(best.values) if best else [],
                       n["complete"], n["pruned"], n["failed"], n["epochs"], ref.mlflow_run_id, pareto)

@@ -20,13 +20,14 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get
 
 # Small but real settings: a few epochs, fewer latency runs.
 TINY = {
-    "train": {"max_epochs": 12, "patience": 4, "log_every": 5,
-              "mlp": {"hidden": [64]}, "transformer": {"d_model": 16, "heads": 2, "layers": 1, "ff_dim": 32}},
+    "train": {"max_epochs": 12, "patience": 4, "log_every": 5},
+    # tests that turn tuning on get 3 trials of at most 3 epochs
+    "families": {"mlp": {"hparams": {"hidden": [64]}, "space": {"width": [16, 32]}, "trial_epochs": 3},
+                 "transformer": {"hparams": {"d_model": 16, "heads": 2, "layers": 1, "ff_dim": 32},
+                                 "space": {"d_model": [16], "heads": [2], "layers": {"low": 1, "high": 1}},
+                                 "trial_epochs": 3}},
     "evaluate": {"warmup": 5, "runs": 30},
-    # tuning off for the pipeline tests; tests that turn it on get 3 trials of at most 3 epochs
-    "tune": {"enabled": False, "n_trials": 3, "n_jobs": 1, "space": {
-        "mlp": {"width": [16, 32], "epochs": 3},
-        "transformer": {"d_model": [16], "heads": [2], "layers": {"low": 1, "high": 1}, "epochs": 3}}},
+    "tune": {"enabled": False, "n_trials": 3, "n_jobs": 1},  # off for the pipeline tests
     "compress": {"enabled": False},  # off for the older pipeline tests; tests/flows/test_compress.py turns it on
 }
 

@@ -32,7 +32,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from ottimo.config import CardCfg, CardFigure, EvaluateCfg, SliceCfg
 from ottimo.data.tables import Splits
 from ottimo.monitor import simulate
-from ottimo.onnx.export import INPUT, OUTPUT
+from ottimo.onnx.export import INPUT, OUTPUT, shaped
 from ottimo.onnx.measure import accuracy, confusion_png, latency_ms, predict, session
 
 SECTIONS = {
@@ -343,7 +343,7 @@ def throughput_curve(sess: ort.InferenceSession, X: np.ndarray, cfg: CardCfg) ->
     at each batch size, each run for about `seconds_per_batch_size`."""
     out = []
     for b in cfg.batch_sizes:
-        xb = np.ascontiguousarray(np.resize(X, (b, X.shape[1])), dtype=np.float32)
+        xb = shaped(sess, X[np.arange(b) % len(X)])
         for _ in range(3):
             sess.run([OUTPUT], {INPUT: xb})
         n, wall0, cpu0 = 0, time.perf_counter(), time.process_time()
@@ -417,7 +417,8 @@ def peak():  # VmHWM: this process's own peak RSS (Linux); ru_maxrss elsewhere (
 base, how = peak()
 o = ort.SessionOptions(); o.intra_op_num_threads = 1; o.inter_op_num_threads = 1
 s = ort.InferenceSession(sys.argv[1], o, providers=["CPUExecutionProvider"])
-s.run(None, {s.get_inputs()[0].name: np.zeros((int(sys.argv[2]), int(sys.argv[3])), np.float32)})
+i = s.get_inputs()[0]
+s.run(None, {i.name: np.ones((int(sys.argv[2]), *i.shape[1:]), np.int64 if i.type == "tensor(int64)" else np.float32)})
 print(json.dumps({"base": base, "peak": peak()[0], "how": how}))
 """
 

@@ -27,7 +27,7 @@ class RowsReader(CalibrationDataReader):
     """Feeds calibration rows one batch at a time to the static quantizer's calibrator."""
 
     def __init__(self, X: np.ndarray, batch: int = 32):
-        self._batches = iter([{INPUT: X[i : i + batch].astype(np.float32)} for i in range(0, len(X), batch)])
+        self._batches = iter([{INPUT: X[i : i + batch]} for i in range(0, len(X), batch)])
 
     def get_next(self) -> dict | None:
         return next(self._batches, None)
@@ -65,7 +65,8 @@ def dynamic_int8(src: Path, dst: Path, per_channel: bool = False, reduce_range: 
 
 def static_int8(src: Path, dst: Path, X_calib: np.ndarray, per_channel: bool = False,
                 reduce_range: bool = False) -> Path:
-    """INT8 in QDQ format with activation ranges calibrated (MinMax) on `X_calib`, a sample of the train split."""
+    """INT8 in QDQ format with activation ranges calibrated (MinMax) on `X_calib`, a sample of the train split shaped
+    as the model takes it (ottimo.onnx.export.shaped)."""
     pre = preprocess(src, dst.with_suffix(".pre.onnx"))
     with _quiet():
         quantize_static(str(pre), str(dst), RowsReader(X_calib), quant_format=QuantFormat.QDQ,

@@ -1,25 +1,28 @@
-"""Compression in PyTorch: global magnitude pruning, structured neuron pruning that really shrinks the matrices,
+"""Compression in PyTorch: global magnitude pruning, structured pruning that really shrinks the matrices,
 knowledge distillation, and the fine-tuning loop they share.
 
-Models are `build_model` Sequentials (Standardize, MLP | PatchTransformer). Structured pruning removes the same
-fraction of neurons from every hidden layer (MLP) or feed-forward block (transformer), so the result is again a
-`build_model` architecture described by a TrainCfg patch (`hidden` or `ff_dim`).
+Models are `ottimo.models.family.build` Sequentials (InputNorm, the family's network) of any family. Structured
+pruning goes through torch-pruning's dependency graph, so it needs no knowledge of the architecture; its result is
+no longer what the recipe builds, so it goes on as its ONNX file (and a state_dict kept for the record).
 """
 
 from __future__ import annotations
 
 import copy
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune
 
 from ottimo.data.tables import Splits
-from ottimo.models.architectures import MLP, PatchTransformer, build_model
+from ottimo.models.family import Recipe, build
 from ottimo.models.train import OPTIMIZERS
+from ottimo.spec import InputSpec
 
 _SEED_LOCK = threading.Lock()  # torch's global RNG is shared by threads: seed + init under one lock
 
@@ -36,10 +39,11 @@ class FinetuneSpec:
 
 
 def prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(module, parameter name) of every weight matrix: Linear weights and attention's packed in-projection."""
+    """(module, parameter name) of every weight matrix: Linear and convolution weights and attention's packed
+    in-projection."""
     out: list[tuple[nn.Module, str]] = []
     for m in model.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
             out.append((m, "weight"))
         elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
             out.append((m, "in_proj_weight"))
@@ -76,48 +80,37 @@ def make_permanent(model: nn.Module) -> nn.Module:
     return model
 
 
-def _keep(weight_rows: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Indices (sorted) of the rows with the largest L2 norm, keeping (1 - ratio) of them, at least one."""
-    n = weight_rows.shape[0]
-    k = max(1, int(round(n * (1 - ratio))))
-    return torch.sort(weight_rows.norm(dim=1).topk(k).indices).values
+class NotPrunable(ValueError):
+    """Structured pruning found nothing it could remove from the model (the candidate is skipped with this)."""
 
 
-def _slice_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
-    w = layer.weight.detach()
-    b = layer.bias.detach() if layer.bias is not None else None
-    if rows is not None:
-        w, b = w[rows], (b[rows] if b is not None else None)
-    if cols is not None:
-        w = w[:, cols]
-    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if b is not None:
-            new.bias.copy_(b)
-    return new
+def _kept_layers(model: nn.Module, n_classes: int) -> list[nn.Module]:
+    """What structured pruning leaves whole: the classifier's outputs (the last layer with n_classes outputs),
+    attention (its packed heads) and embeddings (the token vocabulary and width they share with the residual)."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d) and
+            getattr(m, "out_features", getattr(m, "out_channels", None)) == n_classes][-1:]
+    return last + [m for m in model.modules() if isinstance(m, nn.MultiheadAttention | nn.Embedding)]
 
 
-def structured_prune(model: nn.Sequential, ratio: float) -> tuple[nn.Sequential, dict]:
-    """A copy without the `ratio` fraction of lowest-norm neurons of each MLP hidden layer or transformer
-    feed-forward block (rows of one matrix, columns of the next): smaller matrices, not zeros.
-    Returns it and the TrainCfg patch that rebuilds its architecture."""
-    model = copy.deepcopy(model)
-    net = model[1]
-    if isinstance(net, MLP):
-        linears = [i for i, m in enumerate(net.net) if isinstance(m, nn.Linear)]
-        for a, b in zip(linears, linears[1:], strict=False):
-            keep = _keep(net.net[a].weight.detach(), ratio)
-            net.net[a] = _slice_linear(net.net[a], rows=keep)
-            net.net[b] = _slice_linear(net.net[b], cols=keep)
-        return model, {"mlp": {"hidden": [net.net[i].out_features for i in linears[:-1]]}}
-    if isinstance(net, PatchTransformer):
-        for layer in net.encoder.layers:
-            keep = _keep(layer.linear1.weight.detach(), ratio)
-            layer.linear1 = _slice_linear(layer.linear1, rows=keep)
-            layer.linear2 = _slice_linear(layer.linear2, cols=keep)
-        return model, {"transformer": {"ff_dim": net.encoder.layers[0].linear1.out_features}}
-    raise TypeError(f"structured pruning supports MLP and PatchTransformer, not {type(net).__name__}")
+def structured_prune(model: nn.Sequential, spec: InputSpec, n_classes: int, ratio: float) -> nn.Sequential:
+    """A copy without the `ratio` fraction of lowest-L2 channels of every prunable group: torch-pruning's
+    dependency graph removes a hidden neuron, a conv channel or a feed-forward unit from every layer it touches,
+    so matrices really shrink (no zeros). Any family's model works; raises NotPrunable when nothing could go."""
+    model = copy.deepcopy(model).eval()
+    example = torch.ones(2, *spec.shape, dtype=getattr(torch, spec.dtype))
+    before = sum(p.numel() for p in model.parameters())
+    with warnings.catch_warnings():  # torch-pruning warns about layers it leaves alone: the reason below says it
+        warnings.simplefilter("ignore")
+        try:
+            pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                          pruning_ratio=ratio, ignored_layers=_kept_layers(model, n_classes))
+            pruner.step()
+        except Exception as err:  # the graph tracer meets whatever a user's module does
+            raise NotPrunable(f"torch-pruning cannot trace this model ({type(err).__name__}: {err})") from None
+    after = sum(p.numel() for p in model.parameters())
+    if after >= before:
+        raise NotPrunable("no channel or neuron can be removed: every layer is an output, attention or embedding")
+    return model
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor,
@@ -142,14 +135,15 @@ def finetune(model: nn.Module, splits: Splits, spec: FinetuneSpec, teacher: nn.M
     """Train `model` for `spec.epochs` (cross-entropy, or distillation from `teacher`); keep the weights of the
     best validation accuracy. Dropout stays off and shuffling uses its own generator, so runs in parallel
     threads stay deterministic. Pruning masks, if attached, keep pruned weights at zero."""
-    X, y = torch.from_numpy(splits.X_train), torch.from_numpy(splits.y_train)
+    X, y = torch.from_numpy(splits.rows(splits.X_train)), torch.from_numpy(splits.y_train)
+    Xv = splits.rows(splits.X_val)
     soft = None
     if teacher is not None:
         with torch.no_grad():
             soft = teacher.eval()(X)
     optim = OPTIMIZERS[spec.optimizer](model.parameters(), spec.lr, 0.0)
     gen = torch.Generator().manual_seed(spec.seed)
-    best_acc, best_state = accuracy(model, splits.X_val, splits.y_val), copy.deepcopy(model.state_dict())
+    best_acc, best_state = accuracy(model, Xv, splits.y_val), copy.deepcopy(model.state_dict())
     for _ in range(spec.epochs):
         model.eval()  # eval mode: no dropout; the models have no batch norm
         for idx in torch.randperm(len(X), generator=gen).split(spec.batch_size):
@@ -160,24 +154,24 @@ def finetune(model: nn.Module, splits: Splits, spec: FinetuneSpec, teacher: nn.M
                     else distillation_loss(logits, soft[idx], y[idx], temperature, alpha))
             loss.backward()
             optim.step()
-        acc = accuracy(model, splits.X_val, splits.y_val)
+        acc = accuracy(model, Xv, splits.y_val)
         if acc > best_acc:
             best_acc, best_state = acc, copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
     return model.eval()
 
 
-def new_student(family: str, splits: Splits, cfg, seed: int) -> nn.Sequential:
-    """A freshly initialised (seeded) student of `family` with its Standardize fitted on the train split."""
+def new_student(recipe: Recipe, splits: Splits, seed: int) -> nn.Sequential:
+    """A freshly initialised (seeded) student built by `recipe` with its InputNorm fitted on the train split."""
     with _SEED_LOCK:
         torch.manual_seed(seed)
-        model = build_model(family, splits.X_train.shape[1], len(splits.labels), cfg)
-    model[0].fit(torch.from_numpy(splits.X_train))
+        model = build(recipe, splits.input, len(splits.labels))
+    model[0].fit(torch.from_numpy(splits.rows(splits.X_train)))
     return model
 
 
-def distill(teacher: nn.Module, splits: Splits, family: str, cfg, spec: FinetuneSpec, temperature: float,
+def distill(teacher: nn.Module, splits: Splits, recipe: Recipe, spec: FinetuneSpec, temperature: float,
             alpha: float) -> nn.Sequential:
-    """Train a new `family` student (architecture from TrainCfg `cfg`) on the teacher's softened logits."""
-    student = new_student(family, splits, cfg, spec.seed)
+    """Train a new student (any family: `recipe`) on the teacher's softened logits."""
+    student = new_student(recipe, splits, spec.seed)
     return finetune(student, splits, spec, teacher=teacher, temperature=temperature, alpha=alpha)

@@ -18,7 +18,9 @@ from sklearn import datasets
 from sklearn.model_selection import train_test_split
 
 from ottimo.config import DataCfg, LimitsCfg, load_params
+from ottimo.data.inputs import derive_spec
 from ottimo.data.intake import DataValidationError, preflight
+from ottimo.spec import InputSpec
 
 SPLITS = ("train", "val", "test", "reference")
 BUILTINS = {
@@ -38,6 +40,15 @@ class Splits:
     y_test: np.ndarray
     features: list[str]
     labels: list[int]
+    spec: InputSpec | None = None  # one row as the model takes it; None: a flat table of the feature columns
+
+    @property
+    def input(self) -> InputSpec:
+        return self.spec or InputSpec.tabular(self.X_train.shape[1])
+
+    def rows(self, X: np.ndarray) -> np.ndarray:
+        """Flat feature rows of these splits shaped and typed as the model takes them."""
+        return self.input.rows(X)
 
 
 def builtin_frame(name: str, target: str = "target") -> pd.DataFrame:
@@ -247,7 +258,8 @@ def prepare(root: Path, cfg: DataCfg, out: Path, limits: LimitsCfg | None = None
     for name, part in split_frame(df[features + [cfg.target]], cfg).items():
         part.reset_index(drop=True).to_parquet(out / f"{name}.parquet", index=False)
         sizes[name] = len(part)
-    schema = {"features": features, "target": cfg.target, "labels": labels, "sizes": sizes}
+    spec = derive_spec(cfg.input, features, df[features], raw)
+    schema = {"features": features, "target": cfg.target, "labels": labels, "sizes": sizes, "input": spec.as_dict()}
     (out / "schema.json").write_text(json.dumps(schema, indent=2))
     return sizes
 
@@ -262,7 +274,8 @@ def load_splits(prepared: Path) -> Splits:
         arrays[f"X_{name}"] = df[feats].to_numpy(dtype=np.float32)
         # class indices 0..K-1 in the order of schema["labels"] (sorted)
         arrays[f"y_{name}"] = np.searchsorted(schema["labels"], df[target].to_numpy()).astype(np.int64)
-    return Splits(**arrays, features=feats, labels=schema["labels"])
+    spec = InputSpec.from_dict(schema["input"]) if "input" in schema else None
+    return Splits(**arrays, features=feats, labels=schema["labels"], spec=spec)
 
 
 def main(argv: list[str]) -> int:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ottimo.config import TrainCfg
 from ottimo.data.tables import Splits
-from ottimo.models.architectures import build_model
+from ottimo.models.family import Recipe, build
 
 OPTIMIZERS = {
     "sgd": lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=wd),
@@ -48,20 +48,21 @@ def _evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple[float
 
 
 def fit(
-    family: str,
+    recipe: Recipe,
     splits: Splits,
     cfg: TrainCfg,
     seed: int,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train one model family on the train split; stop when val loss has not improved for `patience` epochs."""
+    """Train one candidate (its recipe: family, hparams, optimizer settings) on the train split; stop when val
+    loss has not improved for `cfg.patience` epochs, at most `cfg.max_epochs`."""
     seed_everything(seed)
-    X, y = torch.from_numpy(splits.X_train), torch.from_numpy(splits.y_train)
-    Xv, yv = torch.from_numpy(splits.X_val), torch.from_numpy(splits.y_val)
-    model = build_model(family, X.shape[1], len(splits.labels), cfg)
+    family = recipe.family
+    X, y = torch.from_numpy(splits.rows(splits.X_train)), torch.from_numpy(splits.y_train)
+    Xv, yv = torch.from_numpy(splits.rows(splits.X_val)), torch.from_numpy(splits.y_val)
+    model = build(recipe, splits.input, len(splits.labels))
     model[0].fit(X)
-    fam = getattr(cfg, family)
-    optim = OPTIMIZERS[fam.optimizer](model.parameters(), fam.lr, fam.weight_decay)
+    optim = OPTIMIZERS[recipe.optimizer](model.parameters(), recipe.lr, recipe.weight_decay)
     gen = torch.Generator().manual_seed(seed)
 
     best_loss, best_acc, best_epoch, best_state = float("inf"), 0.0, 0, None
@@ -69,7 +70,7 @@ def fit(
     for epoch in range(1, cfg.max_epochs + 1):
         model.train()
         total = 0.0
-        for idx in torch.randperm(len(X), generator=gen).split(cfg.batch_size):
+        for idx in torch.randperm(len(X), generator=gen).split(recipe.batch_size):
             optim.zero_grad()
             loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
             if not torch.isfinite(loss):

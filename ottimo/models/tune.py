@@ -9,6 +9,7 @@ study's run. No Prefect here: tasks/tune.py and flows/tune.py schedule this.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sqlite3
 import tempfile
@@ -30,16 +31,18 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 from ottimo import vocab
-from ottimo.config import EvaluateCfg, FloatRange, IntRange, TrainCfg, TuneCfg
+from ottimo.config import EvaluateCfg, FamilyCfg, FloatRange, IntRange, TrainCfg, TuneCfg
 from ottimo.data.tables import Splits
+from ottimo.models.family import FamilyError, Recipe, to_overrides
 from ottimo.models.train import fit
 from ottimo.onnx.export import export_guard
 from ottimo.ops.faults import checkpoint
 from ottimo.registry.tracking import in_project
+from ottimo.spec import InputSpec
 
 SQLITE_TIMEOUT_S = 120  # how long a writer waits for SQLite's lock before "database is locked"
 INTERRUPTED = "interrupted: left RUNNING by a run that stopped (crash or kill); marked failed on resume"
-CATCH = (FloatingPointError,)  # a trial that raises one of these is recorded FAILED and the study goes on
+CATCH = (FloatingPointError, FamilyError)  # a trial that raises one of these is recorded FAILED and the study goes on
 OBJECTIVES = ("val_accuracy", "p95_ms")
 
 
@@ -100,33 +103,33 @@ def _values(spec: FloatRange | IntRange | list, points: int) -> list:
     return sorted({float(v) for v in space(spec.low, spec.high, points)})
 
 
-def _space(cfg: TuneCfg, family: str) -> dict:
-    space = getattr(cfg.space, family)
-    return {k: v for k, v in space if k != "epochs"}
+def _scalar(v) -> bool:
+    return v is None or isinstance(v, bool | int | float | str)
 
 
-def grid(cfg: TuneCfg, family: str) -> dict[str, list]:
-    return {name: _values(spec, cfg.grid_points) for name, spec in _space(cfg, family).items()}
+def grid(cfg: TuneCfg, fam: FamilyCfg) -> dict[str, list]:
+    return {name: [v if _scalar(v) else json.dumps(v) for v in _values(spec, cfg.grid_points)]
+            for name, spec in fam.searched().items()}
 
 
-def make_sampler(cfg: TuneCfg, family: str, seed: int) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: TuneCfg, fam: FamilyCfg, seed: int) -> optuna.samplers.BaseSampler:
     """tpe | random | grid | nsga2; multi-objective studies always use NSGA-II."""
     if cfg.multi_objective or cfg.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=seed)
     if cfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if cfg.sampler == "grid":
-        return optuna.samplers.GridSampler(grid(cfg, family), seed=seed)
+        return optuna.samplers.GridSampler(grid(cfg, fam), seed=seed)
     return optuna.samplers.TPESampler(n_startup_trials=cfg.startup_trials, seed=seed)
 
 
-def make_pruner(cfg: TuneCfg, family: str) -> optuna.pruners.BasePruner:
+def make_pruner(cfg: TuneCfg, fam: FamilyCfg) -> optuna.pruners.BasePruner:
     """hyperband | asha (= successive_halving) | median | none, on epochs; none for multi-objective studies,
     which Optuna cannot prune."""
     if cfg.multi_objective or cfg.pruner == "none":
         return optuna.pruners.NopPruner()
     if cfg.pruner == "hyperband":
-        budget = getattr(cfg.space, family).epochs
+        budget = fam.trial_epochs
         return optuna.pruners.HyperbandPruner(
             min_resource=min(cfg.min_epochs, budget), max_resource=budget, reduction_factor=cfg.reduction_factor)
     if cfg.pruner in ("asha", "successive_halving"):
@@ -135,29 +138,24 @@ def make_pruner(cfg: TuneCfg, family: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials, n_warmup_steps=cfg.min_epochs)
 
 
-def suggest(trial: Trial, cfg: TuneCfg, family: str) -> dict:
-    """Ask the trial for one value of every parameter of the family's search space."""
+def suggest(trial: Trial, fam: FamilyCfg) -> dict:
+    """Ask the trial for one value of every setting of the family's search space (families.<name>.space)."""
     out = {}
-    for name, spec in _space(cfg, family).items():
-        if isinstance(spec, list):
-            out[name] = trial.suggest_categorical(name, spec)
+    for name, spec in fam.searched().items():
+        if isinstance(spec, list):  # Optuna stores scalars: a choice such as [16, 32] travels as its JSON text
+            out[name] = trial.suggest_categorical(name, [v if _scalar(v) else json.dumps(v) for v in spec])
         elif isinstance(spec, IntRange):
             out[name] = trial.suggest_int(name, spec.low, spec.high, step=spec.step)
         else:
             out[name] = trial.suggest_float(name, spec.low, spec.high, log=spec.log)
-    return out
+    return decode(fam, out)
 
 
-def to_overrides(family: str, p: dict) -> dict:
-    """Flat trial params -> the nested TrainCfg patch that trains that configuration (TrainCfg.patched)."""
-    if family == "mlp":
-        fam = {"hidden": [int(p["width"])] * int(p["depth"]), "dropout": p["dropout"]}
-    else:
-        d = int(p["d_model"])
-        fam = {"d_model": d, "heads": int(p["heads"]), "layers": int(p["layers"]), "ff_dim": d * int(p["ff_mult"]),
-               "dropout": p["dropout"]}
-    fam |= {"lr": p["lr"], "weight_decay": p["weight_decay"]}
-    return {"batch_size": int(p["batch_size"]), family: fam}
+def decode(fam: FamilyCfg, values: dict) -> dict:
+    """A trial's stored values as the family takes them (JSON texts of list choices back to lists)."""
+    space = fam.searched()
+    return {k: json.loads(v) if isinstance(space.get(k), list) and isinstance(v, str) and not any(
+        v == c for c in space[k]) else v for k, v in values.items()}
 
 
 # --- study ---------------------------------------------------------------------------------------------------
@@ -170,14 +168,14 @@ def _n_trials(storage: optuna.storages.BaseStorage, name: str) -> int:
         return 0
 
 
-def open_study(url: str, name: str, cfg: TuneCfg, family: str, seed: int, worker: int = 0) -> optuna.Study:
+def open_study(url: str, name: str, cfg: TuneCfg, fam: FamilyCfg, seed: int, worker: int = 0) -> optuna.Study:
     """Create the study or load it (load_if_exists). The sampler's seed mixes in the worker index and the
     trials already there, so that workers and resumed runs do not replay the same random draws."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is logged by the tasks instead
     storage = open_storage(url)
-    sampler = make_sampler(cfg, family, seed + 1009 * worker + _n_trials(storage, name))
+    sampler = make_sampler(cfg, fam, seed + 1009 * worker + _n_trials(storage, name))
     directions = ["maximize", "minimize"] if cfg.multi_objective else ["maximize"]
-    return optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=make_pruner(cfg, family),
+    return optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=make_pruner(cfg, fam),
                                directions=directions, load_if_exists=True)
 
 
@@ -289,27 +287,28 @@ class TrialRuns:
         self.client.set_terminated(run_id, "FINISHED" if state in ("complete", "pruned") else "FAILED")
 
 
-def onnx_p95_ms(model, X: np.ndarray, cfg: EvaluateCfg) -> float:
+def onnx_p95_ms(model, spec: InputSpec, X: np.ndarray, cfg: EvaluateCfg) -> float:
     """p95 latency at batch 1 of the model exported to ONNX, in onnxruntime (ottimo.onnx.export + ottimo.onnx.measure).
     Trials training beside it share the CPUs, so compare these figures within a study, not with `evaluate`."""
     from ottimo.onnx.export import export_onnx
     from ottimo.onnx.measure import latency_ms, session
 
     with export_guard.exclusive(), tempfile.TemporaryDirectory(prefix="ottimo-trial-") as tmp:
-        path = export_onnx(model, X.shape[1], Path(tmp) / "model.onnx")
+        path = export_onnx(model, spec, Path(tmp) / "model.onnx")
         return latency_ms(session(path, cfg.threads), X, cfg.warmup, cfg.runs)[1]
 
 
-def objective(family: str, splits: Splits, base: TrainCfg, cfg: TuneCfg, evaluate: EvaluateCfg, seed: int,
-              runs: TrialRuns | None = None) -> Callable[[Trial], float | tuple[float, float]]:
-    """The function Optuna calls per trial: train `family` with the suggested settings for the space's epoch
-    budget; maximise best val accuracy (and, multi-objective, minimise ONNX p95 latency at batch 1)."""
-    budget = getattr(cfg.space, family).epochs
+def objective(base: Recipe, fam: FamilyCfg, splits: Splits, train: TrainCfg, cfg: TuneCfg, evaluate: EvaluateCfg,
+              seed: int, runs: TrialRuns | None = None) -> Callable[[Trial], float | tuple[float, float]]:
+    """The function Optuna calls per trial: train the family (its recipe `base` with the suggested values) for the
+    family's trial_epochs; maximise best val accuracy (and, multi-objective, minimise ONNX p95 at batch 1)."""
+    budget, family = fam.trial_epochs, base.family
+    train_cfg = train.model_copy(update={"max_epochs": budget})
 
     def run(trial: Trial) -> float | tuple[float, float]:
-        p = suggest(trial, cfg, family)
+        p = suggest(trial, fam)
         trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")  # which process ran it
-        train_cfg = base.patched({**to_overrides(family, p), "max_epochs": budget})
+        recipe = base.overridden(to_overrides(p))
         run_id = runs.start(trial, {"family": family, **p, "epochs_budget": budget, "seed": seed}) if runs else ""
         rows: list[dict] = []
         state, values, reason = "failed", None, ""
@@ -323,11 +322,11 @@ def objective(family: str, splits: Splits, base: TrainCfg, cfg: TuneCfg, evaluat
 
         try:
             with export_guard.training():  # another trial may be exporting (multi-objective)
-                result = fit(family, splits, train_cfg, seed, on_epoch)
+                result = fit(recipe, splits, train_cfg, seed, on_epoch)
             checkpoint("mid-tuning")  # trained, not yet recorded: a crash here leaves the trial RUNNING
             values = [result.best_val_accuracy]
             if cfg.multi_objective:
-                values.append(onnx_p95_ms(result.model, splits.X_val, evaluate))
+                values.append(onnx_p95_ms(result.model, splits.input, splits.X_val, evaluate))
             state = "complete"
             return values[0] if len(values) == 1 else (values[0], values[1])
         except optuna.TrialPruned as err:

@@ -17,6 +17,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from ottimo.spec import InputSpec
+
 INPUT, OUTPUT = "features", "logits"
 
 
@@ -61,10 +63,24 @@ class ParityError(AssertionError):
     """The ONNX graph does not reproduce the PyTorch logits within tolerance."""
 
 
-def export_onnx(model: nn.Module, n_features: int, path: Path) -> Path:
-    """Export with torch's dynamo exporter; input `features` [batch, n_features] -> `logits` [batch, K]."""
+def shaped(sess: ort.InferenceSession, X: np.ndarray) -> np.ndarray:
+    """Rows as the session's input takes them: flat feature rows (N, C*H*W) reshaped to its [batch, C, H, W] (or
+    any fixed shape), cast to its dtype (token ids: int64). Every caller that runs a model file feeds it this way,
+    so tables, batches and served rows stay flat columns whatever the model's input."""
+    inp = sess.get_inputs()[0]
+    dims = inp.shape[1:]
+    dtype = np.int64 if inp.type == "tensor(int64)" else np.float32
+    X = np.asarray(X)
+    if X.ndim == 2 and len(dims) > 1 and all(isinstance(d, int) for d in dims):
+        X = X.reshape(len(X), *dims)
+    return np.ascontiguousarray(X, dtype=dtype)
+
+
+def export_onnx(model: nn.Module, spec: InputSpec, path: Path) -> Path:
+    """Export with torch's dynamo exporter; input `features` [batch, *spec.shape] (spec.dtype) -> `logits`
+    [batch, K]; the batch axis is dynamic."""
     model.eval()
-    example = torch.zeros(2, n_features)
+    example = torch.ones(2, *spec.shape, dtype=getattr(torch, spec.dtype))  # id 1: a real token, not the padding
     batch = torch.export.Dim("batch", min=1)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # the exporter prints its progress
@@ -89,8 +105,8 @@ def parity_check(model: nn.Module, path: Path, X: np.ndarray, atol: float) -> fl
     """Max |logits_onnx - logits_torch| over X; raise ParityError above `atol`."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        ref = model.eval()(torch.from_numpy(X)).numpy()
-    got = sess.run([OUTPUT], {INPUT: X})[0]
+        ref = model.eval()(torch.from_numpy(shaped(sess, X))).numpy()
+    got = sess.run([OUTPUT], {INPUT: shaped(sess, X)})[0]
     diff = float(np.abs(got - ref).max())
     if not diff <= atol:
         raise ParityError(f"ONNX logits differ from PyTorch by {diff:.2e} (> {atol:.0e}) on {len(X)} rows")

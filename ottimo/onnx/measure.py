@@ -12,7 +12,7 @@ from matplotlib.figure import Figure  # the object API needs no backend or pyplo
 from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, f1_score
 
 from ottimo.config import EvaluateCfg
-from ottimo.onnx.export import INPUT, OUTPUT
+from ottimo.onnx.export import INPUT, OUTPUT, shaped
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ def session(path: Path, threads: int = 1) -> ort.InferenceSession:
 
 def scores(sess: ort.InferenceSession, X: np.ndarray, batch: int = 1024) -> np.ndarray:
     """The model's raw class scores (logits or probabilities), one row per input row."""
+    X = shaped(sess, X)
     return np.concatenate([sess.run([OUTPUT], {INPUT: X[i : i + batch]})[0] for i in range(0, len(X), batch)])
 
 
@@ -53,7 +54,8 @@ def accuracy(model: Path | ort.InferenceSession, X: np.ndarray, y: np.ndarray) -
 
 def latency_ms(sess: ort.InferenceSession, X: np.ndarray, warmup: int, runs: int) -> tuple[float, float]:
     """p50 and p95 wall time of single-row inference, cycling through rows of X."""
-    rows = [X[i % len(X)][None, :] for i in range(warmup + runs)]
+    X = shaped(sess, X)
+    rows = [X[i % len(X)][None] for i in range(warmup + runs)]
     times = []
     for i, row in enumerate(rows):
         t0 = time.perf_counter_ns()
@@ -66,7 +68,8 @@ def latency_ms(sess: ort.InferenceSession, X: np.ndarray, warmup: int, runs: int
 
 def throughput_rps(sess: ort.InferenceSession, X: np.ndarray, batch: int, runs: int = 50) -> float:
     """Rows per second at a fixed batch size (rows repeated to fill the batch)."""
-    xb = np.resize(X, (batch, X.shape[1])).astype(np.float32)
+    X = shaped(sess, X)
+    xb = X[np.arange(batch) % len(X)]
     for _ in range(5):
         sess.run([OUTPUT], {INPUT: xb})
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from ottimo import vocab
-from ottimo.onnx.export import INPUT, sha256
+from ottimo.onnx.export import INPUT, sha256, shaped
 from ottimo.onnx.measure import session
 from ottimo.registry.tracking import new_logged_model
 
@@ -22,7 +22,7 @@ def log_onnx_model(client: MlflowClient, run_id: str, path: Path, X: np.ndarray,
     """Log the ONNX file as run `run_id`'s MLflow model, in the run's own experiment as a logged model named
     `name` (a family, a candidate) with `tags`, its signature and input example from the first two rows of X, and
     tag the run with the file's sha256 (onnx.sha256); return (model URI, sha256)."""
-    example = X[:2]
+    example = shaped(session(path), X[:2])
     model_id = new_logged_model(client, run_id, name, tags)
     with warnings.catch_warnings():  # MLflow's schema hints (integer columns) would reach the user's terminal
         warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")

@@ -26,7 +26,7 @@ from ottimo import vocab
 from ottimo.card.store import prepared_for
 from ottimo.config import Params
 from ottimo.data.batches import schema_of
-from ottimo.onnx.export import INPUT, OUTPUT
+from ottimo.onnx.export import INPUT, OUTPUT, shaped
 from ottimo.registry import versions
 from ottimo.registry.security import fetch_verified, serving_session
 from ottimo.registry.tracking import connect
@@ -51,7 +51,7 @@ class Served:
     load_seconds: float
 
     def logits(self, X: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT], {INPUT: X})[0]
+        return self.session.run([OUTPUT], {INPUT: shaped(self.session, X)})[0]
 
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "sha256": self.sha256,

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from ottimo.models.architectures import build_model, count_parameters
 from typer.testing import CliRunner
 
 from ottimo import vocab
 from ottimo.compress import pareto, quantize, techniques
 from ottimo.config import ConfigError, Params, SelectCfg, deep_merge, parse_params
 from ottimo.data.tables import Splits, builtin_frame, split_frame
-from ottimo.models.architectures import build_model, count_parameters
 from ottimo.models.train import fit
 from ottimo.onnx.export import export_onnx
 from ottimo.onnx.measure import predict, session

@@ -18,6 +18,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from ottimo.models.architectures import build_model
 from typer.testing import CliRunner
 
 from ottimo import vocab
@@ -26,7 +27,6 @@ from ottimo.config import ConfigError, Params, TuneCfg, deep_merge, load_params,
 from ottimo.data import versioning
 from ottimo.data.tables import Splits, load_splits, materialise_raw, prepare
 from ottimo.models import tune
-from ottimo.models.architectures import build_model
 from ottimo.registry.tracking import connect
 from tasks.data import DataVersion
 from tests.conftest import write_project

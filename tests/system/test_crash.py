@@ -31,7 +31,7 @@ OVERRIDES = {
                         "compress": {"enabled": True, "bases": ["student"], "n_jobs": 1,
                                      "prune": {"unstructured": [], "structured": [0.5], "finetune_epochs": 1},
                                      "quantize": {"methods": ["dynamic"], "after_structured": False},
-                                     "distill": {"epochs": 3, "mlp": {"hidden": [32]}},
+                                     "distill": {"epochs": 3, "hparams": {"hidden": [32]}},
                                      "select": {"max_drop_vs_teacher": 100.0, "min_accuracy": 0.3}},
                         **STAGE_ON},
 }

@@ -21,11 +21,12 @@ from mlflow.exceptions import MlflowException
 
 from ottimo.config import load_params
 from ottimo.data import versioning
-from ottimo.models.architectures import build_model
+from ottimo.models.family import Recipe, build
 from ottimo.onnx.export import IntegrityError, export_onnx, sha256
 from ottimo.ops import servers
 from ottimo.registry import security, versions
 from ottimo.registry.tracking import connect, flatten
+from ottimo.spec import InputSpec
 from tests.conftest import REPO, write_project
 from tests.helpers import bad_inputs
 
@@ -73,9 +74,9 @@ def test_onnx_is_pinned_past_the_external_data_path_traversal_fixes():
 
 @pytest.fixture
 def onnx_file(tmp_path: Path) -> Path:
-    from ottimo.config import TrainCfg
 
-    return export_onnx(build_model("mlp", 8, 3, TrainCfg(mlp={"hidden": [8]})), 8, tmp_path / "model.onnx")
+    model = build(Recipe("mlp", "ottimo.models.builtin.mlp:build", {"hidden": [8]}), InputSpec.tabular(8), 3)
+    return export_onnx(model, InputSpec.tabular(8), tmp_path / "model.onnx")
 
 
 def test_serving_refuses_a_tampered_file_and_external_data(onnx_file, tmp_path):

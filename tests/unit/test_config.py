@@ -22,7 +22,12 @@ def test_repo_params_are_valid_and_complete():
 @pytest.mark.parametrize(
     ("patch", "key", "value_and_rule"),
     [
-        ({"train": {"mlp": {"optimizer": "adagrad"}}}, "train.mlp.optimizer", ["'adagrad'", "sgd", "rmsprop"]),
+        ({"train": {"optimizer": "adagrad"}}, "train.optimizer", ["'adagrad'", "sgd", "rmsprop"]),
+        ({"families": {"mlp": {"train": {"optimizer": "adagrad"}}}}, "families.mlp.train.optimizer", ["'adagrad'"]),
+        ({"train": {"mlp": {"hidden": [8]}}}, "train.mlp", ["moved to families.mlp.hparams"]),
+        ({"train": {"candidates": ["resnet"]}}, "train.candidates", ["'resnet' is not a model family", "cnn"]),
+        ({"families": {"mynet": {"hparams": {}}}}, "families.mynet.builder", ["Field required"]),
+        ({"families": {"mynet": {"builder": "mymodels/net.py"}}}, "families.mynet.builder", ["module.path:function"]),
         ({"gate": {"min_accuracy": 1.5}}, "gate.min_accuracy", ["1.5", "less than or equal to 1"]),
         ({"data": {"splits": {"train": 0.9}}}, "data.splits", ["must sum to 1.0"]),
         ({"data": {"path": "../outside.csv"}}, "data.path", ["'../outside.csv'", "inside the project"]),
@@ -30,9 +35,10 @@ def test_repo_params_are_valid_and_complete():
         ({"score": {"incoming": "/srv/batches"}}, "score.incoming", ["'/srv/batches'", "inside the project"]),
         ({"score": {"quarantine": "data/q"}}, "score.quarantine", ["unknown key"]),  # one folder: limits.quarantine_dir
         ({"limits": {"quarantine_dir": "../q"}}, "limits.quarantine_dir", ["'../q'", "inside the project"]),
-        ({"train": {"transformer": {"d_model": 30, "heads": 4}}}, "train.transformer", ["divisible by heads"]),
+        ({"data": {"input": {"kind": "image"}}}, "data.input", ["needs its shape"]),
+        ({"data": {"input": {"kind": "image", "shape": [8, 8]}}}, "data.input", ["[channels, height, width]"]),
         ({"gate": {"max_p95_latency": 3}}, "gate.max_p95_latency", ["unknown key"]),
-        ({"train": {"candidates": ["mlp", "resnet"]}}, "train.candidates.1", ["'resnet'", "'transformer'"]),
+        ({"train": {"candidates": ["mlp", "resnet"]}}, "train.candidates", ["'resnet'", "'transformer'"]),
     ],
 )
 def test_invalid_values_are_named(patch, key, value_and_rule):
@@ -89,7 +95,8 @@ def test_training_flow_shows_typed_parameters_with_descriptions():
     from flows.pipeline import training_pipeline
 
     props = training_pipeline.parameters.model_dump()["properties"]
-    assert props["candidates"]["anyOf"][0]["items"]["enum"] == ["mlp", "transformer"]
+    assert props["candidates"]["anyOf"][0]["items"]["type"] == "string"  # any family of families:, not an enum
+    assert "cnn" in props["candidates"]["description"]
     assert props["max_epochs"]["anyOf"][0]["type"] == "integer"
     assert props["min_accuracy"]["anyOf"][0]["type"] == "number"
     assert props["tune_enabled"]["anyOf"][0]["type"] == "boolean"
