@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
 
@@ -142,8 +151,25 @@ class IntRange(Strict):
 
 # One searched setting: {low, high, step} of ints, {low, high, log} of floats, or a list of choices; null drops a
 # setting of a built-in family's space.
-SpaceSpec = IntRange | FloatRange | list[Any] | None
 TRAIN_KEYS = ("optimizer", "lr", "weight_decay", "batch_size")  # space keys that are training settings, not hparams
+
+
+def _range(v: Any) -> Any:
+    """A space entry as the range it is: ints without `log` an IntRange, other {low, high} a FloatRange (so an
+    error names that range's rule, not every shape the entry could have had)."""
+    if v is None or isinstance(v, list | IntRange | FloatRange):
+        return v
+    if not isinstance(v, dict):
+        raise ValueError("must be {low, high, log} (floats), {low, high, step} (ints), a list of choices, or null")
+    ints = all(isinstance(v.get(k), int) and not isinstance(v.get(k), bool) for k in ("low", "high"))
+    try:
+        return (IntRange if ints and "log" not in v else FloatRange).model_validate(v)
+    except ValidationError as err:
+        raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") + (
+            f" ({'.'.join(map(str, e['loc']))})" if e["loc"] else "") for e in err.errors())) from None
+
+
+SpaceSpec = Annotated[IntRange | FloatRange | list[Any] | None, BeforeValidator(_range)]
 
 
 class FamilyTrainCfg(Strict):

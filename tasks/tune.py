@@ -149,7 +149,7 @@ def close_study(root: Path, params: Params, ref: StudyRef) -> TuneResult:
     n = tune.counts(study)
     metrics = [Metric(f"trials_{k}" if k != "epochs" else "epochs_total", v, 0, 0) for k, v in n.items()]
     try:
-        best = tune.choose(study, cfg)
+        best = tune.choose(study, cfg, ref.family)
     except tune.TuningFailed as err:
         client.log_batch(ref.mlflow_run_id, metrics=metrics)
         client.set_tag(ref.mlflow_run_id, vocab.FAILURE, vocab.clip(str(err)))

@@ -357,7 +357,7 @@ def counts(study: optuna.Study) -> dict[str, int]:
     }
 
 
-def choose(study: optuna.Study, cfg: TuneCfg) -> FrozenTrial | None:
+def choose(study: optuna.Study, cfg: TuneCfg, family: str = "<name>") -> FrozenTrial | None:
     """The trial whose settings train the candidate: the best val accuracy; multi-objective, the fastest
     Pareto trial within max_accuracy_drop points of the best accuracy. None when no trial ran at all (the
     wall budget was spent first); TuningFailed when trials ran and none completed."""
@@ -370,7 +370,7 @@ def choose(study: optuna.Study, cfg: TuneCfg) -> FrozenTrial | None:
         first = f"; trial {failed[0].number}: {failed[0].user_attrs.get('fail_reason', '?')}" if failed else ""
         raise TuningFailed(
             f"study {study.study_name}: no trial completed ({len(failed)} failed, {len(ran) - len(failed)} pruned)"
-            f"{first}. Narrow tune.space in params.yaml (e.g. lower lr or weight_decay) and run again.")
+            f"{first}. Narrow families.{family}.space in params.yaml (e.g. lower lr or weight_decay) and run again.")
     if not cfg.multi_objective:
         return study.best_trial
     front = pareto_front(study)

@@ -16,8 +16,9 @@ from ottimo import vocab
 from ottimo.card import store as cardstore
 from ottimo.card.render import DESCRIPTION_LIMIT, description, render
 from ottimo.card.sections import FIGURES, SECTIONS, deterministic, fairness_section, measure_card, slice_masks
-from ottimo.config import CardCfg, ConfigError, EvaluateCfg, GateCfg, SliceCfg, TrainCfg, parse_params
+from ottimo.config import CardCfg, ConfigError, EvaluateCfg, GateCfg, Params, SliceCfg, TrainCfg, parse_params
 from ottimo.data.tables import Splits
+from ottimo.models.family import recipe
 from ottimo.models.train import fit
 from ottimo.onnx.export import export_onnx
 from ottimo.registry import gate
@@ -46,10 +47,11 @@ def synthetic(tmp_path_factory) -> tuple[Path, Splits]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny batches: one thread is faster, and steady on a busy 2-core machine
     try:
-        model = fit("mlp", splits, TrainCfg(max_epochs=15, patience=5, mlp={"hidden": [16]}), seed=0).model
+        cfg = TrainCfg(max_epochs=15, patience=5)
+        model = fit(recipe(Params().families, cfg, "mlp", {"hparams": {"hidden": [16]}}), splits, cfg, seed=0).model
     finally:
         torch.set_num_threads(threads)
-    path = export_onnx(model, len(FEATURES), tmp_path_factory.mktemp("onnx") / "model.onnx")
+    path = export_onnx(model, splits.input, tmp_path_factory.mktemp("onnx") / "model.onnx")
     return path, splits
 
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from ottimo.models.architectures import build_model, count_parameters
 from typer.testing import CliRunner
 
 from ottimo import vocab
 from ottimo.compress import pareto, quantize, techniques
 from ottimo.config import ConfigError, Params, SelectCfg, deep_merge, parse_params
 from ottimo.data.tables import Splits, builtin_frame, split_frame
+from ottimo.models.family import count_parameters, recipe
 from ottimo.models.train import fit
 from ottimo.onnx.export import export_onnx
 from ottimo.onnx.measure import predict, session
@@ -25,8 +25,9 @@ from ottimo.registry import versions
 from ottimo.registry.gate import GateFailed
 from tests.conftest import write_project
 
-TINY_TRAIN = {"max_epochs": 15, "patience": 4, "mlp": {"hidden": [32]},
-              "transformer": {"d_model": 16, "heads": 2, "layers": 1, "ff_dim": 32}}
+TINY = parse_params({"train": {"max_epochs": 15, "patience": 4}, "families": {
+    "mlp": {"hparams": {"hidden": [32]}}, "transformer": {"hparams": {"d_model": 16, "heads": 2, "layers": 1,
+                                                                     "ff_dim": 32}}}})
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,8 @@ def splits() -> Splits:
 
 @pytest.fixture(scope="module")
 def trained(splits) -> dict:
-    cfg = Params().train.patched(TINY_TRAIN)
-    return {f: fit(f, splits, cfg, seed=0).model for f in ("mlp", "transformer")} | {"cfg": cfg}
+    return {f: fit(recipe(TINY.families, TINY.train, f), splits, TINY.train, seed=0).model
+            for f in ("mlp", "transformer")}
 
 
 def test_global_magnitude_pruning_reaches_target_sparsity_after_finetuning(trained, splits):
@@ -60,14 +61,13 @@ def test_global_magnitude_pruning_reaches_target_sparsity_after_finetuning(train
 @pytest.mark.parametrize("family", ["mlp", "transformer"])
 def test_structured_pruning_shrinks_parameters_and_onnx_file(family, trained, splits, tmp_path):
     dense = trained[family]
-    small, arch = techniques.structured_prune(dense, 0.5)
+    small = techniques.structured_prune(dense, splits.input, 10, 0.5)
     assert count_parameters(small) < 0.85 * count_parameters(dense)
     assert techniques.sparsity(small) == 0.0  # removed, not zeroed
-    rebuilt = build_model(family, 64, 10, trained["cfg"].patched(arch))  # the patch rebuilds the architecture
-    rebuilt.load_state_dict(small.state_dict())
+    assert small[1](torch.zeros(3, 64)).shape == (3, 10)  # the classifier keeps every class
     if family == "mlp":  # the file too (exports take seconds; the pipeline test measures the transformer's)
-        a = export_onnx(dense, 64, tmp_path / "dense.onnx").stat().st_size
-        b = export_onnx(small, 64, tmp_path / "small.onnx").stat().st_size
+        a = export_onnx(dense, splits.input, tmp_path / "dense.onnx").stat().st_size
+        b = export_onnx(small, splits.input, tmp_path / "small.onnx").stat().st_size
         assert a - b >= 4 * 0.9 * (count_parameters(dense) - count_parameters(small)), (a, b)  # FP32 bytes removed
     techniques.finetune(small, splits, techniques.FinetuneSpec(epochs=2, lr=1e-3))
     dense_acc = techniques.accuracy(dense, splits.X_test, splits.y_test)
@@ -75,7 +75,7 @@ def test_structured_pruning_shrinks_parameters_and_onnx_file(family, trained, sp
 
 
 def test_quantized_graphs_hold_integer_ops_and_keep_accuracy(trained, splits, tmp_path):
-    src = export_onnx(trained["mlp"], 64, tmp_path / "fp32.onnx")
+    src = export_onnx(trained["mlp"], splits.input, tmp_path / "fp32.onnx")
     dyn = quantize.dynamic_int8(src, tmp_path / "dyn.onnx")
     static = quantize.static_int8(src, tmp_path / "static.onnx", splits.X_train[:128], per_channel=True)
     assert quantize.op_counts(dyn)["MatMulInteger"] >= 2 and quantize.op_counts(src)["MatMulInteger"] == 0
@@ -106,9 +106,9 @@ def test_distillation_loss_uses_the_teachers_soft_targets():
 
 
 def test_distilled_student_reaches_the_accuracy_floor(trained, splits):
-    cfg = trained["cfg"].patched({"mlp": {"hidden": [32], "dropout": 0.0}})
+    r = recipe(TINY.families, TINY.train, "mlp", {"hparams": {"hidden": [32], "dropout": 0.0}})
     spec = techniques.FinetuneSpec(epochs=15, lr=3e-3)
-    student = techniques.distill(trained["transformer"], splits, "mlp", cfg, spec, temperature=4.0, alpha=0.7)
+    student = techniques.distill(trained["transformer"], splits, r, spec, temperature=4.0, alpha=0.7)
     assert count_parameters(student) < count_parameters(trained["transformer"])
     assert techniques.accuracy(student, splits.X_test, splits.y_test) >= 0.9
 
@@ -215,7 +215,7 @@ def test_config_checks_the_teacher_and_the_student():
 COMPRESS_TINY = {"enabled": True, "bases": ["student"],
                  "prune": {"unstructured": [], "structured": [0.5], "finetune_epochs": 2},
                  "quantize": {"methods": ["static"], "calibration_rows": 64},
-                 "distill": {"epochs": 10, "mlp": {"hidden": [32]}},
+                 "distill": {"epochs": 10, "hparams": {"hidden": [32]}},
                  "select": {"max_drop_vs_teacher": 3.0, "min_accuracy": 0.5}}
 
 
@@ -313,9 +313,10 @@ def test_with_a_champion_the_pipeline_picks_a_candidate_the_gate_passes(tmp_path
 
     # then a weak transformer teacher whose students are fast, and a compression selection that lets them all in
     raw = deep_merge(yaml.safe_load((project / "params.yaml").read_text()), {
-        "train": {"candidates": ["mlp", "transformer"], "transformer": {"d_model": 8, "ff_dim": 8}},
+        "train": {"candidates": ["mlp", "transformer"]},
+        "families": {"transformer": {"hparams": {"d_model": 8, "ff_dim": 8}}},
         "compress": deep_merge(COMPRESS_TINY, {"select": {"max_drop_vs_teacher": 60.0, "min_accuracy": 0.3},
-                                          "distill": {"epochs": 2, "mlp": {"hidden": [8]}}})})
+                                          "distill": {"epochs": 2, "hparams": {"hidden": [8]}}})})
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
     second = training_pipeline(project_dir=str(project), return_state=True)  # the same MLP, trained again
     assert second.is_completed(), second.message

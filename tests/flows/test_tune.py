@@ -15,19 +15,21 @@ import textwrap
 import time
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
 from optuna.trial import TrialState
-from ottimo.models.architectures import build_model
 from typer.testing import CliRunner
 
 from ottimo import vocab
 from ottimo.cli.main import app
-from ottimo.config import ConfigError, Params, TuneCfg, deep_merge, load_params, parse_params
+from ottimo.config import TRAIN_KEYS, ConfigError, Params, TuneCfg, deep_merge, load_params, parse_params
 from ottimo.data import versioning
 from ottimo.data.tables import Splits, load_splits, materialise_raw, prepare
 from ottimo.models import tune
+from ottimo.models.family import Recipe, build, recipe, to_overrides
 from ottimo.registry.tracking import connect
+from ottimo.spec import InputSpec
 from tasks.data import DataVersion
 from tests.conftest import write_project
 
@@ -43,10 +45,12 @@ def harness():
         yield
 
 
-def make(tmp_path: Path, tune_cfg: dict | None = None, extra: dict | None = None) -> tuple[Path, Params, DataVersion]:
-    """A project tuning only the MLP (TINY settings plus `tune_cfg`), its data prepared without DVC."""
-    root = write_project(tmp_path / "project", deep_merge({"train": {"candidates": ["mlp"]}, "tune": tune_cfg or {}},
-                                                      extra or {}))
+def make(tmp_path: Path, tune_cfg: dict | None = None, extra: dict | None = None, mlp: dict | None = None
+         ) -> tuple[Path, Params, DataVersion]:
+    """A project tuning only the MLP (TINY settings plus `tune_cfg`, and `mlp` laid over families.mlp), its data
+    prepared without DVC."""
+    root = write_project(tmp_path / "project", deep_merge({"train": {"candidates": ["mlp"]}, "tune": tune_cfg or {},
+                                                       "families": {"mlp": mlp or {}}}, extra or {}))
     params = load_params(root / "params.yaml")
     materialise_raw(root, params.data)
     prepare(root, params.data, root / "data" / "prepared")
@@ -57,9 +61,11 @@ def run_study(root: Path, params: Params, runs: tune.TrialRuns | None = None) ->
     """The core loop without Prefect: one worker, every trial in this process."""
     cfg = params.tune
     url = tune.storage_url(root, cfg)
-    study = tune.open_study(url, tune.study_name(cfg, "mlp", REV), cfg, "mlp", params.project.seed)
+    fam = params.families["mlp"]
+    study = tune.open_study(url, tune.study_name(cfg, "mlp", REV), cfg, fam, params.project.seed)
     splits: Splits = load_splits(root / "data" / "prepared")
-    objective = tune.objective("mlp", splits, params.train, cfg, params.evaluate, params.project.seed, runs)
+    objective = tune.objective(recipe(params.families, params.train, "mlp"), fam, splits, params.train, cfg,
+                               params.evaluate, params.project.seed, runs)
     with tune.torch_threads(1):
         tune.run_trials(study, objective, cfg.n_trials, None)
     return study
@@ -80,33 +86,36 @@ def test_repo_params_tune_before_training_and_bad_tune_values_are_named():
         ({"tune": {"sampler": "cmaes"}}, "tune.sampler", "'grid'"),
         ({"tune": {"pruner": "asha2"}}, "tune.pruner", "'successive_halving'"),
         ({"tune": {"storage": "mlruns/optuna.db"}}, "tune.storage", "SQLAlchemy URL"),
-        ({"tune": {"space": {"transformer": {"d_model": [30], "heads": [4]}}}}, "tune.space.transformer", "divisible"),
-        ({"tune": {"space": {"mlp": {"lr": {"low": 0, "high": 0.1, "log": True}}}}}, "tune.space.mlp.lr", "low > 0"),
+        ({"tune": {"space": {"mlp": {}}}}, "tune.space", "moved to families.<name>.space"),
+        ({"families": {"mlp": {"space": {"lr": {"low": 0, "high": 0.1, "log": True}}}}}, "families.mlp.space.lr",
+         "low > 0"),
     ]:
         with pytest.raises(ConfigError) as err:
             parse_params(patch)
         assert f"- {key}:" in str(err.value) and fragment in str(err.value)
 
 
-@pytest.mark.parametrize("family", ["mlp", "transformer"])
+@pytest.mark.parametrize("family", ["mlp", "transformer", "cnn"])
 def test_every_suggestion_is_a_valid_train_config_and_the_grid_is_finite(family):
     cfg = TuneCfg(sampler="grid", grid_points=2)
-    base = Params().train
-    grid = tune.grid(cfg, family)
-    assert grid["lr"][0] == getattr(cfg.space, family).lr.low and len(grid["lr"]) == 2
-    study = optuna.create_study(direction="maximize", sampler=tune.make_sampler(cfg, family, 0))
+    params = Params()
+    fam, spec = params.families[family], InputSpec("image", (1, 8, 8), "float32")
+    grid = tune.grid(cfg, fam)
+    assert grid["lr"][0] == fam.space["lr"].low and len(grid["lr"]) == 2
+    study = optuna.create_study(direction="maximize", sampler=tune.make_sampler(cfg, fam, 0))
     for _ in range(5):
         trial = study.ask()
-        p = tune.suggest(trial, cfg, family)
-        assert all(p[k] in v for k, v in grid.items())
-        train = base.patched(tune.to_overrides(family, p))
-        assert train.batch_size == p["batch_size"] and getattr(train, family).lr == p["lr"]
-        build_model(family, 64, 10, train)  # d_model / heads / ff_dim fit together
+        p = tune.suggest(trial, fam)
+        assert all(trial.params[k] in v for k, v in grid.items())
+        r = recipe(params.families, params.train, family, to_overrides(p))
+        assert r.batch_size == p["batch_size"] and r.lr == p["lr"]
+        assert all(r.hparams[k] == v for k, v in p.items() if k not in TRAIN_KEYS)  # list choices decoded
+        build(r, spec, 10)  # d_model / heads / ff_dim / channels fit together
         study.tell(trial, 0.5)
-    assert isinstance(tune.make_pruner(cfg, family), optuna.pruners.HyperbandPruner)
-    assert isinstance(tune.make_pruner(cfg.model_copy(update={"pruner": "asha"}), family),
+    assert isinstance(tune.make_pruner(cfg, fam), optuna.pruners.HyperbandPruner)
+    assert isinstance(tune.make_pruner(cfg.model_copy(update={"pruner": "asha"}), fam),
                       optuna.pruners.SuccessiveHalvingPruner)
-    assert isinstance(tune.make_sampler(cfg.model_copy(update={"multi_objective": True}), family, 0),
+    assert isinstance(tune.make_sampler(cfg.model_copy(update={"multi_objective": True}), fam, 0),
                       optuna.samplers.NSGAIISampler)
     assert tune.shares(10, 4) == [3, 3, 2, 2] and tune.shares(1, 4) == [1] and tune.shares(0, 2) == []
 
@@ -139,7 +148,7 @@ def test_the_wall_budget_stops_starting_trials_and_keeps_the_best():
 
 
 def test_hyperband_prunes_weak_trials_and_every_trial_is_a_nested_mlflow_run(tmp_path):
-    root, params, _ = make(tmp_path, {"n_trials": 10, "space": {"mlp": {"epochs": 9}}})
+    root, params, _ = make(tmp_path, {"n_trials": 10}, mlp={"trial_epochs": 9})
     client, exp = connect(root, params.mlflow)
     parent = client.create_run(exp, run_name="study").info.run_id
     study = run_study(root, params, tune.TrialRuns(client, exp, parent, {"test": "pruning"}))
@@ -164,8 +173,8 @@ def test_hyperband_prunes_weak_trials_and_every_trial_is_a_nested_mlflow_run(tmp
 
 def test_a_nan_trial_is_recorded_failed_and_the_study_goes_on(tmp_path):
     # weight decay up to 1e6 blows the weights up to inf within an epoch or two: real NaN losses
-    root, params, _ = make(tmp_path, {"n_trials": 6, "sampler": "random", "pruner": "none", "space": {
-        "mlp": {"epochs": 2, "weight_decay": {"low": 1e-6, "high": 1e6, "log": True}}}})
+    root, params, _ = make(tmp_path, {"n_trials": 6, "sampler": "random", "pruner": "none"}, mlp={
+        "trial_epochs": 2, "space": {"weight_decay": {"low": 1e-6, "high": 1e6, "log": True}}})
     study = run_study(root, params)
     failed, complete = by_state(study, TrialState.FAIL), by_state(study, TrialState.COMPLETE)
     assert failed and complete and len(failed) + len(complete) == 6
@@ -176,8 +185,8 @@ def test_a_nan_trial_is_recorded_failed_and_the_study_goes_on(tmp_path):
 
 
 def test_multi_objective_trials_measure_onnx_latency_and_plot_the_front(tmp_path):
-    root, params, _ = make(tmp_path, {"n_trials": 3, "multi_objective": True, "population_size": 2,
-                                      "space": {"mlp": {"epochs": 2}}})
+    root, params, _ = make(tmp_path, {"n_trials": 3, "multi_objective": True, "population_size": 2},
+                           mlp={"trial_epochs": 2})
     study = run_study(root, params)
     assert study.study_name.endswith("-mo") and len(by_state(study, TrialState.COMPLETE)) == 3
     assert all(0 < t.values[0] <= 1 and 0 < t.values[1] < 100 for t in study.trials)  # accuracy, p95 ms
@@ -239,6 +248,7 @@ CRASH = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     from ottimo.models import tune
+    from ottimo.models.family import recipe
     from ottimo.config import load_params
     from ottimo.data.tables import load_splits
     from ottimo.registry.tracking import connect
@@ -248,18 +258,19 @@ CRASH = textwrap.dedent("""
     runs = tune.TrialRuns(client, exp, client.create_run(exp, run_name="tune-mlp").info.run_id, {})
     real_fit, calls = tune.fit, []
 
-    def fit_that_dies_in_the_third_trial(family, splits, train_cfg, seed, on_epoch):
-        calls.append(family)
+    def fit_that_dies_in_the_third_trial(recipe, splits, train_cfg, seed, on_epoch):
+        calls.append(recipe)
         def hook(row):
             if len(calls) == 3:
                 os._exit(3)  # the process dies mid-trial: no cleanup, the trial stays RUNNING
             on_epoch(row)
-        return real_fit(family, splits, train_cfg, seed, hook)
+        return real_fit(recipe, splits, train_cfg, seed, hook)
 
     tune.fit = fit_that_dies_in_the_third_trial
-    study = tune.open_study(tune.storage_url(root, cfg), tune.study_name(cfg, "mlp", sys.argv[2]), cfg, "mlp", 42)
-    objective = tune.objective("mlp", load_splits(root / "data" / "prepared"), params.train, cfg, params.evaluate, 42,
-                               runs)
+    fam = params.families["mlp"]
+    study = tune.open_study(tune.storage_url(root, cfg), tune.study_name(cfg, "mlp", sys.argv[2]), cfg, fam, 42)
+    objective = tune.objective(recipe(params.families, params.train, "mlp"), fam,
+                               load_splits(root / "data" / "prepared"), params.train, cfg, params.evaluate, 42, runs)
     tune.run_trials(study, objective, 5, None)
 """)
 
@@ -267,7 +278,7 @@ CRASH = textwrap.dedent("""
 def test_resume_after_a_crash_continues_the_same_study_with_parallel_trials(tmp_path, harness):
     from flows.tune import with_runner
 
-    root, params, data = make(tmp_path, {"n_trials": 5, "n_jobs": 2, "space": {"mlp": {"epochs": 3}}})
+    root, params, data = make(tmp_path, {"n_trials": 5, "n_jobs": 2}, mlp={"trial_epochs": 3})
     crashed = subprocess.run([sys.executable, "-c", CRASH, str(root), REV], capture_output=True, text=True)
     assert crashed.returncode == 3, crashed.stderr[-3000:]
     url, name = tune.storage_url(root, params.tune), tune.study_name(params.tune, "mlp", REV)
@@ -306,11 +317,11 @@ def test_resume_after_a_crash_continues_the_same_study_with_parallel_trials(tmp_
 def test_dask_task_runner_runs_trials_on_two_worker_processes(tmp_path, harness):
     from flows.tune import with_runner
 
-    root, params, data = make(tmp_path, {"runner": "dask", "n_jobs": 2, "n_trials": 4, "space": {"mlp": {"epochs": 2}}})
+    root, params, data = make(tmp_path, {"runner": "dask", "n_jobs": 2, "n_trials": 4}, mlp={"trial_epochs": 2})
     state = with_runner(str(root))(project_dir=str(root), data=data, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()["mlp"]
-    assert result.complete + result.pruned == 4 and result.overrides["mlp"]["hidden"]
+    assert result.complete + result.pruned == 4 and result.overrides["hparams"]["width"]
     study = optuna.load_study(study_name=result.study, storage=tune.open_storage(tune.storage_url(root, params.tune)))
     workers = {t.user_attrs["worker"] for t in study.trials}
     assert len(workers) == 2 and not any(w.endswith(f":{os.getpid()}") for w in workers)
@@ -318,12 +329,13 @@ def test_dask_task_runner_runs_trials_on_two_worker_processes(tmp_path, harness)
 
 def test_ottimo_tune_fails_with_the_reason_when_every_trial_fails(tmp_path, harness):
     # run as `ottimo tune`: the flow validates and versions the data itself, then every trial's loss is NaN
-    root = write_project(tmp_path / "project", {"train": {"candidates": ["mlp"]}, "tune": {"n_trials": 2, "space": {
-        "mlp": {"epochs": 2, "weight_decay": {"low": 1e10, "high": 1e12, "log": True}}}}})
+    root = write_project(tmp_path / "project", {"train": {"candidates": ["mlp"]}, "tune": {"n_trials": 2},
+                                                "families": {"mlp": {"trial_epochs": 2, "space": {
+                                                    "weight_decay": {"low": 1e10, "high": 1e12, "log": True}}}}})
     out = CliRunner().invoke(app, ["tune", "--project-dir", str(root)])
     assert out.exit_code == 1
     text = " ".join(out.output.split())
-    assert "Tuning Failed" in text and "no trial completed (2 failed, 0 pruned)" in text and "tune.space" in text
+    assert "Tuning Failed" in text and "no trial completed (2 failed, 0 pruned)" in text and "families.mlp.space" in text
     client, exp = connect(root, load_params(root / "params.yaml").mlflow)
     study_run = client.search_runs([exp], "tags.`ottimo.kind` = 'study'")[0]
     assert study_run.info.status == "FAILED" and "loss became" in study_run.data.tags["failure"]
@@ -351,13 +363,14 @@ def test_pipeline_with_tuning_trains_the_chosen_configuration(tmp_path, harness)
         assert len(study.trials) == 3
         chosen = study.trials[int(study_run.data.tags["optuna.chosen_trial"])]
         assert study_run.data.metrics["best_val_accuracy"] == chosen.value
-        expected = getattr(params.train.patched(tune.to_overrides(family, chosen.params)), family)
+        expected = recipe(params.families, params.train, family,
+                          to_overrides(tune.decode(params.families[family], chosen.params)))
         candidate = client.search_runs([exp], f"tags.`ottimo.kind` = 'candidate' and tags.`model.family` = '{family}'"
                                        f" and tags.`mlflow.parentRunId` = '{summary.run_id}'")[0]
         assert candidate.data.tags["tuned"] == "true"
         assert candidate.data.params["batch_size"] == str(chosen.params["batch_size"])
-        for key, value in expected.model_dump().items():
-            assert candidate.data.params[key] == str(value), key
+        logged = mlflow.artifacts.load_text(f"runs:/{candidate.info.run_id}/recipe.json")
+        assert Recipe.from_json(logged) == expected  # what trained it is the chosen trial's configuration
         trial_runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{study_run.info.run_id}'")
         assert len(trial_runs) == 3
     champion = next(c for c in summary.candidates if str(c["version"]) == summary.champion)
