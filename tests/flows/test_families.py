@@ -108,6 +108,6 @@ def test_the_cnn_on_digits_as_images_reaches_a_champion_and_prunes_structurally(
     params = load_params(project / "params.yaml")
     client, exp = connect(project, params.mlflow)
     mv, dims = champion_input(client, params.mlflow.registered_model)
-    assert dims[1:] == [1, 8, 8] and mv.tags[vocab.FAMILY] == "cnn"
+    assert dims[1:] == [1, 8, 8] and mv.tags[vocab.FAMILY].startswith("cnn")  # trained or compressed
     assert client.get_run(mv.run_id).data.metrics.get("test_accuracy", 1.0) >= 0.9
     assert_structured_pruning_shrinks(client, exp, state.result().run_id, "cnn")
