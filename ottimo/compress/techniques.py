@@ -103,8 +103,9 @@ def structured_prune(model: nn.Sequential, spec: InputSpec, n_classes: int, rati
     with warnings.catch_warnings():  # torch-pruning warns about layers it leaves alone: the reason below says it
         warnings.simplefilter("ignore")
         try:
-            pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=2, group_reduction="first"),
-                                          pruning_ratio=ratio, ignored_layers=_kept_layers(model, n_classes))
+            importance = tp.importance.MagnitudeImportance(p=2, group_reduction="first")
+            pruner = tp.pruner.MetaPruner(model, example, importance=importance, pruning_ratio=ratio,
+                                          ignored_layers=_kept_layers(model, n_classes))
             pruner.step()
         except Exception as err:  # the graph tracer meets whatever a user's module does
             raise NotPrunable(f"torch-pruning cannot trace this model ({type(err).__name__}: {err})") from None

@@ -122,7 +122,8 @@ def build(spec, n_classes):
 
 
 def test_a_model_structured_pruning_cannot_shrink_is_skipped_with_the_reason(tmp_path, prefect_harness):
-    compress = {**QUICK["compress"], "teacher": "linear", "quantize": {"methods": ["dynamic"], "after_structured": True}}
+    compress = {**QUICK["compress"], "teacher": "linear",
+                "quantize": {"methods": ["dynamic"], "after_structured": True}}
     project = write_project(tmp_path / "project", {**QUICK, "families": {"linear": {"builder": "linear:build"}},
                                                    "train": {"candidates": ["linear"], "max_epochs": 5},
                                                    "compress": compress, "gate": {"min_accuracy": 0.3}})
