@@ -130,7 +130,9 @@ def test_bad_raw_data_stops_before_anything_is_trained(project, prefect_harness)
 def test_parity_failure_fails_the_flow_and_closes_its_mlflow_runs(tmp_path, prefect_harness):
     from tests.conftest import write_project
 
-    overrides = {"evaluate": {"parity_atol": 1e-12}, "train": {"candidates": ["mlp"]}}
+    # the transformer's attention and layer norms round differently in onnxruntime than in torch (~1e-6); the MLP's
+    # Gemm can match torch bit for bit
+    overrides = {"evaluate": {"parity_atol": 1e-12}, "train": {"candidates": ["transformer"]}}
     project = write_project(tmp_path / "project", overrides)
     params = load_params(project / "params.yaml")
     state = run(project)
