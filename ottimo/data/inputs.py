@@ -115,10 +115,11 @@ def read_npz(path: Path, target: str = "target", kind: str | None = None, featur
     return df.assign(**{target: y}) if y is not None else df
 
 
-def write_npz(df: pd.DataFrame, path: Path, target: str, shape: list[int] | None) -> Path:
-    """The frame's feature columns (all but `target`) as X with rows of `shape` (flat when None), `target` as y."""
+def write_npz(df: pd.DataFrame, path: Path, target: str, shape: list[int] | None, dtype: str | None = None) -> Path:
+    """The frame's feature columns (all but `target`) as X with rows of `shape` (flat when None) in `dtype` (None:
+    the frame's), `target` as y."""
     features = [c for c in df.columns if c != target]
-    X = df[features].to_numpy()
+    X = df[features].to_numpy(dtype=dtype)
     X = X.reshape(len(X), *shape) if shape else X
     arrays = {"X": X} | ({"y": df[target].to_numpy(dtype="int64")} if target in df.columns else {})
     with open(path, "wb") as f:  # a file object: numpy would add .npz to a name without it (a .tmp file)

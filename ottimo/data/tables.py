@@ -77,7 +77,9 @@ def write_table(df: pd.DataFrame, path: Path, cfg: DataCfg, suffix: str | None =
     """The raw table as CSV, Parquet or .npz (X of data.input's shape, y) by `suffix` (default: the path's)."""
     suffix = (suffix or path.suffix).lower()
     if suffix == ".npz":
-        return write_npz(df, path, cfg.target, cfg.input.shape if cfg.input.kind != "tabular" else None)
+        kind = cfg.input.kind
+        return write_npz(df, path, cfg.target, cfg.input.shape if kind != "tabular" else None,
+                         "int64" if kind == "sequence" else None)
     df.to_parquet(path, index=False) if suffix == ".parquet" else df.to_csv(path, index=False)
     return path
 
