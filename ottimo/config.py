@@ -293,7 +293,8 @@ class EvaluateCfg(Strict):
 # The model card's scalar figures (ottimo.card.sections.FIGURES says which way is better); a gate may bound any of them.
 CardFigure = Literal[
     "accuracy.accuracy", "accuracy.macro_f1",
-    "robustness.noise", "robustness.scale", "robustness.missing",
+    "robustness.noise", "robustness.scale", "robustness.missing",  # tabular rows
+    "robustness.shift", "robustness.rotate", "robustness.dropout", "robustness.substitute",  # images, sequences
     "generalisation.train_test_gap", "generalisation.train_val_gap", "generalisation.drift_accuracy",
     "fairness.recall_spread", "fairness.min_class_recall", "fairness.slice_gap",
     "interpretability.top5_share",
