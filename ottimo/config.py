@@ -510,7 +510,7 @@ class ReliabilityCfg(Strict):
     stale_run_hours: float = Field(24, gt=0)  # a RUNNING MLflow run whose process cannot be checked counts as dead
 
 class ScoreCfg(Strict):
-    """Batch scoring: batches (CSV or Parquet) arrive in `incoming`; malformed ones move to limits.quarantine_dir
+    """Batch scoring: batches (CSV, Parquet or .npz) arrive in `incoming`; malformed ones move to limits.quarantine_dir
     (the one quarantine folder: training data, batches and served traffic alike)."""
 
     incoming: ProjectPath = "data/incoming"

@@ -71,12 +71,13 @@ def check_npz(path: Path, limits: LimitsCfg) -> int:
         if dtype.hasobject or dtype.kind not in "biuf":
             raise DataValidationError(f"{path}: array {name!r} is {dtype}; an .npz batch or data file holds "
                                       "numbers only (objects would need pickle, which is never loaded)")
-    shape, dtype = arrays["X"]
-    decoded = math.prod(shape) * dtype.itemsize
+    decoded = sum(math.prod(shape) * dtype.itemsize for shape, dtype in arrays.values())
+    shape = arrays["X"][0]
     if decoded > limits.max_file_mb * MB:
         raise DataValidationError(
-            f"{path}: X {list(shape)} decodes to {decoded / MB:,.1f} MB, above limits.max_file_mb = "
-            f"{limits.max_file_mb:g}; it was not read. Split it into smaller files or raise limits.max_file_mb")
+            f"{path}: X {list(shape)} (and the other arrays) decodes to {decoded / MB:,.1f} MB, above "
+            f"limits.max_file_mb = {limits.max_file_mb:g}; it was not read. Split it into smaller files or raise "
+            "limits.max_file_mb")
     return shape[0] if shape else 0
 
 
