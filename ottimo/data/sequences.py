@@ -24,7 +24,10 @@ def dimensions(cfg: DataCfg) -> tuple[int, int]:
 
 def generate(s: SequencesCfg, length: int, vocab: int, pad_id: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Token ids (rows, length) int64 and class labels (rows,) int64, reproducible by `seed`."""
-    usable = np.delete(np.arange(vocab), pad_id) if pad_id < vocab else np.arange(vocab)
+    if pad_id >= vocab:
+        raise ValueError(f"data.input.pad_id {pad_id} is outside the vocabulary (ids 0 .. {vocab - 1}); lower it or "
+                         "raise data.input.vocab_size")
+    usable = np.delete(np.arange(vocab), pad_id)
     if len(usable) < s.classes * s.markers + 8:
         raise ValueError(f"vocab_size {vocab} is too small for {s.classes} classes x {s.markers} markers plus "
                          "background tokens; raise data.input.vocab_size")

@@ -181,6 +181,8 @@ def test_input_settings_are_validated():
             parse_params({"data": data})
     with pytest.raises(ValueError, match="too small"):
         sequences.generate(DataCfg().sequences, 32, 12, 0, seed=0)
+    with pytest.raises(ValueError, match=esc("pad_id 250 is outside the vocabulary (ids 0 .. 199)")):
+        sequences.frame(DataCfg(builtin="sequences", input={"kind": "sequence", "pad_id": 250}))
 
 
 # --- scoring batches ----------------------------------------------------------------------------------------------
