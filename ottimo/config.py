@@ -86,26 +86,61 @@ class InputCfg(Strict):
                              "width], sequence [length], tabular null or [n_features]; positive integers")
         if self.kind == "image" and self.shape is None:
             raise ValueError("an image input needs its shape, e.g. [1, 8, 8] for digits")
+        if self.vocab_size is not None and self.pad_id >= self.vocab_size:
+            raise ValueError(f"pad_id {self.pad_id} is outside vocab_size {self.vocab_size} (ids 0 .. "
+                             f"{self.vocab_size - 1}); the padding id is one of the vocabulary's ids")
+        return self
+
+
+class SequencesCfg(Strict):
+    """The `sequences` builtin: a seeded sequence-classification task (data.input gives its length, [32] when null,
+    and its vocab_size, 200 when null). Each class has `markers` indicative token ids; a row is background tokens
+    (a Zipf-like distribution) of a random true length in [min_length, length], padded with pad_id, with
+    `planted` markers of its class and `distractors` of another class put at random positions."""
+
+    rows: int = Field(2000, ge=10)
+    classes: int = Field(4, ge=2)
+    markers: int = Field(3, ge=1)  # indicative token ids per class
+    planted: int = Field(3, ge=1)  # markers of the row's class in each row
+    distractors: int = Field(1, ge=0)  # markers of another class in each row (fewer than `planted`)
+    min_length: int = Field(8, ge=2)  # shortest true length (before padding)
+
+    @model_validator(mode="after")
+    def _fits(self) -> SequencesCfg:
+        if self.distractors >= self.planted:
+            raise ValueError(f"distractors ({self.distractors}) must be fewer than planted ({self.planted}), or the "
+                             "class cannot be told from the tokens")
+        if self.planted + self.distractors > self.min_length:
+            raise ValueError(f"planted + distractors ({self.planted + self.distractors}) do not fit in min_length "
+                             f"{self.min_length}")
         return self
 
 
 class DataCfg(Strict):
     path: ProjectPath = "data/raw/digits.csv"
-    builtin: Literal["digits", "breast_cancer", "wine"] | None = "digits"
+    builtin: Literal["digits", "breast_cancer", "wine", "sequences"] | None = "digits"
     target: str = "target"
     features: list[str] | None = None
     labels: list[int] | None = None
     min_rows: int = Field(100, ge=10)
     input: InputCfg = InputCfg()
+    sequences: SequencesCfg = SequencesCfg()  # the `sequences` builtin's size and difficulty
     splits: SplitsCfg = SplitsCfg()
     seed: int = 42
 
     @field_validator("path")
     @classmethod
     def _table_file(cls, v: str) -> str:
-        if Path(v).suffix.lower() not in {".csv", ".parquet"}:
-            raise ValueError("must end in .csv or .parquet")
+        if Path(v).suffix.lower() not in {".csv", ".parquet", ".npz"}:
+            raise ValueError("must end in .csv or .parquet (a table) or .npz (arrays X and y)")
         return v
+
+    @model_validator(mode="after")
+    def _sequences_builtin(self) -> DataCfg:
+        if self.builtin == "sequences" and self.input.kind != "sequence":
+            raise ValueError("builtin 'sequences' is token ids: set data.input to {kind: sequence} (shape [length] "
+                             "and vocab_size optional)")
+        return self
 
 
 class DvcCfg(Strict):
@@ -284,7 +319,8 @@ class EvaluateCfg(Strict):
 # The model card's scalar figures (ottimo.card.sections.FIGURES says which way is better); a gate may bound any of them.
 CardFigure = Literal[
     "accuracy.accuracy", "accuracy.macro_f1",
-    "robustness.noise", "robustness.scale", "robustness.missing",
+    "robustness.noise", "robustness.scale", "robustness.missing",  # tabular rows
+    "robustness.shift", "robustness.rotate", "robustness.dropout", "robustness.substitute",  # images, sequences
     "generalisation.train_test_gap", "generalisation.train_val_gap", "generalisation.drift_accuracy",
     "fairness.recall_spread", "fairness.min_class_recall", "fairness.slice_gap",
     "interpretability.top5_share",
@@ -500,7 +536,7 @@ class ReliabilityCfg(Strict):
     stale_run_hours: float = Field(24, gt=0)  # a RUNNING MLflow run whose process cannot be checked counts as dead
 
 class ScoreCfg(Strict):
-    """Batch scoring: batches (CSV or Parquet) arrive in `incoming`; malformed ones move to limits.quarantine_dir
+    """Batch scoring: batches (CSV, Parquet or .npz) arrive in `incoming`; malformed ones move to limits.quarantine_dir
     (the one quarantine folder: training data, batches and served traffic alike)."""
 
     incoming: ProjectPath = "data/incoming"

@@ -39,8 +39,9 @@ def model_card(root: Path, params: Params, cand: Evaluated, version: str,
     create_markdown_artifact(markdown=markdown, key=re.sub(r"[^a-z0-9-]+", "-", f"card-{name}-v{version}".lower()),
                              description=f"Model card of {name} v{version} ({cand.family})")
     f = card.figures()
-    log.info("card %s v%s: acc %.4f, noise robustness %.3f, recall spread %.3f, slice gap %.3f, "
+    kind = next(iter(card.robustness["curves"]), "noise")  # the input kind's first perturbation
+    log.info("card %s v%s: acc %.4f, %s robustness %.3f, recall spread %.3f, slice gap %.3f, "
              "%.3g CPU-s per 1M rows, +%.1f MB session memory", cand.family, version, f["accuracy.accuracy"],
-             f["robustness.noise"], f["fairness.recall_spread"], f["fairness.slice_gap"],
+             kind, f[f"robustness.{kind}"], f["fairness.recall_spread"], f["fairness.slice_gap"],
              f["scalability.cpu_s_per_million"], f["deployment.peak_memory_mb"])
     return CardRecord(version, f, f"runs:/{cand.run_id}/{cardstore.CARD_DIR}/card.json")

@@ -28,7 +28,8 @@ def validate_raw(root: Path, params: Params) -> int:
     its row count. A rejected file is copied to the quarantine (the original stays) and the run stops."""
     path = materialise_raw(root, params.data)
     try:
-        df = validate_frame(read_checked(root, path, params.limits), params.data, path, params.limits)
+        df = validate_frame(read_checked(root, path, params.limits, params.data), params.data, path,
+                            params.limits)
     except DataValidationError as err:
         kept, note = quarantine(root, path, str(err), params.limits)
         where = f"a copy is in {kept.relative_to(root)}" if kept else "no copy was made"

@@ -18,9 +18,9 @@ from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
 from ottimo import vocab
-from ottimo.config import Params
-from ottimo.data import batches, versioning
-from ottimo.data.tables import materialise_raw, read_table, validate_frame
+from ottimo.config import DataCfg, Params
+from ottimo.data import batches, inputs, versioning
+from ottimo.data.tables import materialise_raw, read_table, validate_frame, write_table
 from ottimo.monitor import drift as policy
 from ottimo.monitor import holdback, ledger
 from ottimo.onnx.measure import predict, scores
@@ -175,7 +175,7 @@ def check_window(root: Path, params: Params, champion: Champion, window: Window)
     sess = champion.session()  # sha256 checked again
     previous, previous_scores = _previous(root, params, features, labels) if enough else (None, None)
     found = policy.assess(reference, cur, rows, features, target, cfg, _predictor(sess, features, labels),
-                          previous, _scorer(sess, features), previous_scores)
+                          previous, _scorer(sess, features), previous_scores, spec=inputs.spec_of(schema))
     ev = found.evidence
     files = [policy.save_html(snap, out / f"{name}.html") for name, snap in found.reports.items()]
     has_previous = versions.alias_version(client, params.mlflow.registered_model, versions.PREVIOUS) is not None
@@ -244,22 +244,22 @@ def add_training_data(root: Path, params: Params, window: Window, check_id: str 
         if marker.get("done"):
             return {"data_revision": marker["data_revision"]} | marker["outcome"]
         return _version_data(root, params, client, check_id, marker["outcome"])
-    frames = [f for f in (read_table(Path(b)) for b in window.batches) if cfg.target in f.columns]
+    old = read_table(raw, cfg.target, cfg.input.kind)
+    schema = _training_schema(old, cfg, raw)
+    frames = [f for f in (batches.read_batch(Path(b), schema) for b in window.batches) if cfg.target in f.columns]
     versioning.ensure_repo(root)
     if not frames:
         log.warning("no labelled rows in the window: the training data is unchanged")
         versioning.track(root, cfg.path)
         versioning.reproduce(root)
         return {"data_revision": versioning.revision(root), "rows_added": "0"}
-    old = read_table(raw)
     rows = pd.concat([f.reindex(columns=old.columns).dropna(subset=[cfg.target]) for f in frames], ignore_index=True)
     outcome: dict[str, str] = {}
     held = None
     if not (accept_drifted or params.drift.accept_drifted_rows):
-        features = [c for c in old.columns if c != cfg.target]
         known = cfg.labels or sorted(int(v) for v in old[cfg.target].unique())
-        parts = holdback.split(rows, old, features, cfg.target, known, params.drift.holdback_margin,
-                               params.limits.max_abs_value)
+        parts = holdback.split(rows, old, schema["features"], cfg.target, known, params.drift.holdback_margin,
+                               params.limits.max_abs_value, inputs.spec_of(schema))
         if len(parts.held):
             held = parts.held
             outcome = {"rows_held_back": str(len(parts.held)), "held_back": vocab.clip("; ".join(parts.summary), 2000),
@@ -276,7 +276,7 @@ def add_training_data(root: Path, params: Params, window: Window, check_id: str 
         ledger.act(client, check_id, APPEND, rows_before=len(old), sha256_before=_digest(raw), outcome=outcome)
     if held is not None:
         held.to_parquet(outcome["held_back.path"], index=False)
-    _write_atomically(new, raw)
+    _write_atomically(new, raw, cfg)
     checkpoint("after-appending-rows")
     log.info("training data %s: %d -> %d rows", cfg.path, len(old), len(new))
     return _version_data(root, params, client, check_id, outcome)
@@ -309,11 +309,18 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomically(df: pd.DataFrame, path: Path) -> None:
+def _write_atomically(df: pd.DataFrame, path: Path, cfg: DataCfg) -> None:
     """Write the table beside `path` and rename it over: a crash leaves the old file or the new, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
-    df.to_parquet(tmp, index=False) if path.suffix == ".parquet" else df.to_csv(tmp, index=False)
+    write_table(df, tmp, cfg, suffix=path.suffix)
     os.replace(tmp, path)
+
+
+def _training_schema(old: pd.DataFrame, cfg: DataCfg, raw: Path) -> dict:
+    """The training data's features, target and input spec (what .npz batches are read as, rows ranged by)."""
+    features = [c for c in old.columns if c != cfg.target]
+    spec = inputs.derive_spec(inputs.input_of(cfg), features, old[features], raw)
+    return {"features": features, "target": cfg.target, "input": spec.as_dict()}
 
 
 def _held_path(root: Path, params: Params, name: str) -> Path:

@@ -39,12 +39,13 @@ def _accuracy(s: dict, full: bool) -> list[str]:
 
 
 def _robustness(s: dict, full: bool) -> list[str]:
-    out = _table(["severity", *KINDS], [[f"{sev:g}", *(_f(s["curves"][k][i], 3) for k in KINDS)]
+    kinds = list(s["curves"]) or list(KINDS)  # the input kind's perturbations (sections.INPUT_KINDS)
+    out = _table(["severity", *kinds], [[f"{sev:g}", *(_f(s["curves"][k][i], 3) for k in kinds)]
                                         for i, sev in enumerate(s["severities"])])
-    means = ", ".join(f"{k} **{_f(s[k], 3)}**" for k in KINDS)
+    means = ", ".join(f"{k} **{_f(s[k], 3)}**" for k in kinds)
     out += ["", f"Mean accuracy over the non-zero severities: {means} (seed {s['seed']}). Curve: "
             "`card/robustness.png`."]
-    return out + ["", *(f"- {k}: {s['method'][k]}" for k in KINDS)] if full else out
+    return out + ["", *(f"- {k}: {s['method'][k]}" for k in kinds)] if full else out
 
 
 def _generalisation(s: dict, full: bool = True) -> list[str]:
@@ -59,7 +60,8 @@ def _generalisation(s: dict, full: bool = True) -> list[str]:
                             [[k, *(_f(a, 3) for a in c)] for k, c in curves.items()])]
         out += ["", *(f"- {k}: {s['drift_method'][k]}" for k in curves)]
     if s.get("drift_skipped"):
-        out += ["", f"Not measured: {', '.join(s['drift_skipped'])} (needs card.image_shape matching the features)."]
+        out += ["", f"Not measured: {', '.join(s['drift_skipped'])} (image kinds need image rows or a matching "
+                "card.image_shape; token sequences take none of them)."]
     return out
 
 
@@ -90,7 +92,7 @@ def _interpretability(s: dict, full: bool) -> list[str]:
                   [[f"`{t['feature']}`", _f(t["importance"]), _f(t["std"])] for t in top])
     shape = s["image_shape"]
     out.append("")
-    out.append(f"Heat-map ({shape[0]}x{shape[1]}): `card/importance.png`." if shape else
+    out.append(f"Heat-map ({'x'.join(map(str, shape[-2:]))}): `card/importance.png`." if shape else
                f"Bar chart: `card/importance.png`.{' ' + s['image_note'] if s['image_note'] else ''}")
     return out
 

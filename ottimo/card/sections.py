@@ -26,6 +26,7 @@ import onnx
 import onnxruntime as ort
 import pandas as pd
 from matplotlib.figure import Figure
+from scipy import ndimage
 from sklearn.inspection import permutation_importance
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
@@ -34,6 +35,7 @@ from ottimo.data.tables import Splits
 from ottimo.monitor import simulate
 from ottimo.onnx.export import INPUT, OUTPUT, shaped
 from ottimo.onnx.measure import accuracy, confusion_png, latency_ms, predict, session
+from ottimo.spec import InputSpec
 
 SECTIONS = {
     "accuracy": "1. Accuracy",
@@ -49,6 +51,8 @@ SECTIONS = {
 FIGURES: dict[str, str | None] = {
     "accuracy.accuracy": "higher", "accuracy.macro_f1": "higher",
     "robustness.noise": "higher", "robustness.scale": "higher", "robustness.missing": "higher",
+    "robustness.shift": "higher", "robustness.rotate": "higher",  # images
+    "robustness.dropout": "higher", "robustness.substitute": "higher",  # token sequences
     "generalisation.train_test_gap": "lower", "generalisation.train_val_gap": "lower",
     "generalisation.drift_accuracy": "higher",
     "fairness.recall_spread": "lower", "fairness.min_class_recall": "higher", "fairness.slice_gap": "lower",
@@ -62,7 +66,20 @@ assert set(FIGURES) == set(get_args(CardFigure)), "ottimo.config.CardFigure and 
 # Timings and memory change from run to run; everything else is recomputed exactly from the file and the data.
 VOLATILE = {"computed_at": None, "scalability": None, "deployment": (
     "peak_memory_mb", "peak_rss_mb", "memory_method", "single_thread_ok", "single_thread_p95_ms")}
-KINDS = ("noise", "scale", "missing")
+KINDS = ("noise", "scale", "missing")  # tabular rows' perturbations
+INPUT_KINDS = {"tabular": KINDS, "image": ("shift", "rotate"), "sequence": ("dropout", "substitute")}
+METHODS = {
+    "noise": "Gaussian noise, standard deviation = severity x the feature's train standard deviation",
+    "scale": "every feature multiplied by one factor drawn from U(1 - severity, 1 + severity)",
+    "missing": "each value missing with probability = severity, imputed as the feature's train mean",
+    "shift": "each image translated by severity x half its size, in a random direction per image (bilinear, edges "
+             "repeated)",
+    "rotate": "each image turned by severity x 90 degrees, clockwise or counter-clockwise at random (bilinear, "
+              "edges repeated)",
+    "dropout": "each token replaced by the padding id with probability = severity",
+    "substitute": "each token replaced by a random id of the vocabulary (not the padding id) with probability = "
+                  "severity",
+}
 MAX_DISTINCT = 20  # a slice column with bins: null may have at most this many values
 
 
@@ -157,45 +174,92 @@ def perturb(X: np.ndarray, kind: str, severity: float, base: np.ndarray, mean: n
     return out.astype(np.float32)
 
 
+def draw_input(kind: str, n: int, spec: InputSpec, rng: np.random.Generator) -> np.ndarray:
+    """The random numbers behind an image or sequence perturbation (common random numbers, as `draw`): per image a
+    direction (shift) or a sign (rotate); per token a uniform and a substitute id (pad_id never drawn)."""
+    if kind == "shift":
+        return rng.uniform(0, 2 * np.pi, n)
+    if kind == "rotate":
+        return rng.choice([-1.0, 1.0], n)
+    if kind in ("dropout", "substitute"):
+        ids = rng.integers(0, max(int(spec.vocab_size or 2) - 1, 1), (n, spec.size))
+        ids = ids + (ids >= int(spec.pad_id or 0))  # skip the padding id
+        return np.stack([rng.random((n, spec.size)), ids])
+    raise ValueError(f"unknown perturbation {kind!r} for {spec.kind} rows; use one of {INPUT_KINDS[spec.kind]}")
+
+
+def perturb_input(X: np.ndarray, kind: str, severity: float, base: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Flat image or sequence rows perturbed as METHODS[kind] says, still flat (float32)."""
+    if kind in ("shift", "rotate"):
+        imgs = X.reshape(len(X), *spec.shape).astype("float64")
+        if severity == 0:
+            return X.astype(np.float32)
+        half = severity * max(spec.shape[1:]) / 2
+        out = [ndimage.shift(im, (0, half * np.sin(b), half * np.cos(b)), order=1, mode="nearest")
+               if kind == "shift" else
+               ndimage.rotate(im, b * severity * 90, axes=(2, 1), reshape=False, order=1, mode="nearest")
+               for im, b in zip(imgs, base, strict=True)]
+        return np.stack(out).reshape(len(X), -1).astype(np.float32)
+    pad = float(spec.pad_id or 0)
+    hit = (base[0] < severity) & (X != pad)
+    out = np.where(hit, pad if kind == "dropout" else base[1], X)
+    return out.astype(np.float32)
+
+
 def robustness_section(sess: ort.InferenceSession, X: np.ndarray, y: np.ndarray, X_train: np.ndarray,
-                       cfg: CardCfg) -> dict:
-    """Test accuracy under each perturbation at each severity (seeded per kind)."""
+                       cfg: CardCfg, spec: InputSpec | None = None) -> dict:
+    """Test accuracy under each perturbation of the input kind (INPUT_KINDS) at each severity (seeded per kind)."""
     mean, std = X_train.mean(axis=0), X_train.std(axis=0)
+    kinds = INPUT_KINDS[spec.kind if spec else "tabular"]
     curves = {}
-    for i, kind in enumerate(KINDS):
-        base = draw(kind, X.shape, np.random.default_rng([cfg.seed, i]))
-        curves[kind] = [accuracy(sess, perturb(X, kind, s, base, mean, std), y) for s in cfg.severities]
+    for i, kind in enumerate(kinds):
+        rng = np.random.default_rng([cfg.seed, i])
+        if kind in KINDS:
+            base = draw(kind, X.shape, rng)
+            curves[kind] = [accuracy(sess, perturb(X, kind, s, base, mean, std), y) for s in cfg.severities]
+        else:
+            base = draw_input(kind, len(X), spec, rng)
+            curves[kind] = [accuracy(sess, perturb_input(X, kind, s, base, spec), y) for s in cfg.severities]
     return {
         "severities": list(cfg.severities),
         "curves": curves,
         # headline per kind: mean accuracy over the non-zero severities (area under the curve)
         **{kind: float(np.mean(curve[1:])) for kind, curve in curves.items()},
-        "method": {
-            "noise": "Gaussian noise, standard deviation = severity x the feature's train standard deviation",
-            "scale": "every feature multiplied by one factor drawn from U(1 - severity, 1 + severity)",
-            "missing": "each value missing with probability = severity, imputed as the feature's train mean",
-        },
+        "method": {kind: METHODS[kind] for kind in kinds},
         "seed": cfg.seed,
     }
 
 
 # --- 3. generalisation -------------------------------------------------------------------------------------------
 
-IMAGE_SHIFTS = ("rotate", "blur")  # simulator kinds that need card.image_shape
+IMAGE_SHIFTS = ("rotate", "blur")  # simulator kinds that need image rows (data.input) or card.image_shape
+
+
+def image_shape(cfg: CardCfg, spec: InputSpec | None, n_features: int) -> list[int] | None:
+    """The image the features form: data.input's for image rows ([H, W] for one channel, else [C, H, W]); none for
+    token sequences; card.image_shape for tabular rows when it matches the feature count."""
+    if spec is not None and spec.kind == "image":
+        c, h, w = spec.shape
+        return [h, w] if c == 1 else [c, h, w]
+    if spec is not None and spec.kind == "sequence":
+        return None
+    return list(cfg.image_shape) if cfg.image_shape and math.prod(cfg.image_shape) == n_features else None
 
 
 def drift_accuracy(sess: ort.InferenceSession, X: np.ndarray, y: np.ndarray, features: list[str],
-                   cfg: CardCfg) -> dict:
+                   cfg: CardCfg, spec: InputSpec | None = None) -> dict:
     """Test accuracy under the drift simulator's mild covariate shifts (ottimo.monitor.simulate.shift: each kind
     in card.drift_kinds at each severity in card.drift_severities, seeded by card.seed and the kind): the curves,
-    their mean, and the kinds left out (image kinds without a matching card.image_shape)."""
-    image = cfg.image_shape is not None and math.prod(cfg.image_shape) == len(features)
-    kinds = [k for k in cfg.drift_kinds if image or k not in IMAGE_SHIFTS]
+    their mean, and the kinds left out (image kinds without an image; every kind for token sequences, whose ids
+    the simulator's numeric shifts would turn into other tokens)."""
+    shape = image_shape(cfg, spec, len(features))
+    numeric = spec is None or spec.kind != "sequence"
+    kinds = [k for k in cfg.drift_kinds if numeric and (shape or k not in IMAGE_SHIFTS)]
     frame = pd.DataFrame(X, columns=features)
     curves = {}
     for i, kind in enumerate(kinds):
         curves[kind] = [accuracy(sess, simulate.shift(frame, features, None, kind, sev, cfg.seed + i,
-                                                      image_shape=cfg.image_shape)[features].to_numpy(np.float32), y)
+                                                      image_shape=shape)[features].to_numpy(np.float32), y)
                         for sev in cfg.drift_severities]
     mean = float(np.mean([a for c in curves.values() for a in c])) if curves else None
     return {"drift_accuracy": mean, "drift_severities": list(cfg.drift_severities), "drift_curves": curves,
@@ -207,7 +271,7 @@ def generalisation_section(sess: ort.InferenceSession, splits: Splits, cfg: Card
     recomputation from the same file and data gives the same figures)."""
     acc = {name: accuracy(sess, getattr(splits, f"X_{name}"), getattr(splits, f"y_{name}"))
            for name in ("train", "val", "test")}
-    drift = drift_accuracy(sess, splits.X_test, splits.y_test, splits.features, cfg or CardCfg())
+    drift = drift_accuracy(sess, splits.X_test, splits.y_test, splits.features, cfg or CardCfg(), splits.spec)
     measured = drift["drift_accuracy"]
     note = ("no drift kind applies to these features (card.drift_kinds)" if measured is None else
             f"mean test accuracy over {', '.join(drift['drift_curves'])} at severities "
@@ -312,7 +376,7 @@ def _accuracy(est: OnnxClassifier, X: np.ndarray, y: np.ndarray) -> float:
 
 
 def interpretability_section(sess: ort.InferenceSession, X: np.ndarray, y: np.ndarray, features: list[str],
-                             cfg: CardCfg) -> dict:
+                             cfg: CardCfg, spec: InputSpec | None = None) -> dict:
     """Permutation importance (drop in accuracy when one column is shuffled) on a seeded sample of test rows."""
     rng = np.random.default_rng(cfg.seed)
     rows = np.sort(rng.choice(len(X), size=min(cfg.importance_rows, len(X)), replace=False))
@@ -321,7 +385,7 @@ def interpretability_section(sess: ort.InferenceSession, X: np.ndarray, y: np.nd
     mean, std = res.importances_mean, res.importances_std
     order = np.lexsort((np.arange(len(mean)), -mean))  # most important first, ties by column order
     positive = np.clip(mean, 0, None)
-    image = cfg.image_shape is not None and math.prod(cfg.image_shape) == len(features)
+    shape = image_shape(cfg, spec, len(features))
     return {
         "method": "Permutation importance on the ONNX model (sklearn.inspection.permutation_importance): "
                   "mean drop in accuracy when one feature's column is shuffled",
@@ -330,8 +394,8 @@ def interpretability_section(sess: ort.InferenceSession, X: np.ndarray, y: np.nd
                 for i in order[: cfg.top_features]],
         "importances": {f: float(m) for f, m in zip(features, mean, strict=True)},
         "top5_share": _num(positive[order[:5]].sum() / positive.sum()) if positive.sum() > 0 else None,
-        "image_shape": list(cfg.image_shape) if image else None,
-        "image_note": None if image or cfg.image_shape is None else
+        "image_shape": shape,
+        "image_note": None if shape or cfg.image_shape is None or spec is not None and spec.kind == "sequence" else
         f"card.image_shape {cfg.image_shape} does not match {len(features)} features: no heat-map",
     }
 
@@ -466,6 +530,7 @@ def importance_png(section: dict, path: Path) -> Path:
     ax = fig.subplots()
     if section["image_shape"]:
         grid = np.array(list(section["importances"].values())).reshape(section["image_shape"])
+        grid = grid.mean(axis=0) if grid.ndim == 3 else grid  # [C, H, W]: the mean over the channels
         lim = float(np.abs(grid).max()) or 1.0
         im = ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim)  # red helps accuracy, blue is noise below 0
         fig.colorbar(im, ax=ax, label="accuracy drop when shuffled")
@@ -500,8 +565,8 @@ def measure_card(path: Path, splits: Splits, cfg: CardCfg, evaluate: EvaluateCfg
     out_dir.mkdir(parents=True, exist_ok=True)
     sess = session(path, evaluate.threads)
     pred = predict(sess, splits.X_test)
-    robustness = robustness_section(sess, splits.X_test, splits.y_test, splits.X_train, cfg)
-    interpret = interpretability_section(sess, splits.X_test, splits.y_test, splits.features, cfg)
+    robustness = robustness_section(sess, splits.X_test, splits.y_test, splits.X_train, cfg, splits.spec)
+    interpret = interpretability_section(sess, splits.X_test, splits.y_test, splits.features, cfg, splits.spec)
     scalability = scalability_section(path, splits.X_test, cfg, evaluate)
     plots = [
         confusion_png(splits.y_test, pred, splits.labels, out_dir / "confusion_matrix.png", "Test confusion matrix"),

@@ -41,7 +41,8 @@ def simulate_drift(
     features = [c for c in df.columns if c != params.data.target]
     try:
         frames = simulate.batches(df, features, params.data.target, kind, severity, batches, rows, seed, labels,
-                                  columns=columns or None, image_shape=params.card.image_shape)
+                                  columns=columns or None, image_shape=params.card.image_shape or (
+                                      params.data.input.shape if params.data.input.kind == "image" else None))
         paths = simulate.write(frames, root / params.score.incoming, f"sim-{kind}-{seed}", fmt)
     except simulate.SimulationError as err:
         raise fail(str(err), 2) from None

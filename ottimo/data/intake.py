@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import codecs
 import csv
+import math
 import shutil
+import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from ottimo.config import LimitsCfg
@@ -39,8 +42,50 @@ def inside(root: Path, path: Path, what: str = "data file") -> Path:
     return real
 
 
+def npz_arrays(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Name -> (shape, dtype) of every array in an .npz file, from the .npy headers alone (nothing is loaded)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            out = {}
+            for member in z.namelist():
+                with z.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                out[member.removesuffix(".npy")] = (tuple(shape), dtype)
+            return out
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+        raise DataValidationError(f"{path}: not a complete .npz file (numpy.savez), truncated or corrupt ({err}); "
+                                  "write it again with numpy.savez(path, X=..., y=...)") from None
+
+
+def check_npz(path: Path, limits: LimitsCfg) -> int:
+    """An .npz holds numbers only (no object arrays: they would need pickle) and X decodes within
+    limits.max_file_mb; returns its rows (X's first axis)."""
+    arrays = npz_arrays(path)
+    if "X" not in arrays:
+        raise DataValidationError(f"{path}: no array X in the .npz (it has {sorted(arrays)}); save the rows as X "
+                                  "(N, C, H, W) or (N, L) and the labels as y")
+    for name, (_, dtype) in arrays.items():
+        if dtype.hasobject or dtype.kind not in "biuf":
+            raise DataValidationError(f"{path}: array {name!r} is {dtype}; an .npz batch or data file holds "
+                                      "numbers only (objects would need pickle, which is never loaded)")
+    decoded = sum(math.prod(shape) * dtype.itemsize for shape, dtype in arrays.values())
+    shape = arrays["X"][0]
+    if decoded > limits.max_file_mb * MB:
+        raise DataValidationError(
+            f"{path}: X {list(shape)} (and the other arrays) decodes to {decoded / MB:,.1f} MB, above "
+            f"limits.max_file_mb = {limits.max_file_mb:g}; it was not read. Split it into smaller files or raise "
+            "limits.max_file_mb")
+    return shape[0] if shape else 0
+
+
 def count_rows(path: Path) -> int:
     """Rows without reading the data: the Parquet footer, or newlines counted chunk by chunk (minus the header)."""
+    if path.suffix.lower() == ".npz":
+        shape = npz_arrays(path).get("X", ((0,), None))[0]
+        return shape[0] if shape else 0
     if path.suffix.lower() == ".parquet":
         try:
             return pq.read_metadata(path).num_rows
@@ -94,7 +139,7 @@ def preflight(root: Path, path: Path, limits: LimitsCfg) -> None:
     if not path.exists():
         raise DataValidationError(f"{path}: file not found")
     if not path.is_file():
-        raise DataValidationError(f"{path}: not a regular file; point data.path at a CSV or Parquet file")
+        raise DataValidationError(f"{path}: not a regular file; point data.path at a CSV, Parquet or .npz file")
     size = path.stat().st_size
     if size == 0:
         raise DataValidationError(f"{path}: the file is empty (0 bytes); write the data (with a header row) again")
@@ -102,7 +147,9 @@ def preflight(root: Path, path: Path, limits: LimitsCfg) -> None:
         raise DataValidationError(
             f"{path}: {size / MB:,.1f} MB is above limits.max_file_mb = {limits.max_file_mb:g}; it was not read. "
             "Split it into smaller files or raise limits.max_file_mb in params.yaml")
-    if path.suffix.lower() != ".parquet":
+    if path.suffix.lower() == ".npz":
+        check_npz(path, limits)
+    elif path.suffix.lower() != ".parquet":
         check_utf8(path)
         check_csv_header(path)
     rows = count_rows(path)

@@ -18,7 +18,8 @@ from sklearn import datasets
 from sklearn.model_selection import train_test_split
 
 from ottimo.config import DataCfg, LimitsCfg, load_params
-from ottimo.data.inputs import derive_spec
+from ottimo.data import sequences
+from ottimo.data.inputs import check_npz_shape, derive_spec, input_of, read_npz, write_npz
 from ottimo.data.intake import DataValidationError, preflight
 from ottimo.spec import InputSpec
 
@@ -59,29 +60,60 @@ def builtin_frame(name: str, target: str = "target") -> pd.DataFrame:
     return df
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def builtin_data(cfg: DataCfg) -> pd.DataFrame:
+    """data.builtin as a raw table: scikit-learn's bundled set, or the seeded `sequences` task."""
+    return sequences.frame(cfg) if cfg.builtin == "sequences" else builtin_frame(cfg.builtin, cfg.target)
+
+
+def builtin_columns(cfg: DataCfg) -> tuple[list[str], list[int]]:
+    """The builtin's feature names and class labels (without generating or loading it where it can be helped)."""
+    if cfg.builtin == "sequences":
+        return sequences.feature_names(sequences.dimensions(cfg)[0]), list(range(cfg.sequences.classes))
+    bunch = BUILTINS[cfg.builtin]()
+    return [str(c) for c in bunch.feature_names], sorted(int(v) for v in np.unique(bunch.target))
+
+
+def write_table(df: pd.DataFrame, path: Path, cfg: DataCfg, suffix: str | None = None) -> Path:
+    """The raw table as CSV, Parquet or .npz (X of data.input's shape, y) by `suffix` (default: the path's)."""
+    suffix = (suffix or path.suffix).lower()
+    if suffix == ".npz":
+        kind = cfg.input.kind
+        return write_npz(df, path, cfg.target, cfg.input.shape if kind != "tabular" else None,
+                         "int64" if kind == "sequence" else None)
+    df.to_parquet(path, index=False) if suffix == ".parquet" else df.to_csv(path, index=False)
+    return path
+
+
+def read_table(path: Path, target: str = "target", kind: str | None = None) -> pd.DataFrame:
+    """A CSV, Parquet or .npz file (ottimo.data.inputs.read_npz: X, y as `target`, columns named for the input
+    `kind`) as a frame."""
     if not path.is_file():
         raise DataValidationError(f"{path}: file not found")
-    kind = "Parquet" if path.suffix.lower() == ".parquet" else "CSV"
+    fmt = {".parquet": "Parquet", ".npz": "npz"}.get(path.suffix.lower(), "CSV")
     try:
-        if kind == "Parquet":
+        if fmt == "npz":
+            return read_npz(path, target, kind)
+        if fmt == "Parquet":
             return pd.read_parquet(path)
         return pd.read_csv(path)
     except UnicodeDecodeError as err:
         raise DataValidationError(f"{path}: not UTF-8 text ({err}); save it as UTF-8") from None
     except pd.errors.EmptyDataError:
         raise DataValidationError(f"{path}: the file is empty (no header row); write the data again") from None
-    except Exception as err:  # pandas and pyarrow raise many types for unreadable files
-        raise DataValidationError(f"{path}: cannot be read as {kind}, truncated or corrupt ({err})") from None
+    except DataValidationError:
+        raise
+    except Exception as err:  # pandas, pyarrow and numpy raise many types for unreadable files
+        raise DataValidationError(f"{path}: cannot be read as {fmt}, truncated or corrupt ({err})") from None
 
 
 def expected_columns(cfg: DataCfg, df: pd.DataFrame) -> tuple[list[str], list[int] | None]:
     """Feature names and labels the data must have: config first, then the builtin, then the file."""
     features, labels = cfg.features, cfg.labels
     if cfg.builtin and (features is None or labels is None):
-        bunch = BUILTINS[cfg.builtin]()
-        features = features or [str(c) for c in bunch.feature_names]
-        labels = labels or sorted(int(v) for v in np.unique(bunch.target))
+        names, classes = builtin_columns(cfg)
+        npz = Path(cfg.path).suffix.lower() == ".npz"  # an .npz names its columns by their place (npz_columns)
+        features = features or (None if npz else names)
+        labels = labels or classes
     if features is None:
         features = [c for c in df.columns if c != cfg.target]
     return list(features), labels
@@ -204,6 +236,7 @@ def check_table(df: pd.DataFrame, features: list[str], target: str, labels: list
 def validate_frame(df: pd.DataFrame, cfg: DataCfg, source: Path, limits: LimitsCfg | None = None) -> pd.DataFrame:
     """Check a raw frame against the schema (and `limits.max_abs_value`); return it with coerced dtypes or
     raise DataValidationError."""
+    check_npz_shape(Path(source), input_of(cfg))
     features, labels = expected_columns(cfg, df)
     return check_table(df, features, cfg.target, labels, source,
                        Wording(empty=f"at least data.min_rows = {cfg.min_rows}"), cfg.min_rows,
@@ -215,10 +248,9 @@ def materialise_raw(root: Path, cfg: DataCfg) -> Path:
     path = root / cfg.path
     if not path.exists():
         if cfg.builtin is None:
-            raise DataValidationError(f"{path}: not found; put your CSV/Parquet file there or set data.builtin")
+            raise DataValidationError(f"{path}: not found; put your CSV/Parquet/.npz file there or set data.builtin")
         path.parent.mkdir(parents=True, exist_ok=True)
-        df = builtin_frame(cfg.builtin, cfg.target)
-        df.to_parquet(path, index=False) if path.suffix == ".parquet" else df.to_csv(path, index=False)
+        write_table(builtin_data(cfg), path, cfg)
     return path
 
 
@@ -240,17 +272,18 @@ def split_frame(df: pd.DataFrame, cfg: DataCfg) -> dict[str, pd.DataFrame]:
     return {"train": train, "val": val, "test": test, "reference": reference}
 
 
-def read_checked(root: Path, path: Path, limits: LimitsCfg) -> pd.DataFrame:
-    """The file read into a frame after every check that needs no reading (ottimo.data.intake.preflight)."""
+def read_checked(root: Path, path: Path, limits: LimitsCfg, cfg: DataCfg | None = None) -> pd.DataFrame:
+    """The file read into a frame after every check that needs no reading (ottimo.data.intake.preflight); an .npz
+    with `cfg`'s target and input kind."""
     preflight(root, path, limits)
-    return read_table(path)
+    return read_table(path, *((cfg.target, cfg.input.kind) if cfg is not None else ()))
 
 
 def prepare(root: Path, cfg: DataCfg, out: Path, limits: LimitsCfg | None = None) -> dict[str, int]:
     """Validate the raw file and write the splits plus schema.json to `out`; return split sizes."""
     raw = root / cfg.path
     limits = limits or LimitsCfg()
-    df = validate_frame(read_checked(root, raw, limits), cfg, raw, limits)
+    df = validate_frame(read_checked(root, raw, limits, cfg), cfg, raw, limits)
     features, labels = expected_columns(cfg, df)
     labels = sorted(labels or (int(v) for v in df[cfg.target].unique()))
     out.mkdir(parents=True, exist_ok=True)
@@ -258,7 +291,7 @@ def prepare(root: Path, cfg: DataCfg, out: Path, limits: LimitsCfg | None = None
     for name, part in split_frame(df[features + [cfg.target]], cfg).items():
         part.reset_index(drop=True).to_parquet(out / f"{name}.parquet", index=False)
         sizes[name] = len(part)
-    spec = derive_spec(cfg.input, features, df[features], raw)
+    spec = derive_spec(input_of(cfg), features, df[features], raw)
     schema = {"features": features, "target": cfg.target, "labels": labels, "sizes": sizes, "input": spec.as_dict()}
     (out / "schema.json").write_text(json.dumps(schema, indent=2))
     return sizes

@@ -18,6 +18,8 @@ import pandas as pd
 
 from ottimo.config import DriftCfg
 from ottimo.monitor import estimate as est
+from ottimo.monitor.summary import summary_frame
+from ottimo.spec import InputSpec
 
 PREDICTION = "prediction"
 NOTHING, RETRAIN, ROLLBACK, INSUFFICIENT = "nothing", "retrain", "rollback", "insufficient data"
@@ -79,22 +81,25 @@ Proba = Callable[[pd.DataFrame], np.ndarray]  # rows -> class probabilities or l
 
 def assess(reference: pd.DataFrame, window: pd.DataFrame | None, rows: int, features: list[str], target: str,
            cfg: DriftCfg, predict: Predict, previous: Predict | None = None, proba: Proba | None = None,
-           previous_proba: Proba | None = None, full: bool = True, per_column: bool = True) -> Assessment:
+           previous_proba: Proba | None = None, full: bool = True, per_column: bool = True,
+           spec: InputSpec | None = None) -> Assessment:
     """Everything one drift check measures, without I/O: data and prediction drift of `window` (None: too few
     rows, nothing measured) against `reference`, both sampled to drift.max_rows; the multivariate (PCA) score;
     on its labelled rows the champion's accuracy (and `previous`'s, previous-champion, when there is one) and
     Evidently's quality figures; with `proba` (and `previous_proba`) the accuracy estimated without labels.
     `rows` is the window's size before sampling; `full` adds Evidently's per-column preset (the HTML report);
-    without `per_column` Evidently is not run at all (the replay bench: its tests are the costly part)."""
+    without `per_column` Evidently is not run at all (the replay bench: its tests are the costly part). Images and
+    sequences (`spec`) are compared on summary features (ottimo.monitor.summary), not raw pixels or token ids."""
     if window is None or rows < cfg.min_rows:
         return Assessment(Evidence(rows=rows, reference_rows=len(reference), sampled_rows=0, columns=len(features)))
     cur, ref = sample(window, cfg.max_rows, cfg.seed), sample(reference, cfg.max_rows, cfg.seed)
     ref, cur = ref.assign(**{PREDICTION: predict(ref)}), cur.assign(**{PREDICTION: predict(cur)})
+    cols, sref, scur = compared(ref, cur, features, spec)
     if per_column:
-        found, snapshot = detect(ref, cur, features, cfg, full)
+        found, snapshot = detect(sref, scur, cols, cfg, full)
         reports: dict[str, object] = {"drift_report": snapshot}
     else:
-        found, reports = {"drifted": [], "columns": len(features), "sampled_rows": len(cur)}, {}
+        found, reports = {"drifted": [], "columns": len(cols), "sampled_rows": len(cur)}, {}
     ref_target = ref[target].to_numpy()
     extra: dict = {"reference_accuracy": float((ref[PREDICTION].to_numpy() == ref_target).mean()),
                    "rare_predictions": rare_predictions(ref[PREDICTION], cur[PREDICTION])}
@@ -103,11 +108,11 @@ def assess(reference: pd.DataFrame, window: pd.DataFrame | None, rows: int, feat
         if previous is not None and previous_proba is not None:
             extra |= estimated(ref, cur, previous(ref) == ref_target, previous_proba, cfg, "estimated_previous")
     if cfg.multivariate:
-        j = est.joint_drift(ref[features].to_numpy(dtype="float64"), cur[features].to_numpy(dtype="float64"),
+        j = est.joint_drift(sref[cols].to_numpy(dtype="float64"), scur[cols].to_numpy(dtype="float64"),
                             cfg.multivariate_variance, cfg.alert_sigmas, cfg.chunks, cfg.seed,
                             cfg.multivariate_threshold)
         extra |= {"multivariate_ratio": j.ratio, "multivariate_threshold": j.threshold, "multivariate_drift": j.drift}
-    if cfg.impact_columns:
+    if cfg.impact_columns and cols is features:  # summary columns are no model input to move
         moved = est.impact(predict, ref, cur, movers(ref, cur, features, cfg.impact_columns))
         extra["impact"] = {c: v for c, v in moved.items() if v > 0}
     labelled = cur[cur[target].notna()].astype({target: "int64"}) if target in cur else cur.iloc[:0]
@@ -120,6 +125,17 @@ def assess(reference: pd.DataFrame, window: pd.DataFrame | None, rows: int, feat
             "quality": read_quality(qsnap)}
     return Assessment(Evidence(rows=rows, reference_rows=len(ref), labelled_rows=len(labelled), **found, **extra),
                       reports)
+
+
+def compared(ref: pd.DataFrame, cur: pd.DataFrame, features: list[str],
+             spec: InputSpec | None) -> tuple[list[str], pd.DataFrame, pd.DataFrame]:
+    """The columns drift is measured on and the reference and window holding them (and the predictions): the
+    features themselves for tabular rows, summary features for images and sequences (against the reference)."""
+    if spec is None or spec.kind == "tabular":
+        return features, ref, cur
+    ref_s, cur_s = (summary_frame(f, features, spec, ref).assign(**{PREDICTION: f[PREDICTION].to_numpy()})
+                    for f in (ref, cur))
+    return [c for c in ref_s.columns if c != PREDICTION], ref_s, cur_s
 
 
 def estimated(ref: pd.DataFrame, cur: pd.DataFrame, correct: np.ndarray, proba: Proba, cfg: DriftCfg,

@@ -8,6 +8,7 @@ from the lower half of the classes); missing (a share `severity` of the values o
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +30,12 @@ def _columns(features: list[str], chosen: list[str] | None) -> list[str]:
 
 
 def _images(X: np.ndarray, shape: list[int] | None, fn) -> np.ndarray:
-    if not shape or shape[0] * shape[1] != X.shape[1]:
+    """`fn` applied to every [H, W] plane of the rows as images of `shape` ([H, W], or [C, H, W]: per channel)."""
+    if not shape or len(shape) not in (2, 3) or math.prod(shape) != X.shape[1]:
         raise SimulationError(f"image shifts need the features to form an image: card.image_shape is {shape}, "
-                              f"features {X.shape[1]}; set card.image_shape or pick a tabular kind")
-    imgs = X.reshape(len(X), *shape)
-    return np.stack([fn(img) for img in imgs]).reshape(len(X), -1)
+                              f"features {X.shape[1]}; set card.image_shape (or data.input) or pick a tabular kind")
+    planes = X.reshape(-1, *shape[-2:])
+    return np.stack([fn(p) for p in planes]).reshape(len(X), -1)
 
 
 def shift(df: pd.DataFrame, features: list[str], target: str | None, kind: str, severity: float, seed: int,

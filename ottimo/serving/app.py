@@ -127,7 +127,7 @@ class Endpoint:
         body = await read_body(request, self.limits.max_body_bytes)
         if served is None:
             return error(503, self._nothing_served())
-        X = rq.parse_predict(body, served.features, self.limits)
+        X = rq.parse_predict(body, served.features, self.limits, served.spec)
         # a small batch runs on the event loop (a thread hop costs more than the model); a big one off it
         logits = served.logits(X) if len(X) <= INLINE_ROWS else await anyio.to_thread.run_sync(served.logits, X)
         probs = rq.softmax(logits.astype(np.float64))

@@ -26,10 +26,12 @@ from ottimo import vocab
 from ottimo.card.store import prepared_for
 from ottimo.config import Params
 from ottimo.data.batches import schema_of
+from ottimo.data.inputs import spec_of
 from ottimo.onnx.export import INPUT, OUTPUT, shaped
 from ottimo.registry import versions
 from ottimo.registry.security import fetch_verified, serving_session
 from ottimo.registry.tracking import connect
+from ottimo.spec import InputSpec
 
 log = logging.getLogger("ottimo.serve")
 KEEP, LOAD = "keep", "load"
@@ -49,6 +51,7 @@ class Served:
     session: ort.InferenceSession = field(repr=False)
     loaded_at: str  # UTC, ISO 8601
     load_seconds: float
+    spec: InputSpec | None = None  # the rows it takes (its data revision's schema.json); requests are checked by it
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT], {INPUT: shaped(self.session, X)})[0]
@@ -150,7 +153,7 @@ class Follower:
         schema = schema_of(prepared_for(self.root, revision))
         sess = serving_session(path, mv.tags["sha256"], self.params.deploy.serve.threads)
         served = Served(self.name, str(mv.version), mv.tags["sha256"], revision, list(schema["features"]),
-                        [int(x) for x in schema["labels"]], sess, now(), 0.0)
+                        [int(x) for x in schema["labels"]], sess, now(), 0.0, spec_of(schema))
         warm(served, self.params.deploy.serve.max_rows)
         return replace(served, load_seconds=round(time.perf_counter() - t0, 3))
 

@@ -3,7 +3,9 @@ BadRequest that names the problem and the HTTP status it gets. Nothing here touc
 
 A predict body is `{"rows": [...]}` with at most `max_rows` rows, each either an object with exactly the
 training features as keys or a list of numbers in the features' order; numbers only (no text, no booleans),
-finite, within ±limits.max_abs_value, the same checks as a scored batch.
+finite, within ±limits.max_abs_value, the same checks as a scored batch. For an image model a row may also be a
+nested list of the image's shape ([C][H][W], flattened row-major); a sequence model's token ids must lie in its
+vocabulary (`input_rows`, `check_tokens`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ottimo.data.inputs import check_rows
 from ottimo.data.tables import DataValidationError, check_columns
+from ottimo.spec import InputSpec
 
 
 class BadRequest(ValueError):
@@ -105,9 +109,53 @@ def features_matrix(rows: list, features: list[str], limits: Limits) -> np.ndarr
     return np.asarray(out, dtype=np.float32)
 
 
-def parse_predict(body: bytes, features: list[str], limits: Limits) -> np.ndarray:
-    """A predict body → the feature matrix, or BadRequest."""
-    return features_matrix(rows_of(parse_json(body, limits), limits), features, limits)
+def _nested_shape(x: object) -> tuple[int, ...] | None:
+    """The shape of a regular nested list (() for a scalar), None when ragged."""
+    if not isinstance(x, list):
+        return ()
+    inner = {_nested_shape(v) for v in x}
+    if len(inner) > 1 or None in inner:
+        return None
+    return (len(x), *(inner.pop() if inner else ()))
+
+
+def _flatten(x: object) -> list:
+    return [v for part in x for v in _flatten(part)] if isinstance(x, list) else [x]
+
+
+def input_rows(rows: list, spec: InputSpec | None) -> list:
+    """Rows with nested lists (an image as [C][H][W]) flattened row-major, when the model's rows have more than one
+    axis; a nested row of another shape is refused (422), naming the expected and the found shape."""
+    if spec is None or len(spec.shape) < 2:
+        return rows
+    out = []
+    for i, row in enumerate(rows):
+        if isinstance(row, list) and any(isinstance(v, list) for v in row):
+            found = _nested_shape(row)
+            if found != spec.shape:
+                raise BadRequest(422, f"row {i} has shape {list(found) if found else 'ragged'}; the model takes "
+                                      f"{spec.kind} rows of shape {list(spec.shape)} (nested lists), or a flat list "
+                                      f"of {spec.size} values, or an object by feature name")
+            row = _flatten(row)
+        out.append(row)
+    return out
+
+
+def check_tokens(X: np.ndarray, features: list[str], spec: InputSpec | None) -> np.ndarray:
+    """A sequence model's rows hold token ids of its vocabulary; BadRequest (422) names the first that is not."""
+    if spec is not None:
+        try:
+            check_rows(X, features, spec, "request")
+        except DataValidationError as err:
+            raise BadRequest(422, str(err)) from None
+    return X
+
+
+def parse_predict(body: bytes, features: list[str], limits: Limits, spec: InputSpec | None = None) -> np.ndarray:
+    """A predict body → the feature matrix, or BadRequest; `spec`: the model's rows (images may come nested,
+    sequences must hold ids of its vocabulary)."""
+    rows = input_rows(rows_of(parse_json(body, limits), limits), spec)
+    return check_tokens(features_matrix(rows, features, limits), features, spec)
 
 
 def parse_labels(body: bytes, labels: list[int], limits: Limits) -> tuple[str, list[int]]:
