@@ -15,7 +15,7 @@ from prefect import get_run_logger, runtime, task
 from ottimo import vocab
 from ottimo.config import Params
 from ottimo.data.tables import load_splits
-from ottimo.models.family import Recipe, build, count_parameters, recipe
+from ottimo.models.family import FamilyError, Recipe, build, count_parameters, recipe
 from ottimo.models.train import fit
 from ottimo.ops.doctor import owner
 from ottimo.ops.faults import checkpoint
@@ -132,6 +132,14 @@ def check_candidates(params: Params, data: DataVersion) -> list[str]:
     splits = load_splits(Path(data.prepared))
     for family in params.train.candidates:
         build(recipe(params.families, params.train, family), splits.input, len(splits.labels))
+    distill = params.compress.distill
+    if params.compress.enabled and distill.enabled:
+        try:
+            build(recipe(params.families, params.train, distill.student, {"hparams": distill.hparams}), splits.input,
+                  len(splits.labels))
+        except FamilyError as err:
+            raise FamilyError(f"compress.distill.student: {err}. Set compress.distill.student (and its hparams) to "
+                              "a family that takes these rows, or disable distillation") from None
     get_run_logger().info("families %s build for %s rows, %d classes", params.train.candidates,
                           splits.input.describe(), len(splits.labels))
     return list(params.train.candidates)

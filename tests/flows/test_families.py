@@ -121,6 +121,30 @@ def build(spec, n_classes):
 '''
 
 
+SEQUENCES = {"path": "data/raw/sequences.npz", "builtin": "sequences", "sequences": {"rows": 1200},
+             "input": {"kind": "sequence", "shape": [24], "vocab_size": 120}}
+
+
+def test_the_transformer_on_generated_sequences_reaches_a_champion_and_prunes_structurally(tmp_path,
+                                                                                          prefect_harness):
+    student = {"student": "transformer", "epochs": 4, "hparams": {"d_model": 16, "heads": 2, "layers": 1,
+                                                                  "ff_dim": 16}}
+    project = write_project(tmp_path / "project", {**QUICK, "data": SEQUENCES, "train": {
+        "candidates": ["transformer"], "max_epochs": 6}, "compress": {
+        **QUICK["compress"], "teacher": "transformer", "bases": ["teacher", "student"], "distill": {
+            "enabled": True, **student}}})
+    state = training_pipeline(project_dir=str(project), return_state=True)
+    assert state.is_completed(), state.message
+    params = load_params(project / "params.yaml")
+    client, exp = connect(project, params.mlflow)
+    mv, dims = champion_input(client, params.mlflow.registered_model)
+    assert dims[1:] == [24]
+    runs = runs_by_name(client, exp, state.result().run_id)
+    assert "student-transformer" in runs  # distilled into a smaller transformer
+    assert runs["transformer trained"].data.metrics["test_accuracy"] >= 0.9
+    assert_structured_pruning_shrinks(client, exp, state.result().run_id, "transformer")
+
+
 def test_a_model_structured_pruning_cannot_shrink_is_skipped_with_the_reason(tmp_path, prefect_harness):
     compress = {**QUICK["compress"], "teacher": "linear",
                 "quantize": {"methods": ["dynamic"], "after_structured": True}}
