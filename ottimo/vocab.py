@@ -62,7 +62,7 @@ GATE_REASONS = "gate.reasons"
 # Registered-version tags.
 RUN_ID = "run_id"
 SHA256 = "sha256"  # of the version's ONNX file; checked before it is loaded
-FAMILY = "family"
+FAMILY = "family"  # the candidate's name (a family, or e.g. student-mlp+prune-s50); its model family: FAMILY_RUN
 PENDING, PASSED, FAILED, ABANDONED = "pending", "passed", "failed", "abandoned"  # abandoned: its run died first
 CHAMPION_SINCE = "champion_since"  # when it last became champion (ISO 8601 UTC; older versions: a Unix time)
 ROLLED_BACK, RESTORED, ROLLBACK_BY = "rolled_back", "restored", "rolled_back.by"

@@ -1,7 +1,7 @@
 """Compression tasks: distil a student, prune and quantize variants (built in parallel), measure them one after
 another in this process, report them side by side and choose the one that goes to the gate.
 
-Tasks pass `Built` records (paths, ids, the TrainCfg patch that rebuilds a checkpoint), never live models.
+Tasks pass `Built` records (paths, ids, the Recipe that rebuilds a checkpoint), never live models.
 Exports and quantizer calls hold one process-wide lock: both redirect stdout and the dynamo exporter is not
 made for concurrent tracing; fine-tuning and distillation run concurrently.
 """
@@ -69,12 +69,12 @@ def load_model(b: Built) -> torch.nn.Sequential:
 
 
 def _open_run(root: Path, params: Params, parent_run_id: str, name: str, technique: str, base: Built,
-              settings: dict, data: DataVersion) -> str:
+              settings: dict, data: DataVersion, family: str | None = None) -> str:
     client, exp = connect(root, params.mlflow)
     run = client.create_run(exp, run_name=name, tags={
         **report.inherited(client, parent_run_id), vocab.CANDIDATE_NAME: name,
         vocab.PARENT: parent_run_id, vocab.FLOW_RUN: str(runtime.flow_run.id), vocab.KIND: vocab.COMPRESSED,
-        vocab.DATA_REVISION: data.revision, vocab.FAMILY_RUN: base.family, vocab.TECHNIQUE: technique,
+        vocab.DATA_REVISION: data.revision, vocab.FAMILY_RUN: family or base.family, vocab.TECHNIQUE: technique,
         "compress.base": base.name, "teacher": params.compress.teacher})
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten(
         {"technique": technique, "base": base.name, **settings}).items()])
@@ -94,7 +94,8 @@ def _finish_torch(root: Path, params: Params, model: torch.nn.Module, name: str,
                   recipe: Recipe | None, settings: dict, splits: Splits, data: DataVersion, parent_run_id: str
                   ) -> Built:
     """Checkpoint, ONNX export with parity check, MLflow run with the model: a PyTorch-made candidate."""
-    run_id = _open_run(root, params, parent_run_id, name, technique, base, settings, data)
+    run_id = _open_run(root, params, parent_run_id, name, technique, base, settings, data,
+                       recipe.family if recipe else None)
     out = work_dir(root, run_id)
     torch.save(model.state_dict(), out / "checkpoint.pt")
     with export_guard.exclusive():
@@ -286,7 +287,7 @@ def as_evaluated(built: list[Built], rows: list[pareto.Row], chosen: str) -> Eva
     """The chosen candidate as the gate and registry take it: its model URI, sha256 and measured figures."""
     b = next(x for x in built if x.name == chosen)
     r = next(x for x in rows if x.name == chosen)
-    return Evaluated(b.name, b.run_id, b.model_uri, b.sha256, b.parameters, dict(r.metrics))
+    return Evaluated(b.name, b.run_id, b.model_uri, b.sha256, b.parameters, dict(r.metrics), b.family)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ class Evaluated:
     sha256: str
     parameters: int
     metrics: dict[str, float]  # accuracy, macro_f1, p50_ms, p95_ms, throughput_rps, size_mb
+    model_family: str = ""  # the family its network is (a compressed candidate's name says more); "": `family`
 
 
 @task(task_run_name="export_candidate[{cand.family}]")

@@ -38,7 +38,8 @@ def register_candidate(root: Path, params: Params, cand: Evaluated, data: DataVe
     """Register the candidate's ONNX model as a new version (once per run) tagged with its lineage."""
     client, _ = connect(root, params.mlflow)
     mv = register(client, params.mlflow.registered_model, cand.model_uri, cand.run_id, {
-        vocab.DATA_REVISION: data.revision, "sha256": cand.sha256, "family": cand.family,
+        vocab.DATA_REVISION: data.revision, "sha256": cand.sha256, vocab.FAMILY: cand.family,
+        vocab.FAMILY_RUN: cand.model_family or cand.family,
         vocab.GATE_VERDICT: vocab.PENDING})
     get_run_logger().info("%s registered as %s v%s", cand.family, params.mlflow.registered_model, mv.version)
     checkpoint("after-registering")

@@ -109,17 +109,21 @@ def run_model_uri(client: MlflowClient, run_id: str) -> str:
     return f"models:/{models[-1].model_id}"
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+OPEN_KEYS = frozenset({"families", "hparams", "space"})  # their keys are the user's names (families, builder args)
+
+
+def flatten(d: dict, prefix: str = "", open_: bool = False) -> dict[str, str]:
     """Nested params as flat `a.b.c` keys for MLflow, through an allow-list: only keys made of known config
-    names (allowed_keys) and not looking like a secret; credentials in URL values are redacted."""
+    names (allowed_keys), or the user's names directly under OPEN_KEYS (a family, a builder's argument), and not
+    looking like a secret; credentials in URL values are redacted."""
     out: dict[str, str] = {}
     allowed = allowed_keys()
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if SECRET.search(key) or not set(str(k).split(".")) <= allowed:
+        if SECRET.search(key) or not (open_ or set(str(k).split(".")) <= allowed):
             continue
         if isinstance(v, dict):
-            out |= flatten(v, key + ".")
+            out |= flatten(v, key + ".", str(k) in OPEN_KEYS)
         else:
             out[key] = vocab.clip(redact(str(v)), vocab.PARAM_LIMIT)
     return out

@@ -109,6 +109,7 @@ def test_the_cnn_on_digits_as_images_reaches_a_champion_and_prunes_structurally(
     client, exp = connect(project, params.mlflow)
     mv, dims = champion_input(client, params.mlflow.registered_model)
     assert dims[1:] == [1, 8, 8] and mv.tags[vocab.FAMILY].startswith("cnn")  # trained or compressed
+    assert mv.tags[vocab.FAMILY_RUN] == "cnn"
     assert client.get_run(mv.run_id).data.metrics.get("test_accuracy", 1.0) >= 0.9
     assert_structured_pruning_shrinks(client, exp, state.result().run_id, "cnn")
 
@@ -140,7 +141,7 @@ def test_the_transformer_on_generated_sequences_reaches_a_champion_and_prunes_st
     mv, dims = champion_input(client, params.mlflow.registered_model)
     assert dims[1:] == [24]
     runs = runs_by_name(client, exp, state.result().run_id)
-    assert "student-transformer" in runs  # distilled into a smaller transformer
+    assert runs["student-transformer"].data.tags[vocab.FAMILY_RUN] == "transformer"  # a smaller transformer
     assert runs["transformer trained"].data.metrics["test_accuracy"] >= 0.9
     assert_structured_pruning_shrinks(client, exp, state.result().run_id, "transformer")
 

@@ -45,9 +45,10 @@ def test_logged_params_pass_an_allow_list():
 
     logged = flatten({"train": {"batch_size": 64, "api_key": "x", "mlp": {"lr": 0.1}}, "my_token": "y",
                       "family": "mlp", "surprise": {"nested": 1},
+                      "families": {"mynet": {"hparams": {"channels": 8, "secret_key": "z"}, "oops": {"a": 1}}},
                       "tune": {"storage": f"postgresql://optuna:{PLANTED}@db:5432/optuna"}})
-    assert logged == {"train.batch_size": "64", "train.mlp.lr": "0.1", "family": "mlp",
-                      "tune.storage": "postgresql://***@db:5432/optuna"}
+    assert logged == {"train.batch_size": "64", "family": "mlp", "families.mynet.hparams.channels": "8",
+                      "tune.storage": "postgresql://***@db:5432/optuna"}  # a family's and a builder's own names pass
     every = flatten(Params().model_dump())  # every config key is known, so the whole config is still logged
     assert len(every) > 100 and "gate.min_accuracy" in every and "deploy.host" in every
 
