@@ -25,6 +25,7 @@ smaller, accuracy drop in points.
 
     .venv/bin/python bench/families.py            # params.yaml's epochs (a few minutes on 2 cores)
     .venv/bin/python bench/families.py --quick    # fewer epochs and timing runs: a check that it works
+    .venv/bin/python bench/families.py --example  # also the README's own family (examples/own-model) on images
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this clone's ottimo and bench/compression.py
 
 from bench.compression import build  # noqa: E402
 from ottimo.compress import pareto  # noqa: E402
-from ottimo.config import CompressCfg, DataCfg, Params, deep_merge, load_params  # noqa: E402
+from ottimo.config import CompressCfg, DataCfg, Params, deep_merge, importable, load_params  # noqa: E402
 from ottimo.data.tables import Splits, load_splits, materialise_raw, prepare  # noqa: E402
 from ottimo.models.family import recipe  # noqa: E402
 from ottimo.models.train import fit  # noqa: E402
@@ -79,6 +81,8 @@ CASES = [
         "input": {"kind": "sequence"}}, student="transformer", student_hparams=SMALL_TRANSFORMER,
         needs_builtin="sequences"),
 ]
+EXAMPLE = REPO / "examples" / "own-model"  # --example: the README's own family (mymodels/net.py), its params
+EXAMPLE_CASE = Case("mynet", "digits image [1,8,8]", {**DIGITS, "input": {"kind": "image", "shape": [1, 8, 8]}})
 QUICK = {"train": {"max_epochs": 15, "patience": 4},
          "compress": {"distill": {"epochs": 10}, "prune": {"finetune_epochs": 3}},
          "evaluate": {"warmup": 20, "runs": 100}}
@@ -202,8 +206,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer epochs and timing runs (a check, not a measurement)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved latency rounds (default 5, --quick 3)")
+    ap.add_argument("--example", action="store_true", help="also the README's own family, examples/own-model")
     args = ap.parse_args()
     params = load_params(REPO / "params.yaml")
+    cases = list(CASES)
+    if args.example:  # its family entry (builder, hparams, train) beside the built-in ones, its module importable
+        importable(EXAMPLE)
+        mine = yaml.safe_load((EXAMPLE / "params.yaml").read_text())["families"]
+        params = params.overridden({"families": mine})
+        cases.append(EXAMPLE_CASE)
     if args.quick:
         params = params.overridden(QUICK)
     rounds = args.rounds or (3 if args.quick else 5)
@@ -217,7 +228,7 @@ def main() -> None:
           f"CPUs, load {os.getloadavg()[0]:.2f}")
     t0 = time.perf_counter()
     results: list = []
-    for i, case in enumerate(CASES):
+    for i, case in enumerate(cases):
         folder = Path(tempfile.mkdtemp(prefix=f"ottimo-bench-families-{i}-"))
         try:
             res = run_case(params, case, rounds, folder)
