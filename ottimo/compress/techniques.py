@@ -93,7 +93,8 @@ def _kept_layers(model: nn.Module, n_classes: int) -> list[nn.Module]:
 
 
 def structured_prune(model: nn.Sequential, spec: InputSpec, n_classes: int, ratio: float) -> nn.Sequential:
-    """A copy without the `ratio` fraction of lowest-L2 channels of every prunable group: torch-pruning's
+    """A copy without the `ratio` fraction of channels of every prunable group whose producing weights have the
+    lowest L2 norm (group_reduction "first": what the layer that makes a channel holds for it): torch-pruning's
     dependency graph removes a hidden neuron, a conv channel or a feed-forward unit from every layer it touches,
     so matrices really shrink (no zeros). Any family's model works; raises NotPrunable when nothing could go."""
     model = copy.deepcopy(model).eval()
@@ -102,8 +103,9 @@ def structured_prune(model: nn.Sequential, spec: InputSpec, n_classes: int, rati
     with warnings.catch_warnings():  # torch-pruning warns about layers it leaves alone: the reason below says it
         warnings.simplefilter("ignore")
         try:
-            pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
-                                          pruning_ratio=ratio, ignored_layers=_kept_layers(model, n_classes))
+            importance = tp.importance.MagnitudeImportance(p=2, group_reduction="first")
+            pruner = tp.pruner.MetaPruner(model, example, importance=importance, pruning_ratio=ratio,
+                                          ignored_layers=_kept_layers(model, n_classes))
             pruner.step()
         except Exception as err:  # the graph tracer meets whatever a user's module does
             raise NotPrunable(f"torch-pruning cannot trace this model ({type(err).__name__}: {err})") from None
