@@ -28,7 +28,7 @@ from tests.conftest import REPO, write_project
 EXAMPLE = REPO / "examples" / "own-model"
 FAMILY, MODULE = "mynet", "mymodels"
 QUICK = {  # on top of the example's params: few epochs, two short trials of the smaller nets, no compression
-    "train": {"max_epochs": 10},  # (tested apart below)
+    "train": {"max_epochs": 8},  # (tested apart below)
     "families": {FAMILY: {"trial_epochs": 2, "space": {"channels": [8, 16], "blocks": {"low": 1, "high": 1}}}},
     "tune": {"enabled": True, "n_trials": 2, "n_jobs": 1},
     "compress": {"enabled": False},
