@@ -83,6 +83,7 @@ def new_project(max_epochs: int | None) -> Path:
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params.setdefault("tune", {})["enabled"] = False  # the plain script does not tune; bench/tuning.py measures that
+    params.setdefault("compress", {})["enabled"] = False  # nor compress (on in params.yaml): bench/compression.py
     if max_epochs is not None:
         params["train"]["max_epochs"] = max_epochs
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
