@@ -22,22 +22,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ottimo.models.architectures import count_parameters
 
 from ottimo.compress import pareto, quantize, techniques
-from ottimo.config import Params, load_params
+from ottimo.config import CompressCfg, DistillCfg, Params, load_params
 from ottimo.data.tables import Splits, load_splits, materialise_raw, prepare
+from ottimo.models.family import Recipe, count_parameters, recipe
 from ottimo.models.train import fit
 from ottimo.onnx.export import export_onnx
-from ottimo.onnx.measure import measure
+from ottimo.onnx.measure import measure, predict, session
 
 REPO = Path(__file__).resolve().parent.parent
 GOALS = {"eager": 10.0, "ort": 3.0, "smaller": 4.0, "drop": 1.0}
 
 
 def eager_latency(model: torch.nn.Module, X: np.ndarray, warmup: int, runs: int) -> tuple[float, float]:
-    """p50 / p95 ms of single-row inference in PyTorch eager (inference mode), rows cycled like ottimo.onnx.measure."""
-    rows = [torch.from_numpy(X[i % len(X)][None, :]) for i in range(warmup + runs)]
+    """p50 / p95 ms of single-row inference in PyTorch eager (inference mode), rows (already shaped as the model
+    takes them) cycled like ottimo.onnx.measure."""
+    rows = [torch.from_numpy(X[i % len(X)][None]) for i in range(warmup + runs)]
     times = []
     with torch.inference_mode():
         for i, row in enumerate(rows):
@@ -49,43 +50,58 @@ def eager_latency(model: torch.nn.Module, X: np.ndarray, warmup: int, runs: int)
     return float(p50), float(p95)
 
 
-def build(params: Params, teacher: torch.nn.Module, splits: Splits, out: Path) -> list[dict]:
-    """The candidates of `compress:`, as the compression flow makes them: [{name, technique, base, path, ...}]."""
-    cfg, n = params.compress, splits.X_train.shape[1]
+def student_recipe(params: Params, d: DistillCfg) -> Recipe:
+    """The distillation student's recipe, as the pipeline's distill_student task makes it."""
+    return recipe(params.families, params.train, d.student, {"hparams": d.hparams,
+                                                             "train": {"lr": d.lr} if d.lr else {}})
+
+
+def build(params: Params, teacher: torch.nn.Module, splits: Splits, out: Path, cfg: CompressCfg | None = None,
+          notes: list[str] | None = None) -> list[dict]:
+    """The candidates of `compress:` (or `cfg`, a CompressCfg), as the compression flow makes them:
+    [{name, technique, base, path, model, parameters, sparsity, error}]. A structured pruning that finds nothing to
+    remove is left out with its reason in `notes`, as the flow skips it; a quantized model whose predictions agree
+    with its FP32 source on fewer than `quantize.min_agreement` of the test rows gets an `error` (disqualified)."""
+    cfg, spec, n_classes = cfg or params.compress, splits.input, len(splits.labels)
     seed, batch = params.project.seed, params.train.batch_size
+    notes = [] if notes is None else notes
 
     def onnx_row(model, name, technique, base):
-        path = export_onnx(model, n, out / f"{name}.onnx")
+        path = export_onnx(model, spec, out / f"{name}.onnx")
         return {"name": name, "technique": technique, "base": base, "path": path, "model": model,
-                "parameters": count_parameters(model), "sparsity": techniques.sparsity(model)}
+                "parameters": count_parameters(model), "sparsity": techniques.sparsity(model), "error": None}
 
-    rows = [onnx_row(teacher, cfg.teacher, "trained", "")]
+    name = cfg.teacher
+    rows = [onnx_row(teacher, name, "trained", "")]
     bases = [rows[0]] if "teacher" in cfg.bases else []
     if cfg.distill.enabled:
         d = cfg.distill
-        arch = {d.student: getattr(d, d.student).model_dump()}
-        spec = techniques.FinetuneSpec(d.epochs, arch[d.student]["lr"], batch, seed)
-        student = techniques.distill(teacher, splits, d.student, params.train.patched(arch), spec, d.temperature,
-                                   d.alpha)
-        rows.append(onnx_row(student, f"student-{d.student}", "distill", cfg.teacher))
+        r = student_recipe(params, d)
+        spec_d = techniques.FinetuneSpec(d.epochs, r.lr, batch, seed)
+        student = techniques.distill(teacher, splits, r, spec_d, d.temperature, d.alpha)
+        rows.append(onnx_row(student, f"student-{d.student}", "distill", name))
         bases += [rows[-1]] if "student" in cfg.bases else []
-    spec = techniques.FinetuneSpec(cfg.prune.finetune_epochs, cfg.prune.lr, batch, seed)
+    ft = techniques.FinetuneSpec(cfg.prune.finetune_epochs, cfg.prune.lr, batch, seed)
     structured = []
     for base in bases:
         for amount in cfg.prune.unstructured:
             m = techniques.magnitude_prune(copy.deepcopy(base["model"]), amount)
-            m = techniques.make_permanent(techniques.finetune(m, splits, spec))
+            m = techniques.make_permanent(techniques.finetune(m, splits, ft))
             rows.append(onnx_row(m, f"{base['name']}+prune-u{round(amount * 100)}", "prune-unstructured",
                                  base["name"]))
         for amount in cfg.prune.structured:
-            m, _ = techniques.structured_prune(base["model"], amount)
-            rows.append(onnx_row(techniques.finetune(m, splits, spec), f"{base['name']}+prune-s{round(amount * 100)}",
-                                 "prune-structured", base["name"]))
+            pruned_name = f"{base['name']}+prune-s{round(amount * 100)}"
+            try:
+                m = techniques.structured_prune(base["model"], spec, n_classes, amount)
+            except techniques.NotPrunable as err:
+                notes.append(f"{pruned_name} skipped: {err}")
+                continue
+            m = techniques.make_permanent(techniques.finetune(m, splits, ft))
+            rows.append(onnx_row(m, pruned_name, "prune-structured", base["name"]))
             structured.append(rows[-1])
     q = cfg.quantize
-    calib = splits.X_train[np.random.default_rng(seed).choice(len(splits.X_train),
-                                                              min(q.calibration_rows, len(splits.X_train)),
-                                                              replace=False)]
+    calib = splits.rows(splits.X_train[np.random.default_rng(seed).choice(
+        len(splits.X_train), min(q.calibration_rows, len(splits.X_train)), replace=False)])
     for base in bases + (structured if q.after_structured else []):
         for method in q.methods:
             dst = out / f"{base['name']}+int8-{method}.onnx"
@@ -93,7 +109,13 @@ def build(params: Params, teacher: torch.nn.Module, splits: Splits, out: Path) -
                 quantize.dynamic_int8(base["path"], dst, q.per_channel, q.reduce_range)
             else:
                 quantize.static_int8(base["path"], dst, calib, q.per_channel, q.reduce_range)
-            rows.append({**base, "name": dst.stem, "technique": f"int8-{method}", "base": base["name"], "path": dst})
+            agreement = float((predict(session(dst), splits.X_test) == predict(session(base["path"]),
+                                                                                splits.X_test)).mean())
+            error = None if agreement >= q.min_agreement else (
+                f"predictions agree with the FP32 model on {agreement:.1%} of test rows (< min_agreement "
+                f"{q.min_agreement:.1%})")
+            rows.append({**base, "name": dst.stem, "technique": f"int8-{method}", "base": base["name"], "path": dst,
+                         "error": error})
     return rows
 
 
@@ -107,19 +129,24 @@ def main() -> None:
         prepare(folder, params.data, folder / "prepared")
         splits = load_splits(folder / "prepared")
         t0 = time.perf_counter()
-        teacher = fit(params.compress.teacher, splits, params.train, params.project.seed).model
+        teacher = fit(recipe(params.families, params.train, params.compress.teacher), splits, params.train,
+                      params.project.seed).model
         print(f"teacher {params.compress.teacher} trained in {time.perf_counter() - t0:.0f} s; building candidates")
         t0 = time.perf_counter()
-        built = build(params, teacher, splits, folder)
+        notes: list[str] = []
+        built = build(params, teacher, splits, folder, notes=notes)
+        for note in notes:
+            print(note)
         print(f"{len(built)} candidates built in {time.perf_counter() - t0:.0f} s; measuring one after another "
               f"({threads} thread(s), {params.evaluate.warmup} warm-up + {params.evaluate.runs} runs at batch 1, "
               f"rows/s at batch {params.evaluate.throughput_batch})\n")
         ev = params.evaluate
-        eager50, eager95 = eager_latency(teacher.eval(), splits.X_test, ev.warmup, ev.runs)
+        eager50, eager95 = eager_latency(teacher.eval(), splits.rows(splits.X_test), ev.warmup, ev.runs)
         rows = []
         for b in built:
             m, _ = measure(b["path"], splits.X_test, splits.y_test, ev)
-            rows.append(pareto.Row(b["name"], b["technique"], b["base"], m.as_dict(), b["parameters"], b["sparsity"]))
+            rows.append(pareto.Row(b["name"], b["technique"], b["base"], m.as_dict(), b["parameters"], b["sparsity"],
+                                   error=b["error"]))
         report(params, rows, eager50, eager95)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -136,7 +163,7 @@ def report(params: Params, rows: list[pareto.Row], eager50: float, eager95: floa
         print(f"{('* ' if r.name == sel.chosen else '') + r.name:40} {m['accuracy']:7.4f} {m['p50_ms']:8.4f} "
               f"{m['p95_ms']:8.4f} {m['throughput_rps']:10,.0f} {m['size_mb'] * 1e3:7.1f} {r.parameters:7,} "
               f"{r.sparsity:6.2f} {t['p50_ms'] / m['p50_ms']:6.2f} {eager50 / m['p50_ms']:7.1f} "
-              f"{t['size_mb'] / m['size_mb']:7.1f}")
+              f"{t['size_mb'] / m['size_mb']:7.1f}" + (f"  (disqualified: {r.error})" if r.error else ""))
     by = {r.name: r for r in rows}
     print("\nWhere a technique does not pay on this CPU (p50 at batch 1 against the model it was made from):")
     for r in rows:

@@ -43,6 +43,7 @@ def plain_pipeline(root: Path) -> dict:
     from ottimo.card.sections import measure_card
     from ottimo.config import load_params
     from ottimo.data.tables import load_splits, materialise_raw, prepare, read_table, validate_frame
+    from ottimo.models.family import recipe
     from ottimo.models.train import fit
     from ottimo.onnx.export import export_onnx, parity_check, sha256
     from ottimo.onnx.measure import confusion_png, measure
@@ -56,8 +57,8 @@ def plain_pipeline(root: Path) -> dict:
     splits = load_splits(prepared)
     results = {}
     for family in params.train.candidates:
-        model = fit(family, splits, params.train, params.project.seed).model
-        path = export_onnx(model, splits.X_train.shape[1], root / f"{family}.onnx")
+        model = fit(recipe(params.families, params.train, family), splits, params.train, params.project.seed).model
+        path = export_onnx(model, splits.input, root / f"{family}.onnx")
         parity_check(model, path, splits.X_test, params.evaluate.parity_atol)
         digest = sha256(path)
         metrics, pred = measure(path, splits.X_test, splits.y_test, params.evaluate)
@@ -82,6 +83,7 @@ def new_project(max_epochs: int | None) -> Path:
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params.setdefault("tune", {})["enabled"] = False  # the plain script does not tune; bench/tuning.py measures that
+    params.setdefault("compress", {})["enabled"] = False  # nor compress (on in params.yaml): bench/compression.py
     if max_epochs is not None:
         params["train"]["max_epochs"] = max_epochs
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

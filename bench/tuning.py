@@ -1,6 +1,7 @@
 """What pruning buys: TPE + Hyperband against random search without pruning, same trials, same seeds.
 
-On the default data (params.yaml's data set, prepared into a temporary folder) and search space, for each
+On the default data (params.yaml's data set, prepared into a temporary folder) and the family's search space
+(`families.<name>.space`, one trial's budget `trial_epochs`), for each
 seed the two arms run one after the other in this process (the order alternates between seeds), each trial
 seeded the same way and trained on `tune.threads_per_trial` torch threads, one trial at a time, on a fresh
 SQLite study. Printed per arm: best val accuracy, epochs trained over all trials (pruned ones included),
@@ -27,6 +28,7 @@ import optuna
 from ottimo.config import Params, load_params
 from ottimo.data.tables import Splits, load_splits, materialise_raw, prepare
 from ottimo.models import tune
+from ottimo.models.family import recipe
 
 REPO = Path(__file__).resolve().parent.parent
 ARMS = {"tpe+hyperband": ("tpe", "hyperband"), "random, no pruning": ("random", "none")}
@@ -37,8 +39,10 @@ def run_arm(folder: Path, params: Params, splits: Splits, family: str, arm: str,
     sampler, pruner = ARMS[arm]
     cfg = params.tune.model_copy(update={"sampler": sampler, "pruner": pruner, "multi_objective": False})
     url = f"sqlite:///{folder / f'{sampler}-{pruner}-{seed}.db'}"
-    study = tune.open_study(url, "bench", cfg, family, seed)
-    objective = tune.objective(family, splits, params.train, cfg, params.evaluate, seed)
+    fam = params.families[family]
+    study = tune.open_study(url, "bench", cfg, fam, seed)
+    objective = tune.objective(recipe(params.families, params.train, family), fam, splits, params.train, cfg,
+                               params.evaluate, seed)
     t0 = time.perf_counter()
     with tune.torch_threads(cfg.threads_per_trial):
         tune.run_trials(study, objective, trials, None)
@@ -50,19 +54,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--trials", type=int, default=24, help="trials per arm and seed")
-    ap.add_argument("--family", choices=["mlp", "transformer"], default="mlp")
+    ap.add_argument("--family", default="mlp", help="a family of params.yaml's families: that takes the data's rows")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
 
     params = load_params(REPO / "params.yaml")
+    if args.family not in params.families:
+        ap.error(f"--family {args.family!r}: families are {sorted(params.families)}")
     folder = Path(tempfile.mkdtemp(prefix="ottimo-bench-tune-"))
     try:
         materialise_raw(folder, params.data)
         prepare(folder, params.data, folder / "prepared")
         splits = load_splits(folder / "prepared")
-        space = getattr(params.tune.space, args.family)
+        budget = params.families[args.family].trial_epochs
         print(f"{params.data.builtin or params.data.path}: {len(splits.y_train)} train / {len(splits.y_val)} val rows;"
-              f" {args.family}, {args.trials} trials per arm, budget {space.epochs} epochs per trial "
+              f" {args.family}, {args.trials} trials per arm, budget {budget} epochs per trial "
               f"(patience {params.train.patience}), hyperband min {params.tune.min_epochs} reduction "
               f"{params.tune.reduction_factor}, TPE start-up {params.tune.startup_trials}; {os.cpu_count()} CPUs, "
               f"load {os.getloadavg()[0]:.2f}")
