@@ -60,6 +60,14 @@ def _inside_project(v: str) -> str:
 ProjectPath = Annotated[str, AfterValidator(_inside_project)]  # a file or folder the project owns
 
 
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 class InputCfg(Strict):
     """What one row is (the model family's `spec`): a flat table, an image, or a sequence of token ids. Images and
     sequences come from feature columns (row-major, the shape's product of them) or from an .npz file (X, y)."""
@@ -85,7 +93,8 @@ class DataCfg(Strict):
     builtin: Literal["digits", "breast_cancer", "wine"] | None = "digits"
     target: str = "target"
     features: list[str] | None = None
-    labels: list[int] | None = None
+    labels: list[int] | list[str] | None = None  # the classes: integers or text (ottimo.data.labels); null: the data's
+    index_column: Literal["refuse", "drop"] = "refuse"  # a leading column without a name (a written pandas index)
     min_rows: int = Field(100, ge=10)
     input: InputCfg = InputCfg()
     splits: SplitsCfg = SplitsCfg()
@@ -96,6 +105,24 @@ class DataCfg(Strict):
     def _table_file(cls, v: str) -> str:
         if Path(v).suffix.lower() not in {".csv", ".parquet"}:
             raise ValueError("must end in .csv or .parquet")
+        return v
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, v: object) -> object:
+        if not isinstance(v, list):
+            return v
+        if any(isinstance(x, bool) for x in v):
+            raise ValueError("class labels are integers or text, not true/false (YAML reads yes, no, true, false, "
+                             "on and off as booleans: quote them, e.g. ['yes', 'no'])")
+        if len(set(map(repr, v))) < len(v):
+            raise ValueError("each class once: the list has duplicates")
+        looks = [x for x in v if isinstance(x, str) and _number(x)]
+        if looks:
+            raise ValueError(f"{looks[:5]} are numbers written as text; write integer labels without quotes "
+                             "(a CSV reads them back as numbers)")
+        if any(isinstance(x, str) and not x.strip() for x in v):
+            raise ValueError("a text label may not be empty")
         return v
 
 
