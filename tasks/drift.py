@@ -20,7 +20,9 @@ from prefect.artifacts import create_markdown_artifact
 from ottimo import vocab
 from ottimo.config import Params
 from ottimo.data import batches, versioning
-from ottimo.data.tables import materialise_raw, read_table, validate_frame
+from ottimo.data import labels as label_rules
+from ottimo.data.intake import DataValidationError
+from ottimo.data.tables import index_column, materialise_raw, read_table, validate_frame
 from ottimo.monitor import drift as policy
 from ottimo.monitor import holdback, ledger
 from ottimo.onnx.measure import predict, scores
@@ -78,25 +80,53 @@ def collect_window(root: Path, params: Params) -> Window:
 LABELS_DIR = "labels"  # under score.incoming: late labels, `batch,row,<target>` (CSV or Parquet); not scored
 
 
+@dataclass(frozen=True)
+class LateLabels:
+    attached: int  # labelled rows attached to scored batches
+    rejected: list[str] = field(default_factory=list)  # "<file>: <reason>" for each file moved to the quarantine
+
+
+class LabelsRejected(ValueError):
+    """Late labels named a class the champion does not know; their file was quarantined, the check went on."""
+
+
+def _known_labels(late: pd.DataFrame, target: str, source: str, classes: list | None) -> None:
+    """Late labels (the rows that carry one) must be of the champion's classes: DataValidationError otherwise."""
+    given = late[target].dropna()
+    if classes is not None and len(given):
+        label_rules.check_known(label_rules.clean(given, target, source), target, source, classes,
+                           " (the champion was trained on these alone); fix the file and put it back")
+
+
 @task
-def attach_late_labels(root: Path, params: Params) -> int:
+def attach_late_labels(root: Path, params: Params, classes: list | None = None) -> LateLabels:
     """Labels that came after scoring (files in <score.incoming>/labels/ with columns batch, row and the target,
     naming rows of scored batches): the realized accuracy of the predictions made then replaces the estimate on
     the score run and on the drift check that judged the batch. Each file is read once (moved to labels/done/);
-    rows naming an unknown batch or row are skipped with a warning. Returns the labelled rows attached."""
+    rows naming an unknown batch or row are skipped with a warning. A file with a label outside `classes` (the
+    champion's) is moved to the quarantine with its reason, never read as a new class. Returns what was attached
+    and what was rejected."""
     log = get_run_logger()
     folder = root / params.score.incoming / LABELS_DIR
     files = sorted(p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in (".csv", ".parquet")) \
         if folder.is_dir() else []
     if not files:
-        return 0
+        return LateLabels(0)
     client, exp = ledger.connect_monitoring(root, params)
-    target, attached = params.data.target, 0
+    target, attached, rejected = params.data.target, 0, []
     for path in files:
         late = read_table(path)
         missing = {"batch", "row", target} - set(late.columns)
         if missing:
             log.warning("late labels %s lack column(s) %s: skipped", path.name, sorted(missing))
+            continue
+        try:
+            _known_labels(late, target, f"late labels {path.name}", classes)
+        except DataValidationError as err:
+            moved, _ = batches.quarantine(root, path, str(err), params.limits)
+            log.error("quarantined %s: %s", path.name, err)
+            rejected.append(f"{path.name}: {err} (now {moved.name if moved else 'noted'} in "
+                            f"{params.limits.quarantine_dir})")
             continue
         for name, part in late.dropna(subset=[target]).groupby("batch"):
             run = ledger.score_run_of(client, exp, str(name))
@@ -116,7 +146,7 @@ def attach_late_labels(root: Path, params: Params) -> int:
         done = folder / "done"
         done.mkdir(exist_ok=True)
         path.replace(done / path.name)
-    return attached
+    return LateLabels(attached, rejected)
 
 
 def _predictor(sess, features: list[str], labels: list[int]) -> policy.Predict:
@@ -251,13 +281,13 @@ def add_training_data(root: Path, params: Params, window: Window, check_id: str 
         versioning.track(root, cfg.path)
         versioning.reproduce(root)
         return {"data_revision": versioning.revision(root), "rows_added": "0"}
-    old = read_table(raw)
+    old = index_column(read_table(raw), raw, cfg.index_column)  # data.index_column: drop leaves no such column
     rows = pd.concat([f.reindex(columns=old.columns).dropna(subset=[cfg.target]) for f in frames], ignore_index=True)
     outcome: dict[str, str] = {}
     held = None
     if not (accept_drifted or params.drift.accept_drifted_rows):
         features = [c for c in old.columns if c != cfg.target]
-        known = cfg.labels or sorted(int(v) for v in old[cfg.target].unique())
+        known = label_rules.classes(old[cfg.target], cfg.labels)
         parts = holdback.split(rows, old, features, cfg.target, known, params.drift.holdback_margin,
                                params.limits.max_abs_value)
         if len(parts.held):

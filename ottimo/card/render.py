@@ -131,6 +131,17 @@ def _schema(values: list[dict]) -> str:
     return ", ".join(f"`{v['name']}` {v['dtype']} [{', '.join(map(str, v['shape']))}]" for v in values)
 
 
+def _classes(s: dict) -> list[str]:
+    """The classes in output order, and what the ONNX file's metadata says when it says something else."""
+    classes, in_file = s.get("classes"), s.get("classes_in_file")
+    if classes is None:
+        return []
+    where = ("the ONNX file carries the same list (metadata `ottimo.classes`)" if in_file == classes else
+             "the ONNX file carries no class list" if in_file is None else
+             f"**the ONNX file's metadata says {in_file}**")
+    return [f"- classes, in output order: {classes} ({len(classes)}); {where}"]
+
+
 def _deployment(s: dict, full: bool) -> list[str]:
     ops = ", ".join(f"{op}×{n}" for op, n in s["operators"].items())
     ok = "**yes**" if s["single_thread_ok"] else "**no**"
@@ -138,6 +149,7 @@ def _deployment(s: dict, full: bool) -> list[str]:
         f"- ONNX opset {s['opset']} (IR {s['ir_version']}); {len(s['operators'])} operator types: {ops}",
         f"- file size: {_f(s['size_mb'], 3)} MB ({s['size_bytes']:,} bytes)",
         f"- input: {_schema(s['inputs'])}; output: {_schema(s['outputs'])}",
+        *_classes(s),
         f"- peak memory of an inference session: +{_f(s['peak_memory_mb'], 1)} MB (peak RSS "
         f"{_f(s['peak_rss_mb'], 1)} MB, batch {s['memory_batch']}"
         + (f"; {s['memory_method']})" if full else "; see card.md for how)"),

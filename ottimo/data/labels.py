@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ottimo import vocab
 from ottimo.data.intake import DataValidationError
 
 Label = int | str
@@ -129,3 +130,8 @@ def as_json(classes: list) -> str:
 def of_prepared(prepared: Path | str) -> list[Label]:
     """The class list a prepared data revision fixed (its schema.json)."""
     return json.loads((Path(prepared) / "schema.json").read_text())["labels"]
+
+
+def tag_of(prepared: Path | str) -> str:
+    """The class list of a prepared data revision as the value of an MLflow tag (vocab.CLASSES)."""
+    return vocab.clip(as_json(of_prepared(prepared)))
