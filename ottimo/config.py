@@ -115,6 +115,8 @@ class DataCfg(Strict):
         if any(isinstance(x, bool) for x in v):
             raise ValueError("class labels are integers or text, not true/false (YAML reads yes, no, true, false, "
                              "on and off as booleans: quote them, e.g. ['yes', 'no'])")
+        if len(v) < 2:
+            raise ValueError("a classifier needs at least two classes; null takes them from the data")
         if len(set(map(repr, v))) < len(v):
             raise ValueError("each class once: the list has duplicates")
         looks = [x for x in v if isinstance(x, str) and _number(x)]

@@ -125,8 +125,7 @@ def attach_late_labels(root: Path, params: Params, classes: list | None = None) 
         except DataValidationError as err:
             moved, _ = batches.quarantine(root, path, str(err), params.limits)
             log.error("quarantined %s: %s", path.name, err)
-            rejected.append(f"{path.name}: {err} (now {moved.name if moved else 'noted'} in "
-                            f"{params.limits.quarantine_dir})")
+            rejected.append(f"{err} (moved to {params.limits.quarantine_dir}/{moved.name if moved else path.name})")
             continue
         for name, part in late.dropna(subset=[target]).groupby("batch"):
             run = ledger.score_run_of(client, exp, str(name))

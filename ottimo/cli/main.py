@@ -77,9 +77,13 @@ def details(root: Path, params: Params, flow_run_id: str, message: str) -> str:
     it names, and the Prefect flow run's log."""
     from ottimo.registry.tracking import connect
 
-    client, exp = connect(root, params.mlflow)
-    runs = client.search_runs([exp], f"tags.`{vocab.FLOW_RUN}` = '{flow_run_id}' and "
-                              f"tags.`{vocab.KIND}` = '{vocab.PIPELINE}'", max_results=1)
+    try:
+        client, exp = connect(root, params.mlflow)
+        runs = client.search_runs([exp], f"tags.`{vocab.FLOW_RUN}` = '{flow_run_id}' and "
+                                  f"tags.`{vocab.KIND}` = '{vocab.PIPELINE}'", max_results=1)
+    except Exception as err:  # noqa: BLE001 - a tracking server out of reach: still say where to look
+        return (f"Details are in the log above (Prefect flow run {flow_run_id}); MLflow could not be asked for "
+                f"its run ({type(err).__name__}).")
     if runs:
         return (f"Details are in the log above and in MLflow run {runs[0].info.run_id} of experiment "
                 f"{params.mlflow.experiment} (tags gate.verdict / failure).")

@@ -86,7 +86,7 @@ def test_class_list_indices_and_json_labels():
 @pytest.mark.parametrize(("labels", "ok"), [
     ([0, 1, 2], True), (["cat", "dog"], True), (None, True),
     ([True, False], False), (["1", "2"], False), (["cat", "cat"], False), ([1, "cat"], False), (["cat", " "], False),
-    ([1.5], False),
+    ([1.5], False), ([], False), (["cat"], False),
 ])
 def test_data_labels_take_integers_or_text(labels, ok):
     raw = {"data": {"labels": labels}}
