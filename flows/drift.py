@@ -8,10 +8,12 @@ from prefect import flow, runtime
 from prefect.deployments import run_deployment
 
 from ottimo.config import Params, project_params
+from ottimo.data import batches
 from ottimo.monitor import drift as policy
 from ottimo.ops.faults import checkpoint
 from tasks.drift import (
     CheckSummary,
+    LabelsRejected,
     add_training_data,
     attach_late_labels,
     check_window,
@@ -44,7 +46,7 @@ def drift_check(project_dir: str = ".", params_file: str = "params.yaml", accept
     params = project_params(root, params_file)
 
     champion = load_champion(root, params)
-    attach_late_labels(root, params)
+    late = attach_late_labels(root, params, batches.schema_of(Path(champion.prepared))["labels"])
     window = collect_window(root, params)
     check = check_window(root, params, champion, window)
     outcome: dict[str, str] = {}
@@ -57,6 +59,9 @@ def drift_check(project_dir: str = ".", params_file: str = "params.yaml", accept
     if outcome.get("training") == "failed":
         raise RetrainFailed(f"retrain decided ({'; '.join(check.reasons)}) but training failed: "
                             f"{outcome['message']}; the champion is unchanged")
+    if late.rejected:
+        raise LabelsRejected(f"drift check {summary.action} done without {len(late.rejected)} late-labels file(s), "
+                             "quarantined (reason files beside them):\n" + "\n".join(f"- {r}" for r in late.rejected))
     return summary
 
 

@@ -69,6 +69,14 @@ def _inside_project(v: str) -> str:
 ProjectPath = Annotated[str, AfterValidator(_inside_project)]  # a file or folder the project owns
 
 
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 class InputCfg(Strict):
     """What one row is (the model family's `spec`): a flat table, an image, or a sequence of token ids. Images and
     sequences come from feature columns (row-major, the shape's product of them) or from an .npz file (X, y)."""
@@ -121,7 +129,8 @@ class DataCfg(Strict):
     builtin: Literal["digits", "breast_cancer", "wine", "sequences"] | None = "digits"
     target: str = "target"
     features: list[str] | None = None
-    labels: list[int] | None = None
+    labels: list[int] | list[str] | None = None  # the classes: integers or text (ottimo.data.labels); null: the data's
+    index_column: Literal["refuse", "drop"] = "refuse"  # a leading column without a name (a written pandas index)
     min_rows: int = Field(100, ge=10)
     input: InputCfg = InputCfg()
     sequences: SequencesCfg = SequencesCfg()  # the `sequences` builtin's size and difficulty
@@ -141,6 +150,25 @@ class DataCfg(Strict):
             raise ValueError("builtin 'sequences' is token ids: set data.input to {kind: sequence} (shape [length] "
                              "and vocab_size optional)")
         return self
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, v: object) -> object:
+        if not isinstance(v, list):
+            return v
+        if any(isinstance(x, bool) for x in v):
+            raise ValueError("class labels are integers or text, not true/false (YAML reads yes, no, true, false, "
+                             "on and off as booleans: quote them, e.g. ['yes', 'no'])")
+        if len(v) < 2:
+            raise ValueError("a classifier needs at least two classes; null takes them from the data")
+        if len(set(map(repr, v))) < len(v):
+            raise ValueError("each class once: the list has duplicates")
+        looks = [x for x in v if isinstance(x, str) and _number(x)]
+        if looks:
+            raise ValueError(f"{looks[:5]} are numbers written as text; write integer labels without quotes "
+                             "(a CSV reads them back as numbers)")
+        if any(isinstance(x, str) and not x.strip() for x in v):
+            raise ValueError("a text label may not be empty")
+        return v
 
 
 class DvcCfg(Strict):

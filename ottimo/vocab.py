@@ -56,6 +56,8 @@ COMMIT = "ottimo.code_commit"  # the git commit of the code that trained the mod
 
 # Tags on both runs and registered versions.
 DATA_REVISION = "data.revision"  # DVC md5 of data/prepared
+CLASSES = "data.classes"  # on pipeline and candidate runs, logged models: the data revision's classes (JSON, sorted;
+#   output i of the model is classes[i]); the ONNX file carries them too (ottimo.onnx.metadata)
 GATE_VERDICT = "gate.verdict"  # on a version: pending | passed | failed | abandoned
 GATE_REASONS = "gate.reasons"
 

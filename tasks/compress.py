@@ -81,13 +81,15 @@ def _open_run(root: Path, params: Params, parent_run_id: str, name: str, techniq
     return run.info.run_id
 
 
-def _log_onnx(root: Path, params: Params, run_id: str, path: Path, X: np.ndarray) -> tuple[str, str]:
+def _log_onnx(root: Path, params: Params, run_id: str, path: Path, X: np.ndarray,
+              classes: list | None = None) -> tuple[str, str]:
     """Log a candidate's ONNX file as its run's model, named after the candidate (the run's name) and tagged with
     its family, technique and data revision; return (model URI, sha256)."""
     client = connect(root, params.mlflow)[0]
     tags = client.get_run(run_id).data.tags
     return log_onnx_model(client, run_id, path, X, tags.get(vocab.RUN_NAME) or run_id,
-                          {k: tags[k] for k in (vocab.FAMILY_RUN, vocab.TECHNIQUE, vocab.DATA_REVISION) if k in tags})
+                          {k: tags[k] for k in (vocab.FAMILY_RUN, vocab.TECHNIQUE, vocab.DATA_REVISION) if k in tags},
+                          classes)
 
 
 def _finish_torch(root: Path, params: Params, model: torch.nn.Module, name: str, technique: str, base: Built,
@@ -101,7 +103,7 @@ def _finish_torch(root: Path, params: Params, model: torch.nn.Module, name: str,
     with export_guard.exclusive():
         path = export_onnx(model, base.spec, out / "model.onnx")
         diff = parity_check(model, path, splits.X_test, params.evaluate.parity_atol)
-        uri, digest = _log_onnx(root, params, run_id, path, splits.X_test)
+        uri, digest = _log_onnx(root, params, run_id, path, splits.X_test, splits.labels)
     client = connect(root, params.mlflow)[0]
     client.log_metric(run_id, "parity_max_abs_diff", diff)
     client.log_artifact(run_id, str(out / "checkpoint.pt"))
@@ -201,7 +203,7 @@ def quantize_variant(root: Path, params: Params, base: Built, method: str, data:
             rows = rng.choice(len(splits.X_train), min(cfg.calibration_rows, len(splits.X_train)), replace=False)
             quantize.static_int8(Path(base.onnx_path), dst, splits.rows(splits.X_train[rows]), cfg.per_channel,
                                  cfg.reduce_range)
-        uri, digest = _log_onnx(root, params, run_id, dst, splits.X_test)
+        uri, digest = _log_onnx(root, params, run_id, dst, splits.X_test, splits.labels)
     agreement = float((predict(session(dst), splits.X_test) == predict(session(Path(base.onnx_path)),
                                                                         splits.X_test)).mean())
     client = connect(root, params.mlflow)[0]

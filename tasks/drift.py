@@ -20,7 +20,9 @@ from prefect.artifacts import create_markdown_artifact
 from ottimo import vocab
 from ottimo.config import DataCfg, Params
 from ottimo.data import batches, inputs, versioning
-from ottimo.data.tables import materialise_raw, read_table, validate_frame, write_table
+from ottimo.data import labels as label_rules
+from ottimo.data.intake import DataValidationError
+from ottimo.data.tables import index_column, materialise_raw, read_table, validate_frame, write_table
 from ottimo.monitor import drift as policy
 from ottimo.monitor import holdback, ledger
 from ottimo.onnx.measure import predict, scores
@@ -78,25 +80,52 @@ def collect_window(root: Path, params: Params) -> Window:
 LABELS_DIR = "labels"  # under score.incoming: late labels, `batch,row,<target>` (CSV or Parquet); not scored
 
 
+@dataclass(frozen=True)
+class LateLabels:
+    attached: int  # labelled rows attached to scored batches
+    rejected: list[str] = field(default_factory=list)  # "<file>: <reason>" for each file moved to the quarantine
+
+
+class LabelsRejected(ValueError):
+    """Late labels named a class the champion does not know; their file was quarantined, the check went on."""
+
+
+def _known_labels(late: pd.DataFrame, target: str, source: str, classes: list | None) -> None:
+    """Late labels (the rows that carry one) must be of the champion's classes: DataValidationError otherwise."""
+    given = late[target].dropna()
+    if classes is not None and len(given):
+        label_rules.check_known(label_rules.clean(given, target, source), target, source, classes,
+                           " (the champion was trained on these alone); fix the file and put it back")
+
+
 @task
-def attach_late_labels(root: Path, params: Params) -> int:
+def attach_late_labels(root: Path, params: Params, classes: list | None = None) -> LateLabels:
     """Labels that came after scoring (files in <score.incoming>/labels/ with columns batch, row and the target,
     naming rows of scored batches): the realized accuracy of the predictions made then replaces the estimate on
     the score run and on the drift check that judged the batch. Each file is read once (moved to labels/done/);
-    rows naming an unknown batch or row are skipped with a warning. Returns the labelled rows attached."""
+    rows naming an unknown batch or row are skipped with a warning. A file with a label outside `classes` (the
+    champion's) is moved to the quarantine with its reason, never read as a new class. Returns what was attached
+    and what was rejected."""
     log = get_run_logger()
     folder = root / params.score.incoming / LABELS_DIR
     files = sorted(p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in (".csv", ".parquet")) \
         if folder.is_dir() else []
     if not files:
-        return 0
+        return LateLabels(0)
     client, exp = ledger.connect_monitoring(root, params)
-    target, attached = params.data.target, 0
+    target, attached, rejected = params.data.target, 0, []
     for path in files:
         late = read_table(path)
         missing = {"batch", "row", target} - set(late.columns)
         if missing:
             log.warning("late labels %s lack column(s) %s: skipped", path.name, sorted(missing))
+            continue
+        try:
+            _known_labels(late, target, f"late labels {path.name}", classes)
+        except DataValidationError as err:
+            moved, _ = batches.quarantine(root, path, str(err), params.limits)
+            log.error("quarantined %s: %s", path.name, err)
+            rejected.append(f"{err} (moved to {params.limits.quarantine_dir}/{moved.name if moved else path.name})")
             continue
         for name, part in late.dropna(subset=[target]).groupby("batch"):
             run = ledger.score_run_of(client, exp, str(name))
@@ -116,7 +145,7 @@ def attach_late_labels(root: Path, params: Params) -> int:
         done = folder / "done"
         done.mkdir(exist_ok=True)
         path.replace(done / path.name)
-    return attached
+    return LateLabels(attached, rejected)
 
 
 def _predictor(sess, features: list[str], labels: list[int]) -> policy.Predict:
@@ -244,7 +273,7 @@ def add_training_data(root: Path, params: Params, window: Window, check_id: str 
         if marker.get("done"):
             return {"data_revision": marker["data_revision"]} | marker["outcome"]
         return _version_data(root, params, client, check_id, marker["outcome"])
-    old = read_table(raw, cfg.target, cfg.input.kind)
+    old = index_column(read_table(raw, cfg.target, cfg.input.kind), raw, cfg.index_column)  # data.index_column
     schema = _training_schema(old, cfg, raw)
     frames = [f for f in (batches.read_batch(Path(b), schema) for b in window.batches) if cfg.target in f.columns]
     versioning.ensure_repo(root)
@@ -257,7 +286,7 @@ def add_training_data(root: Path, params: Params, window: Window, check_id: str 
     outcome: dict[str, str] = {}
     held = None
     if not (accept_drifted or params.drift.accept_drifted_rows):
-        known = cfg.labels or sorted(int(v) for v in old[cfg.target].unique())
+        known = label_rules.classes(old[cfg.target], cfg.labels)
         parts = holdback.split(rows, old, schema["features"], cfg.target, known, params.drift.holdback_margin,
                                params.limits.max_abs_value, inputs.spec_of(schema))
         if len(parts.held):

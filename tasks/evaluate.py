@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 
 from ottimo import vocab
 from ottimo.config import Params
+from ottimo.data import labels
 from ottimo.data.tables import load_splits
 from ottimo.models.family import rebuild
 from ottimo.onnx.export import export_onnx, parity_check
@@ -52,7 +53,8 @@ def export_candidate(root: Path, params: Params, cand: Candidate, data: DataVers
     X_test = load_splits(Path(data.prepared)).X_test
     diff = parity_check(model, path, X_test, params.evaluate.parity_atol)
     model_uri, digest = log_onnx_model(client, cand.run_id, path, X_test, cand.family, {
-        vocab.FAMILY_RUN: cand.family, vocab.TECHNIQUE: "trained", vocab.DATA_REVISION: data.revision})
+        vocab.FAMILY_RUN: cand.family, vocab.TECHNIQUE: "trained", vocab.DATA_REVISION: data.revision},
+        classes=labels.of_prepared(data.prepared))
     client.log_metric(cand.run_id, "parity_max_abs_diff", diff)
     get_run_logger().info("%s exported to ONNX (%.1f kB), parity max |diff| %.1e", cand.family,
                           path.stat().st_size / 1e3, diff)

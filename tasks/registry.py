@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 
 from ottimo import vocab
 from ottimo.config import Params
+from ottimo.data import labels
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import gate as gate_policy
 from ottimo.registry import promotion
@@ -40,7 +41,7 @@ def register_candidate(root: Path, params: Params, cand: Evaluated, data: DataVe
     mv = register(client, params.mlflow.registered_model, cand.model_uri, cand.run_id, {
         vocab.DATA_REVISION: data.revision, "sha256": cand.sha256, vocab.FAMILY: cand.family,
         vocab.FAMILY_RUN: cand.model_family or cand.family,
-        vocab.GATE_VERDICT: vocab.PENDING})
+        vocab.GATE_VERDICT: vocab.PENDING, vocab.CLASSES: labels.tag_of(data.prepared)})
     get_run_logger().info("%s registered as %s v%s", cand.family, params.mlflow.registered_model, mv.version)
     checkpoint("after-registering")
     return str(mv.version)

@@ -87,7 +87,7 @@ def score_batch(root: Path, params: Params, champion: Champion, batch: str) -> S
     path = Path(batch)
     schema = batches.schema_of(Path(champion.prepared))
     try:
-        df = batches.validate_batch(root, path, schema, params.limits)
+        df = batches.validate_batch(root, path, schema, params.limits, params.data.index_column)
     except DataValidationError as err:
         moved, _ = batches.quarantine(root, path, str(err), params.limits)
         log.error("quarantined %s: %s", path.name, err)

@@ -14,6 +14,7 @@ from prefect import get_run_logger, runtime, task
 
 from ottimo import vocab
 from ottimo.config import Params
+from ottimo.data import labels
 from ottimo.data.tables import load_splits
 from ottimo.models.family import FamilyError, Recipe, build, count_parameters, recipe
 from ottimo.models.train import fit
@@ -61,6 +62,7 @@ def start_pipeline_run(root: Path, params: Params, data: DataVersion) -> str:
     flow_run_id = str(runtime.flow_run.id)
     run = client.create_run(exp, run_name=report.running_name(report.dataset_name(params), data.revision), tags={
         vocab.FLOW_RUN: flow_run_id, vocab.ROOT_FLOW_RUN: flow_run_id, vocab.DATA_REVISION: data.revision,
+        vocab.CLASSES: labels.tag_of(data.prepared),  # the classes this data revision fixed (output i = class i)
         vocab.KIND: vocab.PIPELINE, vocab.OWNER: owner(),  # `ottimo doctor` fails the run if this process dies RUNNING
         vocab.NOTE: "Running." + (f" Prefect: [flow run]({url})." if url else ""),
         **({vocab.FLOW_RUN_URL: url} if url else {})})

@@ -108,7 +108,8 @@ def _lineage(s: dict, full: bool) -> list[str]:
         f"- parent teacher: {s.get('teacher') or 'none tagged'}",
         f"- ONNX sha256: `{s.get('sha256')}`",
         f"- gate verdict: **{gate.get('verdict')}**: {'; '.join(gate.get('reasons', [])) or '–'}",
-        "- gate thresholds: " + (", ".join(f"{k}={v}" for k, v in gate.get("thresholds", {}).items()) or "–"),
+        *(["- gate thresholds: " + (", ".join(f"{k}={v}" for k, v in gate.get("thresholds", {}).items()) or "–")]
+          if full else []),  # the compact card: each reason names its setting and value already
         "- training params: " + (", ".join(f"{k}={v}" for k, v in shown.items()) or "–")
         + (" …" if len(shown) < len(params) else ""),
     ]
@@ -133,6 +134,18 @@ def _schema(values: list[dict]) -> str:
     return ", ".join(f"`{v['name']}` {v['dtype']} [{', '.join(map(str, v['shape']))}]" for v in values)
 
 
+def _classes(s: dict, full: bool) -> list[str]:
+    """The classes in output order, and what the ONNX file's metadata says when it says something else."""
+    classes, in_file = s.get("classes"), s.get("classes_in_file")
+    if classes is None:
+        return []
+    where = ("as in the ONNX file" + (" (metadata `ottimo.classes`)" if full else "") if in_file == classes else
+             "the ONNX file carries no class list" if in_file is None else
+             f"**the ONNX file's metadata says {in_file}**")
+    shown = classes if full or len(classes) <= 20 else [*classes[:20], f"… {len(classes) - 20} more"]
+    return [f"- classes, in output order: {shown}, {where}"]
+
+
 def _deployment(s: dict, full: bool) -> list[str]:
     ops = ", ".join(f"{op}×{n}" for op, n in s["operators"].items())
     ok = "**yes**" if s["single_thread_ok"] else "**no**"
@@ -140,6 +153,7 @@ def _deployment(s: dict, full: bool) -> list[str]:
         f"- ONNX opset {s['opset']} (IR {s['ir_version']}); {len(s['operators'])} operator types: {ops}",
         f"- file size: {_f(s['size_mb'], 3)} MB ({s['size_bytes']:,} bytes)",
         f"- input: {_schema(s['inputs'])}; output: {_schema(s['outputs'])}",
+        *_classes(s, full),
         f"- peak memory of an inference session: +{_f(s['peak_memory_mb'], 1)} MB (peak RSS "
         f"{_f(s['peak_rss_mb'], 1)} MB, batch {s['memory_batch']}"
         + (f"; {s['memory_method']})" if full else "; see card.md for how)"),

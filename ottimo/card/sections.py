@@ -35,6 +35,7 @@ from ottimo.data.tables import Splits
 from ottimo.monitor import simulate
 from ottimo.onnx.export import INPUT, OUTPUT, shaped
 from ottimo.onnx.measure import accuracy, confusion_png, latency_ms, predict, session
+from ottimo.onnx.metadata import read_classes
 from ottimo.spec import InputSpec
 
 SECTIONS = {
@@ -498,10 +499,14 @@ def peak_memory(path: Path, batch: int, n_features: int) -> dict:
                              "creating a 1-thread session and running the largest batch"}
 
 
-def deployment_section(path: Path, n_features: int, p95_1thread: float, max_p95_ms: float, cfg: CardCfg) -> dict:
+def deployment_section(path: Path, n_features: int, p95_1thread: float, max_p95_ms: float, cfg: CardCfg,
+                       classes: list | None = None) -> dict:
+    """The file as a deployer meets it: opsets, operators, input/output schema, the classes in output order (those
+    of the data revision, and those the file's metadata carries: None for a file logged before they were
+    recorded), size, peak memory, and whether one thread meets the gate's latency bound."""
     summary = onnx_summary(path)
     return {
-        **summary,
+        **summary, "classes": classes, "classes_in_file": read_classes(path),
         "size_mb": path.stat().st_size / 1e6, "size_bytes": path.stat().st_size,
         **peak_memory(path, max(cfg.batch_sizes), n_features),
         "single_thread_p95_ms": p95_1thread, "max_p95_latency_ms": max_p95_ms,
@@ -581,7 +586,8 @@ def measure_card(path: Path, splits: Splits, cfg: CardCfg, evaluate: EvaluateCfg
         fairness=fairness_section(splits.y_test, pred, splits.labels, splits, cfg),
         interpretability=interpret,
         scalability=scalability,
-        deployment=deployment_section(path, splits.X_test.shape[1], scalability["p95_ms"], max_p95_ms, cfg),
+        deployment=deployment_section(path, splits.X_test.shape[1], scalability["p95_ms"], max_p95_ms, cfg,
+                                      splits.labels),
         plots=[p.name for p in plots],
         computed_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )

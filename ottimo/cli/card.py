@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ottimo.cli.common import PARAMS, PROJECT, params_or_exit
+from ottimo.cli.common import PARAMS, PROJECT, cell, params_or_exit, say
 from ottimo.config import Params
 
 card_app = typer.Typer(help="Model cards of registered versions: show one, compare two.", no_args_is_help=True)
@@ -44,7 +44,7 @@ def _card(root: Path, params: Params, client, name: str, ref: str, recompute: bo
         stored = cardstore.load_stored(client, versions.version(client, name, ref))
         if stored is not None:
             return stored
-        err.print(f"{name} {ref} has no stored card: measuring it now")
+        say(f"{name} {ref} has no stored card: measuring it now", out=err)
     return cardstore.recompute(root, params, client, name, ref, work)[0]
 
 
@@ -69,7 +69,7 @@ def show(
         if stored:
             card = cardstore.load_stored(client, versions.version(client, name, version))
             if card is None:
-                err.print(f"[red]{name} {version} has no stored card[/red]; run without --stored to measure it")
+                say(f"{name} {version} has no stored card; run without --stored to measure it", "red", err)
                 raise typer.Exit(1)
             old = None
         else:
@@ -80,10 +80,11 @@ def show(
     if old is not None:
         new, before = deterministic(card), deterministic(old)
         differ = [k for k in before if before[k] != new.get(k)]
-        err.print("recomputed card matches the stored one on every deterministic field" if not differ else
-                  f"[yellow]recomputed card differs from the stored one in: {', '.join(differ)}[/yellow]")
+        say("recomputed card matches the stored one on every deterministic field" if not differ else
+            f"recomputed card differs from the stored one in: {', '.join(differ)}", None if not differ else "yellow",
+            err)
     elif not stored:
-        err.print("no stored card to compare with" + ("; stored this one" if write else " (--write stores it)"))
+        say("no stored card to compare with" + ("; stored this one" if write else " (--write stores it)"), out=err)
 
 
 def _fmt(x: float) -> str:
@@ -112,7 +113,7 @@ def compare(
     la, lb = ca.lineage, cb.lineage
     title = (f"{name}: A = {a} (v{la.get('version')}, {la.get('family')}) vs "
              f"B = {b} (v{lb.get('version')}, {lb.get('family')})")
-    table = Table(title=title)
+    table = Table(title=cell(title))
     for col in ("dimension", "figure", "A", "B", "better"):
         table.add_column(col, no_wrap=col != "dimension")
     for section, heading in SECTIONS.items():
@@ -122,10 +123,12 @@ def compare(
         if section == "lineage":
             for key in ("data_revision", "code_commit", "sha256", "teacher"):
                 same = la.get(key) == lb.get(key)
-                table.add_row("", key, str(la.get(key))[:12], str(lb.get(key))[:12], "same" if same else "differs")
-            table.add_row("", "gate verdict", la.get("gate", {}).get("verdict"), lb.get("gate", {}).get("verdict"), "")
+                table.add_row("", key, cell(str(la.get(key))[:12]), cell(str(lb.get(key))[:12]),
+                              "same" if same else "differs")
+            table.add_row("", "gate verdict", cell(la.get("gate", {}).get("verdict")),
+                          cell(lb.get("gate", {}).get("verdict")), "")
         table.add_section()
     console.print(table)
     wins = {k: [s for s, w in dims.items() if w == k] for k in ("A", "B")}
-    console.print(f"A better on: {', '.join(wins['A']) or 'none'}; B better on: {', '.join(wins['B']) or 'none'} "
-                  "(a dimension goes to the card that wins more of its figures)")
+    say(f"A better on: {', '.join(wins['A']) or 'none'}; B better on: {', '.join(wins['B']) or 'none'} "
+        "(a dimension goes to the card that wins more of its figures)")

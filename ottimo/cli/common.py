@@ -1,7 +1,10 @@
-"""What every `ottimo` command shares: the project and params options, reading params, finishing a flow run.
+"""What every `ottimo` command shares: the project and params options, reading params, finishing a flow run,
+printing text that comes from data or users.
 
 The CLI is the one part of the ottimo package that may import flows (inside command functions, so `--help`
-stays fast); the core modules import neither flows, tasks nor Prefect.
+stays fast); the core modules import neither flows, tasks nor Prefect. Rich reads `[...]` as markup and drops
+what it takes for a tag (`values [nan, nan]` would print as `values `): messages, reasons, names and table cells
+that hold anything but our own literal words go through `say` and `cell`, which print them as they are.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ottimo.config import ConfigError, Params, project_params
 
@@ -19,11 +23,22 @@ PROJECT = typer.Option(Path("."), "--project-dir", "-C", help="Project folder (h
 PARAMS = typer.Option("params.yaml", "--params", "-p", help="Config file, relative to the project folder.")
 
 
+def say(message: object, style: str | None = None, out: Console | None = None) -> None:
+    """Print text as it is: no markup (a value like `[nan, nan]` stays), no highlighting; `style` for all of it."""
+    (out or console).print(str(message), style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def cell(value: object) -> Text:
+    """A table cell (or title) that shows its text as it is, brackets included."""
+    return Text(str(value))
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print a message in red (as plain text: a value like `[nan, nan]` is not taken for markup) and return
     the Exit to raise."""
-    console.print(message, style="red", markup=False, highlight=False)
+    say(message, "red")
     return typer.Exit(code)
+
 
 
 def params_or_exit(root: Path, params_file: str) -> Params:
@@ -37,6 +52,6 @@ def params_or_exit(root: Path, params_file: str) -> Params:
 def finish(state, what: str):
     """The result of a finished flow run, or exit 1 with its state and message."""
     if not state.is_completed():
-        console.print(f"\n{what} {state.name}: {state.message}", style="red bold", markup=False, highlight=False)
+        say(f"\n{what} {state.name}: {state.message}", "red bold")
         raise typer.Exit(1)
     return state.result()

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ottimo.cli.common import PARAMS, PROJECT, console, finish, params_or_exit
+from ottimo.cli.common import PARAMS, PROJECT, cell, console, finish, params_or_exit, say
 
 RUN_ID = typer.Option(..., "--run-id", "-r", help="MLflow run id of a pipeline run or of a trained candidate.")
 
@@ -27,15 +27,15 @@ def compress(run_id: str = RUN_ID, project_dir: Path = PROJECT, params_file: str
     state = with_runner(str(root), params_file)(project_dir=str(root), params_file=params_file, run_id=run_id,
                                                  return_state=True)
     result = finish(state, "Compression")
-    table = Table(title=f"Compression candidates (objective: {result.selection.objective})")
+    table = Table(title=cell(f"Compression candidates (objective: {result.selection.objective})"))
     for col in ("candidate", "technique", "accuracy", "p50 ms", "p95 ms", "rows/s @64", "size kB", "params"):
         table.add_column(col)
     for r in result.rows:
         m = r.metrics
-        table.add_row(("* " if r.name == result.selection.chosen else "") + r.name, r.technique,
+        table.add_row(cell(("* " if r.name == result.selection.chosen else "") + r.name), cell(r.technique),
                       f"{m['accuracy']:.4f}", f"{m['p50_ms']:.4f}", f"{m['p95_ms']:.4f}",
                       f"{m['throughput_rps']:,.0f}", f"{m['size_mb'] * 1e3:.1f}", f"{r.parameters:,}")
     console.print(table)
     for name, reason in result.selection.reasons.items():
-        console.print(f"- {name}: {reason}")
-    console.print("The Pareto plot and tables are artifacts `compression/` of the pipeline run in MLflow.")
+        say(f"- {name}: {reason}")
+    say("The Pareto plot and tables are artifacts `compression/` of the pipeline run in MLflow.")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
-from ottimo.cli.common import PARAMS, PROJECT, console, params_or_exit
+from ottimo.cli.common import PARAMS, PROJECT, console, params_or_exit, say
 
 
 def doctor(
@@ -33,16 +34,16 @@ def doctor(
         try:
             findings += stale_flow_runs(root, params, repair)
         except Exception as err:  # noqa: BLE001 - no Prefect API: the registry checks still count
-            console.print(f"[yellow]Prefect flow runs not checked: {type(err).__name__}: {err}[/yellow]",
-                          soft_wrap=True)
+            say(f"Prefect flow runs not checked: {type(err).__name__}: {err}", "yellow")
     if not findings:
-        console.print(f"[green]{params.mlflow.registered_model}: registry and runs are consistent[/green]")
+        say(f"{params.mlflow.registered_model}: registry and runs are consistent", "green")
         return
-    console.print(f"ottimo doctor: {params.mlflow.registered_model}: {len(findings)} finding(s)")
+    say(f"ottimo doctor: {params.mlflow.registered_model}: {len(findings)} finding(s)")
     status = {True: "[green]repaired[/green]", False: "[yellow]found[/yellow]", None: "[red]needs you[/red]"}
     for f in findings:  # lines, not a table: nothing gets cut off in a narrow terminal or a log
-        console.print(f"{status[f.repaired]} {f.check} {f.subject}: {f.problem}", soft_wrap=True)
-        console.print(f"    {'repair' if f.repaired is not None else 'what to do'}: {f.action}", soft_wrap=True)
+        console.print(f"{status[f.repaired]} {escape(f'{f.check} {f.subject}: {f.problem}')}", soft_wrap=True,
+                      highlight=False)
+        say(f"    {'repair' if f.repaired is not None else 'what to do'}: {f.action}")
     left = [f for f in findings if not f.repaired]
     if left:
         hint = "run [cyan]ottimo doctor --repair[/cyan]" if any(f.repaired is False for f in left) else \

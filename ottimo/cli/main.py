@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import typer
@@ -11,12 +12,13 @@ from rich.table import Table
 
 from ottimo import vocab
 from ottimo.cli.card import card_app
-from ottimo.cli.common import PARAMS, PROJECT, console, finish, params_or_exit
+from ottimo.cli.common import PARAMS, PROJECT, cell, console, finish, params_or_exit, say
 from ottimo.cli.compress import compress as compress_cmd
 from ottimo.cli.doctor import doctor
 from ottimo.cli.monitor import monitor_app, print_last_check
 from ottimo.cli.registry import registry_app
 from ottimo.cli.serve import serve as serve_cmd
+from ottimo.config import Params
 
 app = typer.Typer(
     help="Ottimo: DVC-versioned data → train → ONNX → evaluate → gated promotion in the MLflow registry, "
@@ -45,13 +47,13 @@ def _quiet() -> None:
 def run(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     """Run the whole training pipeline once (validate, version data, train, export, evaluate, gate, promote)."""
     root = project_dir.resolve()
-    params_or_exit(root, params_file)  # fail before Prefect starts
+    params = params_or_exit(root, params_file)  # fail before Prefect starts
     from flows.pipeline import training_pipeline
 
     state = training_pipeline(project_dir=str(root), params_file=params_file, return_state=True)
     if not state.is_completed():
-        console.print(f"\n[red bold]Pipeline {state.name}:[/red bold] {state.message}")
-        console.print("Details are in the log above and in the MLflow run (tags gate.verdict / failure).")
+        say(f"\nPipeline {state.name}: {state.message}", "red bold")
+        say(details(root, params, str(state.state_details.flow_run_id), state.message or ""))
         raise typer.Exit(1)
     summary = state.result()
     table = Table(title=f"Gated (data revision {summary.data_revision[:12]}, "
@@ -61,12 +63,34 @@ def run(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     for col in ("ver", "acc", "F1", "p50 ms", "p95 ms", "MB", "gate"):  # version, accuracy, macro-F1, ..., size
         table.add_column(col, no_wrap=True)
     for c in summary.candidates:
-        table.add_row(c["family"], str(c["version"]), f"{c['accuracy']:.4f}", f"{c['macro_f1']:.4f}",
-                      f"{c['p50_ms']:.3f}", f"{c['p95_ms']:.3f}", f"{c['size_mb']:.3f}", c["verdict"])
+        table.add_row(cell(c["family"]), str(c["version"]), f"{c['accuracy']:.4f}", f"{c['macro_f1']:.4f}",
+                      f"{c['p50_ms']:.3f}", f"{c['p95_ms']:.3f}", f"{c['size_mb']:.3f}", cell(c["verdict"]))
     console.print(table)
-    console.print(f"[green bold]champion[/green bold] is now version {summary.champion}; aliases {summary.aliases}")
-    console.print("Gate: " + "; ".join(summary.gate_reasons))
-    console.print(f"Browse it: [cyan]{summary.mlflow_ui}[/cyan] then open http://127.0.0.1:5000")
+    say(f"champion is now version {summary.champion}; aliases {summary.aliases}", "green")
+    say("Gate: " + "; ".join(summary.gate_reasons))
+    say(f"Browse it: {summary.mlflow_ui} then open http://127.0.0.1:5000")
+
+
+def details(root: Path, params: Params, flow_run_id: str, message: str) -> str:
+    """Where a failed run's details really are: its MLflow pipeline run when one was opened (training, the gate);
+    otherwise (data refused, a DVC error: before any MLflow run) the message above, the quarantine's reason file
+    it names, and the Prefect flow run's log."""
+    from ottimo.registry.tracking import connect
+
+    try:
+        client, exp = connect(root, params.mlflow)
+        runs = client.search_runs([exp], f"tags.`{vocab.FLOW_RUN}` = '{flow_run_id}' and "
+                                  f"tags.`{vocab.KIND}` = '{vocab.PIPELINE}'", max_results=1)
+    except Exception as err:  # noqa: BLE001 - a tracking server out of reach: still say where to look
+        return (f"Details are in the log above (Prefect flow run {flow_run_id}); MLflow could not be asked for "
+                f"its run ({type(err).__name__}).")
+    if runs:
+        return (f"Details are in the log above and in MLflow run {runs[0].info.run_id} of experiment "
+                f"{params.mlflow.experiment} (tags gate.verdict / failure).")
+    note = re.search(r"reason in (\S+\.reason\.txt)", message)
+    kept = f"; the reason is also kept in {note.group(1)}" if note else ""
+    return (f"It stopped before any MLflow run was opened: the message above is the whole reason{kept}; "
+            f"the log above (Prefect flow run {flow_run_id}) has every step.")
 
 
 @app.command()
@@ -85,13 +109,13 @@ def tune(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     results = state.result().values()
     for r in results:
         acc, p95 = (r.values + [float("nan")] * 2)[:2]
-        table.add_row(r.family, r.study, "-" if r.trial is None else str(r.trial), f"{acc:.4f}", f"{p95:.3f}",
-                      str(r.complete), str(r.pruned), str(r.failed), str(r.epochs))
+        table.add_row(cell(r.family), cell(r.study), "-" if r.trial is None else str(r.trial), f"{acc:.4f}",
+                      f"{p95:.3f}", str(r.complete), str(r.pruned), str(r.failed), str(r.epochs))
     console.print(table)
     for r in results:
-        console.print(f"{r.family}: {r.overrides or 'no trial ran: params.yaml as is'}")
-    console.print("Trials, plots and best params are in MLflow (runs tune-<family>); `ottimo run` trains with the "
-                  "chosen settings when tune.enabled is true.")
+        say(f"{r.family}: {r.overrides or 'no trial ran: params.yaml as is'}")
+    say("Trials, plots and best params are in MLflow (runs tune-<family>); `ottimo run` trains with the "
+        "chosen settings when tune.enabled is true.")
 
 
 @app.command()
@@ -106,12 +130,12 @@ def status(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     name = params.mlflow.registered_model
     by_alias = {alias: versions.alias_version(client, name, alias)
                 for alias in (versions.CHAMPION, versions.PREVIOUS, versions.CHALLENGER)}
-    table = Table(title=f"Registered model {name}")
+    table = Table(title=cell(f"Registered model {name}"))
     table.add_column("")
     for alias in by_alias:
         table.add_column(alias)
 
-    def cell(mv, field: str) -> str:
+    def figure(mv, field: str) -> str:
         if mv is None:
             return "-"
         if field in (vocab.FAMILY, vocab.GATE_VERDICT):
@@ -125,7 +149,7 @@ def status(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     for label, field in (("family", "family"), ("accuracy", "test_accuracy"), ("macro F1", "test_macro_f1"),
                          ("p95 ms", "test_p95_ms"), ("size MB", "test_size_mb"), ("data revision", vocab.DATA_REVISION),
                          ("gate", vocab.GATE_VERDICT)):
-        table.add_row(label, *[cell(mv, field) for mv in by_alias.values()])
+        table.add_row(label, *[cell(figure(mv, field)) for mv in by_alias.values()])
     console.print(table)
     if by_alias[versions.CHAMPION] is None:
         console.print("No champion yet: run [cyan]ottimo run[/cyan] (or [cyan]make run[/cyan]).")

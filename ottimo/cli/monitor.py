@@ -7,8 +7,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from ottimo.cli.common import PARAMS, PROJECT, console, fail, finish, params_or_exit
+from ottimo.cli.common import PARAMS, PROJECT, fail, finish, params_or_exit, say
 from ottimo.config import Params
 
 monitor_app = typer.Typer()
@@ -46,8 +47,8 @@ def simulate_drift(
         paths = simulate.write(frames, root / params.score.incoming, f"sim-{kind}-{seed}", fmt)
     except simulate.SimulationError as err:
         raise fail(str(err), 2) from None
-    console.print(f"wrote {len(paths)} batch(es) of {rows} rows ({kind}, severity {severity}) to "
-                  f"{params.score.incoming}: {', '.join(p.name for p in paths)}")
+    say(f"wrote {len(paths)} batch(es) of {rows} rows ({kind}, severity {severity}) to "
+        f"{params.score.incoming}: {', '.join(p.name for p in paths)}")
 
 
 @monitor_app.command()
@@ -59,9 +60,9 @@ def score(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
 
     results = finish(batch_scoring(project_dir=str(root), params_file=params_file, return_state=True), "Scoring")
     for r in results:
-        console.print(f"{r.batch}: {r.rows} rows{' (labelled)' if r.labelled else ''} -> {Path(r.predictions).name}")
+        say(f"{r.batch}: {r.rows} rows{' (labelled)' if r.labelled else ''} -> {Path(r.predictions).name}")
     if not results:
-        console.print("no new batches")
+        say("no new batches")
 
 
 @monitor_app.command("drift-check")
@@ -75,11 +76,11 @@ def drift_check(project_dir: Path = PROJECT, params_file: str = PARAMS, accept_d
 
     summary = finish(flow(project_dir=str(root), params_file=params_file, accept_drifted=accept_drifted,
                         return_state=True), "Drift check")
-    console.print(f"[bold]decision: {summary.action}[/bold]")
+    say(f"decision: {summary.action}", "bold")
     for reason in summary.reasons:
-        console.print(f"  - {reason}")
+        say(f"  - {reason}")
     for key, value in summary.outcome.items():
-        console.print(f"  {key}: {value}")
+        say(f"  {key}: {value}")
 
 
 def print_last_check(out: Console, root: Path, params: Params) -> None:
@@ -92,14 +93,14 @@ def print_last_check(out: Console, root: Path, params: Params) -> None:
     run = ledger.last_check(client, found.experiment_id) if found else None
     waiting = len(ledger.unchecked(client, found.experiment_id)) if found else 0
     if run is None:
-        out.print(f"Last drift check: none yet ({waiting} scored batch(es) waiting); run `ottimo drift-check`.")
+        say(f"Last drift check: none yet ({waiting} scored batch(es) waiting); run `ottimo drift-check`.", out=out)
         return
     when = datetime.fromtimestamp(run.info.start_time / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
     tags = run.data.tags
-    out.print(f"Last drift check: {when}, champion v{tags.get('champion', '?')}: [bold]{tags.get('decision')}"
-              f"[/bold] ({tags.get('reasons', '')})")
+    out.print(f"Last drift check: {when}, champion v{escape(tags.get('champion', '?'))}: "
+              f"[bold]{escape(str(tags.get('decision')))}[/bold] ({escape(tags.get('reasons', ''))})", highlight=False)
     outcome = {k.removeprefix("outcome."): v for k, v in tags.items() if k.startswith("outcome.")}
     if outcome:
-        out.print("  outcome: " + ", ".join(f"{k} {v}" for k, v in sorted(outcome.items())))
-    out.print(f"  {waiting} scored batch(es) waiting for the next check; MLflow run {run.info.run_id} in "
-              f"{found.name}")
+        say("  outcome: " + ", ".join(f"{k} {v}" for k, v in sorted(outcome.items())), out=out)
+    say(f"  {waiting} scored batch(es) waiting for the next check; MLflow run {run.info.run_id} in {found.name}",
+        out=out)

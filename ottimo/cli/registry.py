@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ottimo.cli.common import PARAMS, PROJECT, console, finish, params_or_exit
+from ottimo.cli.common import PARAMS, PROJECT, finish, params_or_exit, say
 
 registry_app = typer.Typer()
 
@@ -22,7 +22,7 @@ def promote(version: str, force: bool = typer.Option(False, help="Promote even i
 
     after = finish(flow(version=version, force=force, reason=reason, project_dir=str(root),
                          params_file=params_file, return_state=True), "Promote")
-    console.print(f"aliases now {after}")
+    say(f"aliases now {after}")
 
 
 @registry_app.command()
@@ -35,4 +35,4 @@ def rollback(reason: str = typer.Option("manual rollback", help="Why (tagged on 
 
     after = finish(flow(reason=reason, project_dir=str(root), params_file=params_file, return_state=True),
                     "Rollback")
-    console.print(f"aliases now {after}")
+    say(f"aliases now {after}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ottimo.cli.common import PARAMS, PROJECT, console, params_or_exit
+from ottimo.cli.common import PARAMS, PROJECT, params_or_exit, say
 
 PORT_ENV = "OTTIMO_SERVE_PORT"
 
@@ -24,6 +24,6 @@ def serve(port: int = typer.Option(None, "--port", help="Port on deploy.host (de
     port = port or int(os.environ.get(PORT_ENV) or cfg.serve.port)
     from ottimo.serving.app import serve as run
 
-    console.print(f"ottimo serve: http://{cfg.host}:{port} (POST /predict, GET /model, GET /health), "
-                  f"following {params.mlflow.registered_model}@{cfg.serve.alias}", markup=False, highlight=False)
+    say(f"ottimo serve: http://{cfg.host}:{port} (POST /predict, GET /model, GET /health), "
+        f"following {params.mlflow.registered_model}@{cfg.serve.alias}")
     run(root, params, cfg.host, port)

@@ -47,16 +47,20 @@ LATENCY = {"p95_ms", "p50_ms"}  # objectives measured with noise: close values t
 
 
 def _disqualified(row: Row, teacher_accuracy: float, cfg: SelectCfg) -> str | None:
+    """Why the selection leaves a row out (every `compress.select` floor it misses, each with its setting), or
+    None."""
     if row.error:
         return f"failed: {row.error}"
     acc = row.metrics["accuracy"]
+    missed = []
     if acc < cfg.min_accuracy:
-        return f"accuracy {acc:.4f} below the floor {cfg.min_accuracy:.4f}"
+        missed.append(f"accuracy {acc:.4f} below the floor {cfg.min_accuracy:.4f} (compress.select.min_accuracy)")
     drop = (teacher_accuracy - acc) * 100
     if drop > cfg.max_drop_vs_teacher + 1e-9:
-        return (f"accuracy {acc:.4f} is {drop:.2f} points below the teacher's {teacher_accuracy:.4f} "
-                f"(max drop {cfg.max_drop_vs_teacher:.2f})")
-    return None
+        missed.append(f"{'' if missed else f'accuracy {acc:.4f} is '}{drop:.2f} points below the teacher's "
+                      f"{teacher_accuracy:.4f} (max drop {cfg.max_drop_vs_teacher:.2f}, "
+                      "compress.select.max_drop_vs_teacher)")
+    return "; ".join(missed) or None
 
 
 def _gate_refuses(row: Row, gate: GateCfg, champion_accuracy: float | None) -> str | None:
@@ -64,6 +68,17 @@ def _gate_refuses(row: Row, gate: GateCfg, champion_accuracy: float | None) -> s
     bounds are measured after the selection, on the registered version), or None."""
     verdict = check(row.metrics, gate.model_copy(update={"card": {}}), champion_accuracy)
     return None if verdict.passed else "would fail the gate: " + "; ".join(verdict.failed)
+
+
+def refusals(row: Row, teacher_accuracy: float, cfg: SelectCfg, gate: GateCfg | None,
+             champion_accuracy: float | None) -> str | None:
+    """Every threshold that refuses a row the selection leaves out: its `compress.select` floors and, with
+    `gate`, the gate's thresholds too, so one run names all the settings to change (not one per run)."""
+    why = _disqualified(row, teacher_accuracy, cfg)
+    if why is None or row.error or gate is None:
+        return why
+    also = _gate_refuses(row, gate, champion_accuracy)
+    return why + (f"; it {also.replace('would fail', 'would also fail', 1)}" if also else "")
 
 
 def tolerance(cfg: SelectCfg, best: float) -> float:
@@ -82,7 +97,7 @@ def select(rows: list[Row], teacher_accuracy: float, cfg: SelectCfg, gate: GateC
     Rows within `tolerance` of the best objective value tie, and ties go to higher accuracy, then the smaller
     file, then the name: a latency difference below the measurement noise does not decide."""
     obj, low = cfg.objective, LOWER_IS_BETTER[cfg.objective]
-    out = {r.name: _disqualified(r, teacher_accuracy, cfg) for r in rows}
+    out = {r.name: refusals(r, teacher_accuracy, cfg, gate, champion_accuracy) for r in rows}
     ok = [r for r in rows if out[r.name] is None]
     if not ok:
         return Selection(None, obj, {k: str(v) for k, v in out.items()})

@@ -18,12 +18,14 @@ import pandas as pd
 
 from ottimo.config import LimitsCfg
 from ottimo.data import inputs, intake
-from ottimo.data.tables import Wording, check_table, read_table
+from ottimo.data.tables import Wording, check_table, index_column, read_table
 
 PREDICTIONS = ".predictions.parquet"
 BATCH_SUFFIXES = (".csv", ".parquet", ".npz")
 BATCH = Wording(schema="the training schema", duplicate="; every column needs its own name", mismatch="",
-                empty="the batch has nothing to score", consequence="the batch was not scored")
+                empty="the batch has nothing to score", consequence="the batch was not scored",
+                unknown=" (the model was trained on these alone). Fix the label, or add rows of the new class to "
+                        "the training data and retrain", text="")
 
 
 def pending(incoming: Path) -> list[Path]:
@@ -44,14 +46,16 @@ def schema_of(prepared: Path) -> dict:
     return json.loads((prepared / "schema.json").read_text())
 
 
-def validate_batch(root: Path, path: Path, schema: dict, limits: LimitsCfg) -> pd.DataFrame:
-    """Check a batch as training data is checked: the pre-read guards (intake.preflight), then every feature,
-    finite numbers within limits.max_abs_value and, when the target column is there, integer labels among the
-    training labels. Raises DataValidationError naming the problem."""
+def validate_batch(root: Path, path: Path, schema: dict, limits: LimitsCfg, index: str = "refuse") -> pd.DataFrame:
+    """Check a batch as training data is checked: the pre-read guards (intake.preflight), a leading column without
+    a name (`index`: data.index_column), then every feature, finite numbers within limits.max_abs_value and, when
+    the target column is there, a label on every row among the training classes (an unknown one is named, never
+    taken for a new class). Raises DataValidationError naming the problem."""
     intake.preflight(root, path, limits)
     spec, source = inputs.spec_of(schema), Path(path.name)
     df = read_batch(path, schema)
     if path.suffix.lower() != ".npz":
+        df = index_column(df, source, index)
         inputs.check_batch_columns(list(df.columns), schema["target"], spec, source)
     out = check_table(df, schema["features"], schema["target"], schema["labels"], source,
                       BATCH, bound=limits.max_abs_value, target_required=False)
@@ -72,8 +76,9 @@ def quarantine(root: Path, batch: Path, reason: str, limits: LimitsCfg) -> tuple
     return intake.quarantine(root, batch, reason, limits, move=True)
 
 
-def write_predictions(batch: Path, pred: np.ndarray, labels: list[int], version: str) -> Path:
-    """Predicted labels and the model version, one row per batch row, next to the batch."""
+def write_predictions(batch: Path, pred: np.ndarray, labels: list, version: str) -> Path:
+    """Predicted labels (the classes as the training data wrote them: integers or text; `pred` indexes `labels`)
+    and the model version, one row per batch row, next to the batch."""
     out = predictions_path(batch)
     tmp = out.with_name(out.name + ".tmp")  # not a batch, not a predictions file: a crash leaves no half file
     pd.DataFrame({"prediction": np.asarray(labels)[pred], "model_version": str(version)}).to_parquet(tmp, index=False)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from sklearn import datasets
 from sklearn.model_selection import train_test_split
 
 from ottimo.config import DataCfg, LimitsCfg, load_params
+from ottimo.data import labels as lbl
 from ottimo.data import sequences
 from ottimo.data.inputs import check_npz_shape, derive_spec, input_of, read_npz, write_npz
 from ottimo.data.intake import DataValidationError, preflight
@@ -40,7 +42,7 @@ class Splits:
     X_test: np.ndarray
     y_test: np.ndarray
     features: list[str]
-    labels: list[int]
+    labels: list[int] | list[str]  # the classes, sorted: output i of the model is labels[i]
     spec: InputSpec | None = None  # one row as the model takes it; None: a flat table of the feature columns
 
     @property
@@ -106,7 +108,7 @@ def read_table(path: Path, target: str = "target", kind: str | None = None) -> p
         raise DataValidationError(f"{path}: cannot be read as {fmt}, truncated or corrupt ({err})") from None
 
 
-def expected_columns(cfg: DataCfg, df: pd.DataFrame) -> tuple[list[str], list[int] | None]:
+def expected_columns(cfg: DataCfg, df: pd.DataFrame) -> tuple[list[str], list | None]:
     """Feature names and labels the data must have: config first, then the builtin, then the file."""
     features, labels = cfg.features, cfg.labels
     if cfg.builtin and (features is None or labels is None):
@@ -119,12 +121,12 @@ def expected_columns(cfg: DataCfg, df: pd.DataFrame) -> tuple[list[str], list[in
     return list(features), labels
 
 
-def raw_schema(features: list[str], target: str, labels: list[int] | None, min_rows: int) -> pa.DataFrameSchema:
+def raw_schema(features: list[str], target: str, min_rows: int) -> pa.DataFrameSchema:
+    """Finite float features; the target column is only allowed here (ottimo.data.labels checks its labels)."""
     finite = pa.Check(lambda s: np.isfinite(s), element_wise=False, error="finite (no NaN or inf)")
-    target_checks = [pa.Check.isin(labels)] if labels is not None else []
     return pa.DataFrameSchema(
         {f: pa.Column(float, checks=finite, coerce=True, nullable=False) for f in features}
-        | {target: pa.Column(int, checks=target_checks, coerce=True, nullable=False)},
+        | {target: pa.Column(nullable=True)},
         strict=True,
         ordered=False,
         checks=pa.Check(lambda df: len(df) >= min_rows, error=f"at least {min_rows} rows"),
@@ -151,20 +153,61 @@ def _rows(mask: pd.Series) -> list:
     return mask[mask].index.tolist()[:5]
 
 
-def check_target(df: pd.DataFrame, target: str, source: Path) -> None:
-    """Class labels must be integers: text ("seven") or fractions (3.5) would be cast or truncated silently."""
-    y = df[target]
-    num = pd.to_numeric(y, errors="coerce")
-    text = y.notna() & num.isna()
-    if text.any():
-        raise DataValidationError(
-            f"{source}: target {target!r} must hold integer class labels; text {y[text].tolist()[:5]} "
-            f"at rows {_rows(text)}. Encode the classes as integers (data.labels lists them)")
-    frac = num.notna() & np.isfinite(num) & (num != np.floor(num))
-    if frac.any():
-        raise DataValidationError(
-            f"{source}: target {target!r} must hold integer class labels; fractions {num[frac].tolist()[:5]} "
-            f"at rows {_rows(frac)}. A classifier cannot learn a continuous target")
+UNNAMED = re.compile(r"Unnamed: \d+")  # what pandas calls a CSV column whose header cell is empty
+
+
+def _unnamed(name: object) -> bool:
+    return not str(name).strip() or bool(UNNAMED.fullmatch(str(name)))
+
+
+def index_column(df: pd.DataFrame, source: Path | str, policy: str = "refuse") -> pd.DataFrame:
+    """A leading column without a name is a row index written with the data (pandas' `df.to_csv(path)` writes one
+    unless index=False; read back it is "Unnamed: 0"), never a feature: `policy` "drop" (data.index_column) drops
+    it, "refuse" raises saying how to fix the file. A column without a name anywhere else is refused either way."""
+    if len(df.columns) and _unnamed(df.columns[0]):
+        if policy == "drop":
+            df = df.drop(columns=df.columns[0])
+        else:
+            first = df.iloc[:, 0]
+            counts = pd.api.types.is_integer_dtype(first) and first.tolist() == list(range(len(df)))
+            raise DataValidationError(
+                f"{source}: the first column has no name in the header (read as {str(df.columns[0])!r})"
+                f"{', holds 0..' + str(len(df) - 1) if counts and len(df) else ''}: a row index written with the "
+                "data (pandas writes one unless index=False), not a feature. Write the file with "
+                "df.to_csv(path, index=False), or set data.index_column: drop in params.yaml to drop it")
+    nameless = [i + 1 for i, c in enumerate(df.columns) if _unnamed(c)]
+    if nameless:
+        raise DataValidationError(f"{source}: column(s) {nameless[:10]} (counting from 1) have no name in the header; "
+                                  "name every column, or remove the ones without a name")
+    return df
+
+
+def check_numbers(df: pd.DataFrame, features: list[str], source: Path | str, hint: str = "") -> None:
+    """Feature cells holding text where a number belongs ("unknown", "?"; "n/a" and empty cells are read as
+    missing): per column a few of the values and their rows, instead of the cast's raw TypeError."""
+    found = []
+    for c in features:
+        col = df[c]
+        if pd.api.types.is_numeric_dtype(col):
+            continue
+        text = col.notna() & pd.to_numeric(col, errors="coerce").isna()
+        if text.any():
+            values = list(dict.fromkeys(col[text].tolist()))[:5]
+            found.append(f"  - column {c!r}: {values} at rows {_rows(text)} ({int(text.sum())} cell(s))")
+    if found:
+        raise DataValidationError("\n".join([
+            f"{source}: {len(found)} feature column(s) hold text where numbers belong:", *found[:10],
+            "Every feature is a number: fix those cells (a missing value is refused too: fill it in or drop the "
+            f"row){hint}"]))
+
+
+def check_target(df: pd.DataFrame, target: str, labels: list | None, source: Path, hint: str = "") -> pd.Series:
+    """The target's labels (ottimo.data.labels.clean: integers or text, no missing label, no fraction, not mixed),
+    each among `labels` when given; returns them cleaned or raises DataValidationError naming the rows."""
+    y = lbl.clean(df[target], target, source)
+    if labels is not None:
+        lbl.check_known(y, target, source, labels, hint)
+    return y
 
 
 def check_bounds(df: pd.DataFrame, features: list[str], bound: float | None, source: Path) -> None:
@@ -190,6 +233,8 @@ class Wording:
     mismatch: str = " (set data.features in params.yaml to the columns you want)"  # after "unexpected [...]"
     empty: str = ""  # after "no data rows, only a header; "
     consequence: str = "nothing was prepared or trained"  # what a schema violation stopped (summarise_errors)
+    unknown: str = ". Fix the label, or list every class in data.labels"  # after "the known classes are [...]"
+    text: str = ", or leave a column of text out (data.features lists the features)"  # after check_numbers' advice
 
 
 def check_columns(source: str, columns: list[str], features: list[str], target: str | None,
@@ -203,12 +248,13 @@ def check_columns(source: str, columns: list[str], features: list[str], target: 
                                   f"unexpected {extra[:10]}{hint}")
 
 
-def check_table(df: pd.DataFrame, features: list[str], target: str, labels: list[int] | None, source: Path,
+def check_table(df: pd.DataFrame, features: list[str], target: str, labels: list | None, source: Path,
                 wording: Wording, min_rows: int = 1, bound: float | None = None,
                 target_required: bool = True) -> pd.DataFrame:
     """The checks training data and production batches share: unique column names, the target (when required),
-    exactly the features (and the target), at least one row and `min_rows`, integer labels among `labels`, finite
-    numbers within ±bound. Returns the frame with coerced dtypes or raises DataValidationError."""
+    exactly the features (and the target), at least one row and `min_rows`, numbers in every feature, class labels
+    (integers or text) among `labels`, finite numbers within ±bound. Returns the frame with coerced dtypes (the
+    target as ottimo.data.labels.clean makes it) or raises DataValidationError."""
     if df.columns.duplicated().any():
         dupes = sorted(set(df.columns[df.columns.duplicated()]))
         raise DataValidationError(f"{source}: duplicate column names {dupes}{wording.duplicate}")
@@ -220,9 +266,11 @@ def check_table(df: pd.DataFrame, features: list[str], target: str, labels: list
     if len(df) < min_rows:
         raise DataValidationError(f"{source}: only {len(df)} rows; at least {min_rows} rows (data.min_rows) are "
                                   "needed to split and train. Add rows or lower data.min_rows")
-    checks = raw_schema(features, target, labels, min_rows)
+    check_numbers(df, features, source, wording.text)
+    checks = raw_schema(features, target, min_rows)
+    y = None
     if target in df.columns:  # a batch may come without labels; one that has the column has a label on every row
-        check_target(df, target, source)
+        y = check_target(df, target, labels, source, wording.unknown)
     else:
         checks = checks.remove_columns([target])
     try:
@@ -230,13 +278,14 @@ def check_table(df: pd.DataFrame, features: list[str], target: str, labels: list
     except SchemaErrors as err:
         raise DataValidationError(summarise_errors(err, source, wording.consequence)) from None
     check_bounds(out, features, bound, source)
-    return out
+    return out if y is None else out.assign(**{target: y})
 
 
 def validate_frame(df: pd.DataFrame, cfg: DataCfg, source: Path, limits: LimitsCfg | None = None) -> pd.DataFrame:
     """Check a raw frame against the schema (and `limits.max_abs_value`); return it with coerced dtypes or
     raise DataValidationError."""
     check_npz_shape(Path(source), input_of(cfg))
+    df = index_column(df, source, cfg.index_column)
     features, labels = expected_columns(cfg, df)
     return check_table(df, features, cfg.target, labels, source,
                        Wording(empty=f"at least data.min_rows = {cfg.min_rows}"), cfg.min_rows,
@@ -285,7 +334,7 @@ def prepare(root: Path, cfg: DataCfg, out: Path, limits: LimitsCfg | None = None
     limits = limits or LimitsCfg()
     df = validate_frame(read_checked(root, raw, limits, cfg), cfg, raw, limits)
     features, labels = expected_columns(cfg, df)
-    labels = sorted(labels or (int(v) for v in df[cfg.target].unique()))
+    labels = lbl.classes(df[cfg.target], labels)  # fixed for this data revision: the model's output order
     out.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for name, part in split_frame(df[features + [cfg.target]], cfg).items():
@@ -305,8 +354,7 @@ def load_splits(prepared: Path) -> Splits:
     for name in ("train", "val", "test"):
         df = pd.read_parquet(prepared / f"{name}.parquet")
         arrays[f"X_{name}"] = df[feats].to_numpy(dtype=np.float32)
-        # class indices 0..K-1 in the order of schema["labels"] (sorted)
-        arrays[f"y_{name}"] = np.searchsorted(schema["labels"], df[target].to_numpy()).astype(np.int64)
+        arrays[f"y_{name}"] = lbl.indices(df[target], schema["labels"])  # 0..K-1 in schema["labels"]'s order
     spec = InputSpec.from_dict(schema["input"]) if "input" in schema else None
     return Splits(**arrays, features=feats, labels=schema["labels"], spec=spec)
 

@@ -115,7 +115,8 @@ def assess(reference: pd.DataFrame, window: pd.DataFrame | None, rows: int, feat
     if cfg.impact_columns and cols is features:  # summary columns are no model input to move
         moved = est.impact(predict, ref, cur, movers(ref, cur, features, cfg.impact_columns))
         extra["impact"] = {c: v for c, v in moved.items() if v > 0}
-    labelled = cur[cur[target].notna()].astype({target: "int64"}) if target in cur else cur.iloc[:0]
+    labelled = cur[cur[target].notna()] if target in cur else cur.iloc[:0]
+    labelled = labelled.assign(**{target: like(labelled[target], ref[PREDICTION])}) if len(labelled) else labelled
     if len(labelled):
         reports["quality_report"] = qsnap = quality_report(ref, labelled, target)
         extra |= {
@@ -165,12 +166,22 @@ def rare_predictions(reference: pd.Series, current: pd.Series) -> dict[str, str]
             if share >= 0.02 and cur.get(k, 0) / len(current) < share / 2}
 
 
+def like(labels: pd.Series, predictions: pd.Series) -> pd.Series:
+    """Labels as the same kind of value as the predictions they are compared with: integers (a 3.0 read back from a
+    column with gaps is 3) or text."""
+    if pd.api.types.is_numeric_dtype(predictions):
+        num = pd.to_numeric(labels, errors="coerce")  # a text label never equals an integer class
+        return num.astype("int64") if num.notna().all() and (num == num.round()).all() else num
+    return labels.astype(str)
+
+
 def realized(predictions: np.ndarray, rows: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
     """Correct and labelled counts of late labels `truth` for rows `rows` (positions) of a scored batch whose
     predictions were `predictions`; rows outside the batch are left out."""
     rows = np.asarray(rows, dtype="int64")
     inside = (rows >= 0) & (rows < len(predictions))
-    hits = np.asarray(predictions)[rows[inside]] == np.asarray(truth)[inside].astype("int64")
+    made = pd.Series(np.asarray(predictions)[rows[inside]])
+    hits = made.to_numpy() == like(pd.Series(np.asarray(truth, dtype=object)[inside]), made).to_numpy()
     return int(hits.sum()), int(inside.sum())
 
 

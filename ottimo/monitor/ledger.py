@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -31,6 +32,9 @@ def connect_monitoring(root: Path, params: Params) -> tuple[MlflowClient, str]:
     return connect(root, params.mlflow.model_copy(update={"experiment": experiment_name(params)}))
 
 
+METRIC_UNSAFE = re.compile(r"[^\w\-. :]")  # what an MLflow metric name may not hold (a slash: a path)
+
+
 def scored_figures(predicted: list, labels: list | None = None) -> dict[str, float]:
     """What a batch's scoring says in numbers: rows, the predicted class distribution (`predicted.<class>`, a
     share of the rows) and, for the rows that carry a label (`labels`, None where missing), `labelled_rows` and
@@ -38,7 +42,7 @@ def scored_figures(predicted: list, labels: list | None = None) -> dict[str, flo
     n = len(predicted)
     out: dict[str, float] = {"rows": float(n)}
     for cls, count in sorted(Counter(map(str, predicted)).items()):
-        out[f"predicted.{cls}"] = count / n if n else 0.0
+        out[f"predicted.{METRIC_UNSAFE.sub('_', cls)}"] = count / n if n else 0.0  # a text class as a metric name
     if labels is not None:
         pairs = [(p, y) for p, y in zip(predicted, labels, strict=True) if y is not None and y == y]  # not NaN
         out["labelled_rows"] = float(len(pairs))

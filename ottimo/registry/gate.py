@@ -29,15 +29,16 @@ class Verdict:
 def check(metrics: dict[str, float], cfg: GateCfg, champion_accuracy: float | None,
           card: dict[str, float] | None = None) -> Verdict:
     """Apply every threshold to one candidate's metrics (accuracy in [0, 1], latency in ms, size in MB),
-    and `gate.card` bounds to its model-card figures (ottimo.card.sections.ModelCard.figures())."""
+    and `gate.card` bounds to its model-card figures (ottimo.card.sections.ModelCard.figures()). Every rule is
+    checked (a refusal lists all the thresholds missed, not the first) and names its setting in params.yaml."""
     acc, p95, size = metrics["accuracy"], metrics["p95_ms"], metrics["size_mb"]
     rules = [
         (acc >= cfg.min_accuracy, f"accuracy {acc:.4f} {'>=' if acc >= cfg.min_accuracy else '<'} "
-         f"min {cfg.min_accuracy:.4f}"),
+         f"min {cfg.min_accuracy:.4f} (gate.min_accuracy)"),
         (p95 <= cfg.max_p95_latency_ms, f"p95 latency {p95:.3f} ms {'<=' if p95 <= cfg.max_p95_latency_ms else '>'} "
-         f"max {cfg.max_p95_latency_ms:.3f} ms"),
+         f"max {cfg.max_p95_latency_ms:.3f} ms (gate.max_p95_latency_ms)"),
         (size <= cfg.max_size_mb, f"size {size:.3f} MB {'<=' if size <= cfg.max_size_mb else '>'} "
-         f"max {cfg.max_size_mb:.3f} MB"),
+         f"max {cfg.max_size_mb:.3f} MB (gate.max_size_mb)"),
     ]
     if champion_accuracy is None:
         rules.append((True, "no champion yet: first model"))
@@ -45,7 +46,8 @@ def check(metrics: dict[str, float], cfg: GateCfg, champion_accuracy: float | No
         drop = (champion_accuracy - acc) * 100
         ok = drop <= cfg.max_drop_vs_champion
         rules.append((ok, f"accuracy {'drop' if drop > 0 else 'gain'} vs champion {abs(drop):.2f} points "
-                      f"({acc:.4f} vs {champion_accuracy:.4f}; max drop {cfg.max_drop_vs_champion:.2f})"))
+                      f"({acc:.4f} vs {champion_accuracy:.4f}; max drop {cfg.max_drop_vs_champion:.2f}, "
+                      "gate.max_drop_vs_champion)"))
     rules += card_rules(cfg, card or {})
     failed = [r for ok, r in rules if not ok]
     passed = [r for ok, r in rules if ok]
@@ -58,14 +60,17 @@ def card_rules(cfg: GateCfg, figures: dict[str, float]) -> list[tuple[bool, str]
     for name, bound in cfg.card.items():
         value = figures.get(name)
         if value is None or value != value:
-            rules.append((False, f"card {name} not measured (no model card, or nothing to measure it on)"))
+            rules.append((False, f"card {name} not measured (no model card, or nothing to measure it on; "
+                          f"gate.card.{name})"))
             continue
         if bound.min is not None:
             ok = value >= bound.min
-            rules.append((ok, f"card {name} {value:.4g} {'>=' if ok else '<'} min {bound.min:.4g}"))
+            rules.append((ok, f"card {name} {value:.4g} {'>=' if ok else '<'} min {bound.min:.4g} "
+                          f"(gate.card.{name}.min)"))
         if bound.max is not None:
             ok = value <= bound.max
-            rules.append((ok, f"card {name} {value:.4g} {'<=' if ok else '>'} max {bound.max:.4g}"))
+            rules.append((ok, f"card {name} {value:.4g} {'<=' if ok else '>'} max {bound.max:.4g} "
+                          f"(gate.card.{name}.max)"))
     return rules
 
 

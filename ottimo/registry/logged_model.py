@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -14,14 +15,20 @@ from mlflow.models import infer_signature
 from ottimo import vocab
 from ottimo.onnx.export import INPUT, sha256, shaped
 from ottimo.onnx.measure import session
+from ottimo.onnx.metadata import write_classes
 from ottimo.registry.tracking import new_logged_model
 
 
 def log_onnx_model(client: MlflowClient, run_id: str, path: Path, X: np.ndarray, name: str,
-                   tags: dict[str, str]) -> tuple[str, str]:
+                   tags: dict[str, str], classes: list | None = None) -> tuple[str, str]:
     """Log the ONNX file as run `run_id`'s MLflow model, in the run's own experiment as a logged model named
     `name` (a family, a candidate) with `tags`, its signature and input example from the first two rows of X, and
-    tag the run with the file's sha256 (onnx.sha256); return (model URI, sha256)."""
+    tag the run with the file's sha256 (onnx.sha256); return (model URI, sha256). `classes` (the data revision's
+    class list, output i = classes[i]) is first written into the file's metadata (ottimo.onnx.metadata), so the
+    sha256 covers it, and tagged on the run and the logged model (data.classes)."""
+    if classes is not None:
+        write_classes(path, classes)
+        tags = tags | {vocab.CLASSES: vocab.clip(json.dumps(list(classes), ensure_ascii=False))}
     example = shaped(session(path), X[:2])
     model_id = new_logged_model(client, run_id, name, tags)
     with warnings.catch_warnings():  # MLflow's schema hints (integer columns) would reach the user's terminal
@@ -32,4 +39,6 @@ def log_onnx_model(client: MlflowClient, run_id: str, path: Path, X: np.ndarray,
             signature=infer_signature(example, session(path).run(None, {INPUT: example})[0]))
     digest = sha256(path)
     client.set_tag(run_id, "onnx.sha256", digest)
+    if classes is not None:
+        client.set_tag(run_id, vocab.CLASSES, tags[vocab.CLASSES])
     return info.model_uri, digest

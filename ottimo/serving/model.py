@@ -28,6 +28,7 @@ from ottimo.config import Params
 from ottimo.data.batches import schema_of
 from ottimo.data.inputs import spec_of
 from ottimo.onnx.export import INPUT, OUTPUT, shaped
+from ottimo.onnx.metadata import read_classes
 from ottimo.registry import versions
 from ottimo.registry.security import fetch_verified, serving_session
 from ottimo.registry.tracking import connect
@@ -47,7 +48,7 @@ class Served:
     sha256: str
     data_revision: str
     features: list[str]
-    labels: list[int]
+    labels: list[int] | list[str]  # the classes as the training data wrote them: output i is labels[i]
     session: ort.InferenceSession = field(repr=False)
     loaded_at: str  # UTC, ISO 8601
     load_seconds: float
@@ -152,8 +153,9 @@ class Follower:
         revision = vocab.tag(mv.tags, vocab.DATA_REVISION, "")
         schema = schema_of(prepared_for(self.root, revision))
         sess = serving_session(path, mv.tags["sha256"], self.params.deploy.serve.threads)
+        check_classes(read_classes(path), schema["labels"])
         served = Served(self.name, str(mv.version), mv.tags["sha256"], revision, list(schema["features"]),
-                        [int(x) for x in schema["labels"]], sess, now(), 0.0, spec_of(schema))
+                        list(schema["labels"]), sess, now(), 0.0, spec_of(schema))
         warm(served, self.params.deploy.serve.max_rows)
         return replace(served, load_seconds=round(time.perf_counter() - t0, 3))
 
@@ -175,6 +177,14 @@ class Follower:
                 "alias_points_at": self.target, "checked_at": self.checked_at,
                 "poll_seconds": self.params.deploy.serve.poll_seconds, "registry_error": self.error,
                 "refused": asdict(self.refused) if self.refused else None}
+
+
+def check_classes(in_file: list | None, schema: list) -> None:
+    """A file that names its classes (ONNX metadata `ottimo.classes`) must name those of its training schema, in
+    the same order; a file logged before classes were recorded (None) is taken on its schema alone."""
+    if in_file is not None and list(in_file) != list(schema):
+        raise ValueError(f"the ONNX file's classes {in_file[:20]} are not those of its training schema "
+                         f"{list(schema)[:20]}; it would answer with the wrong labels")
 
 
 def warm(served: Served, max_rows: int) -> None:

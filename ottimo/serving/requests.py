@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ottimo.data.inputs import check_rows
+from ottimo.data.labels import parse, shown
 from ottimo.data.tables import DataValidationError, check_columns
 from ottimo.spec import InputSpec
 
@@ -158,16 +159,19 @@ def parse_predict(body: bytes, features: list[str], limits: Limits, spec: InputS
     return check_tokens(features_matrix(rows, features, limits), features, spec)
 
 
-def parse_labels(body: bytes, labels: list[int], limits: Limits) -> tuple[str, list[int]]:
-    """A labels body `{"id": "<id of a predict answer>", "labels": [one class label per row]}` → (id, labels)."""
+def parse_labels(body: bytes, labels: list, limits: Limits) -> tuple[str, list]:
+    """A labels body `{"id": "<id of a predict answer>", "labels": [one class label per row]}` → (id, labels), each
+    one of the training classes `labels` (integers or text, as /predict answers them); an unknown label is a 422
+    naming it, its position and the classes, never a new class."""
     doc = parse_json(body, limits)
     if not isinstance(doc, dict) or not isinstance(doc.get("id"), str) or not isinstance(doc.get("labels"), list):
         raise BadRequest(422, "body must be {\"id\": \"<the id a /predict answer gave>\", \"labels\": [label, ...]}")
-    given = doc["labels"]
-    bad = [v for v in given if isinstance(v, bool) or not isinstance(v, int) or v not in labels]
-    if bad or not given:
-        raise BadRequest(422, f"labels must be a non-empty list of the training labels {labels}; got {bad[:5]}")
-    return doc["id"], given
+    if not doc["labels"]:
+        raise BadRequest(422, f"labels must be a non-empty list, one of the training classes {shown(labels)} per row")
+    try:
+        return doc["id"], parse(doc["labels"], labels)
+    except ValueError as err:
+        raise BadRequest(422, f"{err}; nothing was recorded") from None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -101,7 +101,7 @@ class TrafficLog:
 
     # --- the request path: no disk, no registry -----------------------------------------------------------------
 
-    def append(self, version: str, features: list[str], X: np.ndarray, pred: list[int]) -> str | None:
+    def append(self, version: str, features: list[str], X: np.ndarray, pred: list) -> str | None:
         """Queue one request's rows; return its id, or None when it was not logged (folder full, queue full)."""
         n, rows = len(X), X.tolist()
         with self._state:
@@ -129,7 +129,7 @@ class TrafficLog:
 
     # --- labels ------------------------------------------------------------------------------------------------
 
-    def label(self, rid: str, labels: list[int]) -> str:
+    def label(self, rid: str, labels: list) -> str:
         """Attach labels to the rows of request `rid`: "queued" (its segment is open: they go in when it closes) or
         "applied" (written into its file). UnknownId, TooLate or ValueError (wrong count) otherwise."""
         name, start, n = parse_id(rid)
@@ -141,7 +141,7 @@ class TrafficLog:
                 return "queued"
         return self._apply(name, rid, labels)
 
-    def _apply(self, name: str, rid: str, labels: list[int]) -> str:
+    def _apply(self, name: str, rid: str, labels: list) -> str:
         """Write labels into a closed segment's file, if no drift check has decided on it yet."""
         with self._files:
             path = self.folder / f"{name}.parquet"
@@ -327,10 +327,14 @@ def _segment_frame(jsonl: Path, target: str) -> pd.DataFrame:
     return _with_labels(df, labels, target) if labels and len(df) else df
 
 
-def _with_labels(df: pd.DataFrame, labels: dict[str, list[int]], target: str) -> pd.DataFrame:
-    """`df` with the target column set on the rows of each request id in `labels` (nullable integers)."""
-    col = df[target] if target in df.columns else pd.Series(pd.NA, index=df.index, dtype="Int64")
-    col = col.astype("Int64")
+def _with_labels(df: pd.DataFrame, labels: dict[str, list], target: str) -> pd.DataFrame:
+    """`df` with the target column set on the rows of each request id in `labels` (nullable integers, or text for
+    text classes)."""
+    text = any(isinstance(v, str) for values in labels.values() for v in values) or (
+        target in df.columns and not pd.api.types.is_numeric_dtype(df[target]) and df[target].notna().any())
+    kind = object if text else "Int64"
+    col = df[target] if target in df.columns else pd.Series(pd.NA, index=df.index, dtype=kind)
+    col = col.astype(kind)
     for rid, values in labels.items():
         rows = np.flatnonzero((df["request_id"] == rid).to_numpy())
         if len(rows) == len(values):

@@ -288,7 +288,8 @@ def test_pipeline_promotes_the_selected_compressed_candidate(tmp_path, prefect_h
     strict = params.model_copy(update={"compress": params.compress.model_copy(update={
         "select": SelectCfg(min_accuracy=0.99)})})
     with pytest.raises(GateFailed, match=r"gate failed: no candidate qualifies: transformer: accuracy 0.9300 below "
-                                         r"the floor 0.9900; student-mlp: accuracy 0.9500 below"):
+                                         r"the floor 0.9900 \(compress.select.min_accuracy\); student-mlp: "
+                                         r"accuracy 0.9500 below"):
         report_and_select(project, strict, rows, "transformer", parent)
     tags = client.get_run(parent).data.tags
     assert tags["gate.verdict"] == "failed" and "no candidate qualifies" in tags["gate.reasons"]

@@ -120,6 +120,18 @@ def _target_text(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def _with_index(path: Path, good: pd.DataFrame, outside: Path) -> Path:
+    good.to_csv(path)  # pandas' default: the row index as a leading column without a name
+    return path
+
+
+def _words_in_numbers(df: pd.DataFrame) -> pd.DataFrame:
+    df["pixel_2_5"] = df["pixel_2_5"].astype(object)
+    df.loc[[8, 15], "pixel_2_5"] = "unknown"
+    df.loc[21, "pixel_2_5"] = "?"
+    return df
+
+
 CASES: list[Case] = [
     Case("nan", "a NaN cell in a feature", ("'pixel_0_3'", "not_nullable", "rows [5]"),
          _csv(_set(5, "pixel_0_3", np.nan))),
@@ -129,24 +141,34 @@ CASES: list[Case] = [
          _csv(lambda df: df.drop(columns=["pixel_2_2"]))),
     Case("extra-column", "an unexpected column (e.g. a leak of the label)", ("unexpected ['leak']",),
          _csv(lambda df: df.assign(leak=1.0))),
-    Case("wrong-dtype", "text in a numeric feature", ("'pixel_3_3'", "float64", "'dark'"),
+    Case("wrong-dtype", "text in a numeric feature", ("'pixel_3_3'", "text where numbers belong", "['dark']",
+                                                      "rows [4]"),
          _csv(_set(4, "pixel_3_3", "dark"))),
+    Case("words-in-numbers", 'a few "unknown" and "?" cells among the numbers of a feature',
+         ("'pixel_2_5'", "text where numbers belong", "['unknown', '?']", "rows [8, 15, 21]"),
+         _csv(_words_in_numbers)),
+    Case("index-column", "a pandas index written as a leading column (df.to_csv(path) without index=False)",
+         ("first column has no name", "'Unnamed: 0'", "index=False", "data.index_column: drop"), _with_index),
     Case("empty-file", "a file of 0 bytes", ("empty (0 bytes)",), _empty),
     Case("truncated-parquet", "a Parquet file cut off half way", ("not a complete Parquet file", "truncated"),
          _truncated_parquet, suffix=".parquet"),
     Case("non-utf8-csv", "a CSV saved as Latin-1 (one byte 0xe9)", ("not UTF-8", "0xe9", "offset"), _latin1),
     Case("duplicate-columns", "two columns with the same name in the header", ("duplicate column names ['pixel_0_0']",),
          _duplicate_header),
-    Case("unknown-label", "a class label outside data.labels", ("'target'", "isin", "rows [7]", "11"),
+    Case("unknown-label", "a class label outside data.labels", ("'target'", "unknown label(s) [11]", "rows [7]",
+                                                                "known classes are [0, 1, 2"),
          _csv(_set(7, TARGET, 11)), needs_target=True),
+    Case("missing-label", "empty target cells", ("'target'", "no label at rows [2, 30]"),
+         _csv(lambda df: _set(30, TARGET, np.nan)(_set(2, TARGET, np.nan)(df))), needs_target=True),
     Case("zero-rows", "a header and no rows", ("no data rows", "only a header"), _csv(lambda df: df.head(0))),
     Case("too-few-rows", "20 rows, below data.min_rows", ("only 20 rows", "at least 100 rows"),
          _csv(lambda df: df.head(20)), batch=None, batch_ok="scored: a batch has no minimum size"),
     Case("extreme-values", "a feature of 1e300", ("beyond ±1e+09", "limits.max_abs_value", "['pixel_3_4']",
                                                  "rows [11]"), _csv(_set(11, "pixel_3_4", 1e300))),
-    Case("target-text", "a class label written as text", ("integer class labels", "'seven'", "rows [6]"),
+    Case("target-text", "one class label written as text among integers", ("mixes numbers and text", "['seven']",
+                                                                           "rows [6]"),
          _csv(_target_text), needs_target=True),
-    Case("target-float", "a fractional class label (a regression target)", ("integer class labels", "3.5",
+    Case("target-float", "a fractional class label (a regression target)", ("class labels", "fractions [3.5]",
                                                                            "rows [3]"),
          _csv(_set(3, TARGET, 3.5)), needs_target=True),
     Case("missing-target", "the target column left out", ("target column 'target' is missing",),

@@ -25,7 +25,8 @@ def test_the_corpus_covers_every_kind_of_bad_input_the_issue_names():
     assert len(CASES) >= 15 and len(ids) == len(CASES)
     assert {"nan", "inf", "missing-column", "extra-column", "wrong-dtype", "empty-file", "truncated-parquet",
             "non-utf8-csv", "duplicate-columns", "unknown-label", "zero-rows", "extreme-values", "target-text",
-            "target-float", "config-bad-value", "config-path-traversal", "file-too-large"} <= ids
+            "target-float", "config-bad-value", "config-path-traversal", "file-too-large", "index-column",
+            "words-in-numbers", "missing-label"} <= ids
 
 
 def _stat(path: Path) -> tuple[int, int]:

@@ -76,7 +76,7 @@ def _broken(digits, kind):
         ("missing", ["missing ['pixel_2_2']"]),
         ("extra", ["unexpected ['leak']"]),
         ("dtype", ["'pixel_3_3'", "dark"]),
-        ("label", ["'target'", "isin", "rows [7]", "11"]),
+        ("label", ["'target'", "unknown label(s) [11]", "rows [7]"]),
         ("rows", ["at least 100 rows"]),
         ("target", ["target column 'target' is missing"]),
         ("duplicate", ["duplicate column names ['pixel_0_0']"]),

@@ -105,7 +105,7 @@ def test_batch_validation_and_quarantine(tmp_path):
     bad_label = DIGITS.iloc[:20].copy()
     bad_label.loc[3, "target"] = 42
     cases = {"missing column": (DIGITS.iloc[:5].drop(columns=["pixel_2_2"]), "missing ['pixel_2_2']"),
-             "bad label": (bad_label, "isin"), "empty": (DIGITS.iloc[:0], "no data rows")}
+             "bad label": (bad_label, "unknown label"), "empty": (DIGITS.iloc[:0], "no data rows")}
     for name, (df, message) in cases.items():
         path = tmp_path / "incoming" / f"{name}.csv"
         df.to_csv(path, index=False)

@@ -44,3 +44,49 @@ def test_select_prefers_passing_then_accuracy_then_latency():
     assert select({"a": (GOOD | {"accuracy": 0.96}, ok), "b": (GOOD, ok)}) == "a"
     assert select({"a": (GOOD | {"p95_ms": 1.5}, ok), "b": (GOOD, ok)}) == "b"
     assert select({"a": (GOOD | {"accuracy": 0.97}, bad), "b": (GOOD, bad)}) == "a"
+
+
+def test_a_refusal_names_every_threshold_with_its_setting():
+    v = check({"accuracy": 0.5, "p95_ms": 9.0, "size_mb": 9.0}, CFG, 0.99,
+              {"fairness.slice_gap": 0.3, "accuracy.accuracy": float("nan")})
+    assert v.reasons[:len(v.failed)] == v.failed and len(v.failed) == 4  # failed ones first
+    for setting in ("(gate.min_accuracy)", "(gate.max_p95_latency_ms)", "(gate.max_size_mb)",
+                    "gate.max_drop_vs_champion)"):
+        assert sum(setting in r for r in v.failed) == 1, (setting, v.failed)
+    bounded = GateCfg.model_validate(CFG.model_dump() | {"card": {"fairness.slice_gap": {"max": 0.1},
+                                                                  "accuracy.accuracy": {"min": 0.8}}})
+    v = check(GOOD, bounded, None, {"fairness.slice_gap": 0.3, "accuracy.accuracy": float("nan")})
+    assert any("(gate.card.fairness.slice_gap.max)" in r for r in v.failed)
+    assert any("gate.card.accuracy.accuracy)" in r and "not measured" in r for r in v.failed)
+
+
+# (accuracy, teacher's accuracy) against compress.select (floor 0.9, max drop 1 point) and the gate (floor 0.9):
+# every setting that refuses the candidate is in its one reason, so a run names them all, not one per run
+@pytest.mark.parametrize(("acc", "teacher", "named"), [
+    (0.95, 0.95, set()),
+    (0.85, 0.85, {"compress.select.min_accuracy", "gate.min_accuracy"}),  # own data under digits' floors
+    (0.85, 0.95, {"compress.select.min_accuracy", "compress.select.max_drop_vs_teacher", "gate.min_accuracy"}),
+    (0.92, 0.95, {"compress.select.max_drop_vs_teacher"}),
+])
+def test_selection_names_every_floor_that_refuses_a_candidate(acc, teacher, named):
+    from ottimo.compress.pareto import Row, refusals
+    from ottimo.config import SelectCfg
+
+    row = Row("mlp", "trained", "", {"accuracy": acc, "p95_ms": 0.1, "size_mb": 0.1})
+    why = refusals(row, teacher, SelectCfg(min_accuracy=0.9, max_drop_vs_teacher=1.0), GateCfg(), None) or ""
+    settings = {"compress.select.min_accuracy", "compress.select.max_drop_vs_teacher", "gate.min_accuracy"}
+    assert {s for s in settings if s in why} == named, why
+    assert ("would also fail the gate" in why) is ("gate.min_accuracy" in named)
+    alone = refusals(row, teacher, SelectCfg(min_accuracy=0.9, max_drop_vs_teacher=1.0), None, None) or ""
+    assert "gate" not in alone  # run without the gate (`ottimo compress`), only the selection's floors
+
+
+def test_when_nothing_qualifies_the_summary_names_both_floors():
+    from ottimo.compress.pareto import Row, select
+    from ottimo.config import SelectCfg
+
+    rows = [Row("mlp", "trained", "", {"accuracy": 0.84, "p95_ms": 0.1, "size_mb": 0.1}),
+            Row("mlp+int8", "int8-dynamic", "mlp", {"accuracy": 0.83, "p95_ms": 0.1, "size_mb": 0.05})]
+    sel = select(rows, 0.84, SelectCfg(), GateCfg(), None)
+    assert sel.chosen is None
+    assert sel.summary.count("compress.select.min_accuracy") == 2 and sel.summary.count("(gate.min_accuracy)") == 2
