@@ -133,44 +133,57 @@ def preprocess(src: Path, dst: Path, skip_symbolic_shape: bool = False) -> Path:
 
 def quantize(src: Path, dst: Path, option: QuantOption, calib_rows: np.ndarray | None = None,
              nodes_to_exclude: Sequence[str] = (), *, pre_process: bool = True,
-             skip_symbolic_shape: bool = True) -> Path:
+             skip_symbolic_shape: bool = True, calibration_cache: Path | None = None) -> Path:
     """`src` quantized as `option` says into `dst`. Static options calibrate on `calib_rows` (a sample of the train
     split, flat or shaped: fed through `shaped`). Nodes named in `nodes_to_exclude` stay FP32; name them as the
     graph that is quantized has them: `preprocess(src, ...)`'s, or src's own with `pre_process=False`.
     `pre_process` runs quant_pre_process first (`skip_symbolic_shape` True: measured the faster INT8 base on the
-    dynamo-exported transformer, and it works on graphs holding com.microsoft ops)."""
-    if option.needs_calibration and (calib_rows is None or len(calib_rows) == 0):
+    dynamo-exported transformer, and it works on graphs holding com.microsoft ops). `calibration_cache` (static
+    options): a JSON file of activation ranges, written on first use and read after (calib_rows may then be None),
+    so re-quantizing the same graph with other nodes excluded skips calibration."""
+    cached = calibration_cache is not None and Path(calibration_cache).is_file()
+    if option.needs_calibration and not cached and (calib_rows is None or len(calib_rows) == 0):
         raise QuantizeError(f"{option.name} calibrates activation ranges: pass calib_rows (a sample of train rows)")
     base = preprocess(src, dst.with_suffix(".pre.onnx"), skip_symbolic_shape) if pre_process else Path(src)
     try:
         with _quiet():
-            _run(base, dst, option, calib_rows, list(nodes_to_exclude))
+            _run(base, dst, option, calib_rows, list(nodes_to_exclude), calibration_cache)
     finally:
         if pre_process:
             base.unlink(missing_ok=True)
     return dst
 
 
-def _run(src: Path, dst: Path, option: QuantOption, calib_rows: np.ndarray | None, exclude: list[str]) -> None:
+def _run(src: Path, dst: Path, option: QuantOption, calib_rows: np.ndarray | None, exclude: list[str],
+         cache: Path | None) -> None:
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}  # fused (com.microsoft) outputs lack inferred types
     if option.mode == "dynamic":
         quantize_dynamic(str(src), str(dst), per_channel=option.per_channel, reduce_range=option.reduce_range,
                          weight_type=QuantType.QInt8, nodes_to_exclude=exclude, extra_options=extra)
         return
-    X = shaped(ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]), calib_rows)
-    quantize_static(str(src), str(dst), RowsReader(X), quant_format=QuantFormat.QDQ, per_channel=option.per_channel,
+    reader = None
+    if calib_rows is not None and len(calib_rows):
+        reader = RowsReader(shaped(ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]), calib_rows))
+    quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=option.per_channel,
                     reduce_range=option.reduce_range, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=exclude, calibrate_method=CALIBRATION[option.calibration], extra_options=extra)
+                    nodes_to_exclude=exclude, calibrate_method=CALIBRATION[option.calibration], extra_options=extra,
+                    calibration_cache_path=str(cache) if cache is not None else None)
 
 
 def quantizable_nodes(path: Path, option: QuantOption) -> list[str]:
-    """Names of the nodes in `path` that `option` would quantize and that carry a constant weight (MatMul, Gemm,
-    Conv, Attention, Gather of an embedding), in graph order: the candidates to keep in FP32."""
+    """Names of the nodes in `path` that `option` would quantize and whose weight is a constant (MatMul, Gemm, Conv,
+    Attention: the second input; Gather: the table, not constant indices), in graph order: what can stay FP32."""
     model = onnx.load(str(path))
     consts = {i.name for i in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
                                                           for o in n.output}
     ops = WEIGHT_OPS[option.mode]
-    return [n.name for n in model.graph.node if n.op_type in ops and any(i in consts for i in n.input)]
+
+    def weight(n: onnx.NodeProto) -> str:
+        at = 0 if n.op_type == "Gather" else 1
+        return n.input[at] if len(n.input) > at else ""
+
+    return [n.name for n in model.graph.node if n.op_type in ops and weight(n) in consts]
+
 
 
 def dynamic_int8(src: Path, dst: Path, per_channel: bool = False, reduce_range: bool = False) -> Path:
