@@ -185,7 +185,6 @@ def quantizable_nodes(path: Path, option: QuantOption) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in ops and weight(n) in consts]
 
 
-
 def dynamic_int8(src: Path, dst: Path, per_channel: bool = False, reduce_range: bool = False) -> Path:
     """INT8 weights, activations quantized at run time (MatMulInteger / DynamicQuantizeLinear)."""
     pre = preprocess(src, dst.with_suffix(".pre.onnx"))

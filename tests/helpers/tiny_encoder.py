@@ -18,7 +18,7 @@ def encoder(d_model: int = 64, layers: int = 2, heads: int = 4, ff_dim: int = 12
     """Random weights, every 1-D parameter (biases, LayerNorm) perturbed so no two tensors are equal (the exporter
     shares equal constants, which trained models never have). `outlier`: one weight of the last layer's second
     feed-forward matrix set to it, so per-tensor INT8 rounds the rest of that matrix to (almost) zero: a layer that
-    quantization breaks, deterministically."""
+    quantization breaks, deterministically. The head's bias is centred so predictions spread over the classes."""
     torch.manual_seed(seed)
     spec = InputSpec("sequence", (seq,), "int64", vocab_size=vocab, pad_id=0)
     model = build(spec, classes, d_model=d_model, heads=heads, layers=layers, ff_dim=ff_dim, dropout=0.0).eval()
@@ -28,6 +28,8 @@ def encoder(d_model: int = 64, layers: int = 2, heads: int = 4, ff_dim: int = 12
                 p.add_(torch.randn_like(p) * 0.1)
         if outlier is not None:
             model.body.encoder.layers[-1].linear2.weight[0, 0] = outlier
+        # centre the head on typical rows, so predictions spread over the classes (not one class everywhere)
+        model.body.head.bias -= model(torch.from_numpy(tokens(256, seq, vocab, seed=99))).mean(dim=0)
     return model, spec
 
 
