@@ -155,9 +155,10 @@ class _Block:
     name: str
 
 
-def _walk_out(g: _Graph, av: onnx.NodeProto) -> tuple[onnx.NodeProto, np.ndarray, np.ndarray | None, str] | str:
+def _walk_out(g: _Graph, av: onnx.NodeProto):
     """From the attention-times-V MatMul down to the block's output: layout ops, the out-projection (Gemm, or MatMul
-    [+ Add bias]), layout ops. Returns (out-projection node, weight, bias, output value) or why it does not match."""
+    [+ Add bias]), layout ops. Returns (out-projection node, weight, bias, output value, the bias Add or None) or why
+    it does not match."""
     n = av
     while True:
         n = g.only_consumer(n.output[0])
@@ -169,21 +170,21 @@ def _walk_out(g: _Graph, av: onnx.NodeProto) -> tuple[onnx.NodeProto, np.ndarray
     if w is None or w.shape[0] != w.shape[1]:
         return f"out-projection {proj.name} has no constant square weight"
     bias = g.array(proj.input[2]) if proj.op_type == "Gemm" and len(proj.input) > 2 and proj.input[2] else None
-    last = proj
+    last, add = proj, None
     nxt = g.only_consumer(last.output[0])
     if proj.op_type == "MatMul" and nxt is not None and nxt.op_type == "Add":
         other = [i for i in nxt.input if i != last.output[0]]
         b = g.array(other[0]) if other else None
         if b is not None and b.shape == (w.shape[1],):
-            bias, last = b, nxt
+            bias, last, add = b, nxt, nxt
     while (nxt := g.only_consumer(last.output[0])) is not None and nxt.op_type in {"Reshape", "Transpose"}:
         last = nxt
-    return proj, w, bias, last.output[0]
+    return proj, w, bias, last.output[0], add
 
 
 def _in_projection(g: _Graph, region: set[int], d: int):
-    """The (D, 3D) MatMul among the Softmax's ancestors, its bias Add and the block input: (matmul, w, b, x) or why
-    not. The dynamo export feeds it Transpose(x, perm=[1, 0, 2]) of the batch-first input."""
+    """The (D, 3D) MatMul among the Softmax's ancestors, its bias and the block input: (matmul, w, b, x, the bias Add
+    or None) or why not. The dynamo export feeds it Transpose(x, perm=[1, 0, 2]) of the batch-first input."""
     mms = [n for n in g.graph.node if id(n) in region and n.op_type == "MatMul"
            and (w := g.weight(n)) is not None and w.shape == (d, 3 * d)]
     if len(mms) != 1:
@@ -194,12 +195,12 @@ def _in_projection(g: _Graph, region: set[int], d: int):
     other = [i for i in add.input if i != mm.output[0]] if add is not None and add.op_type == "Add" else []
     b = g.array(other[0]) if other else None
     if b is None or b.shape != (3 * d,):
-        b = np.zeros(3 * d, dtype=w.dtype)
+        b, add = np.zeros(3 * d, dtype=w.dtype), None
     t = g.producer.get(mm.input[0])
     perm = [helper.get_attribute_value(a) for a in t.attribute if a.name == "perm"] if t is not None else []
     if t is None or t.op_type != "Transpose" or list(perm[0]) != [1, 0, 2]:
         return "in-projection input is not the batch-first input transposed (perm [1, 0, 2])"
-    return mm, w, b, t.input[0]
+    return mm, w, b, t.input[0], add
 
 
 def _scale(g: _Graph, nodes: list[onnx.NodeProto]) -> float | str:
@@ -224,7 +225,7 @@ def _block(g: _Graph, softmax: onnx.NodeProto) -> _Block | str:
     out = _walk_out(g, av)
     if isinstance(out, str):
         return out
-    proj, w_out, b_out, y = out
+    proj, w_out, b_out, y, out_add = out
     d = w_out.shape[0]
     def packed(n: onnx.NodeProto) -> bool:
         return n.op_type == "MatMul" and (w := g.weight(n)) is not None and w.shape == (d, 3 * d)
@@ -233,15 +234,18 @@ def _block(g: _Graph, softmax: onnx.NodeProto) -> _Block | str:
     found = _in_projection(g, up, d)
     if isinstance(found, str):
         return found
-    mm, w_in, b_in, x = found
+    mm, w_in, b_in, x, in_add = found
     region = g.ancestors(y, {x})
     nodes = [n for n in g.graph.node if id(n) in region]
     why = _closed(g, nodes, y, x)
     if why:
         return why
     ops = Counter(n.op_type for n in nodes)
-    if ops["Softmax"] != 1 or ops["Add"] > 2:
-        return f"{ops['Softmax']} Softmax and {ops['Add']} Add in the block (a mask or bias term?): not plain MHA"
+    biases = {id(n) for n in (in_add, out_add) if n is not None}
+    extra = [n.name for n in nodes if n.op_type == "Add" and id(n) not in biases]
+    if ops["Softmax"] != 1 or extra:
+        return (f"{ops['Softmax']} Softmax, Add {extra} besides the projection biases (a mask or bias term?): "
+                "not plain MHA")
     scale = _scale(g, [n for n in nodes if n is not proj])
     if isinstance(scale, str):
         return scale
