@@ -3,8 +3,9 @@ the operator census the tests and report use.
 
 `QuantOption` names one way to quantize (dynamic, or static QDQ S8S8 with a calibration method; per-channel;
 reduce_range) and the suffix its candidate carries; `quantize(src, dst, option, calib_rows, nodes_to_exclude)` makes
-it. `OPTIONS` is the set worth measuring on x86. `quantizable_nodes` lists the weight-carrying nodes an option
-quantizes, by the names `nodes_to_exclude` takes (ottimo.compress.sensitivity keeps the most harmful in FP32).
+it. `OPTIONS` is the set worth measuring on x86. `quantizable_nodes` (`weight_nodes`, with op types) lists the
+weight-carrying nodes an option quantizes, by the names `nodes_to_exclude` takes (ottimo.compress.sensitivity
+keeps the most harmful in FP32).
 
 No FP16: onnxruntime.transformers.float16 converts the dynamo-exported graphs, but onnxruntime 1.32's CPU
 provider crashes (segfault) running the result, and onnxconverter-common is not a dependency."""
@@ -49,7 +50,7 @@ CALIBRATION = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.
 CALIBRATOR_OPTIONS = {"minmax": {}, "entropy": {"num_bins": 256, "num_quantized_bins": 128},
                       "percentile": {"num_bins": 2048, "percentile": 99.999}}
 # weight-carrying ops each mode quantizes (onnxruntime.quantization.registry); what sensitivity ranks
-WEIGHT_OPS = {"dynamic": ("MatMul", "Attention", "Conv", "Gather", "EmbedLayerNormalization", "LSTM"),
+WEIGHT_OPS = {"dynamic": ("MatMul", "Gemm", "Attention", "Conv", "Gather", "EmbedLayerNormalization", "LSTM"),
               "static": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")}
 
 
@@ -195,9 +196,11 @@ def calibrate(src: Path, calib_rows: np.ndarray, method: str, cache: Path) -> Pa
     return cache
 
 
-def quantizable_nodes(path: Path, option: QuantOption) -> list[str]:
-    """Names of the nodes in `path` that `option` would quantize and whose weight is a constant (MatMul, Gemm, Conv,
-    Attention: the second input; Gather: the table, not constant indices), in graph order: what can stay FP32."""
+def weight_nodes(path: Path, option: QuantOption) -> list[tuple[str, str]]:
+    """(name, op type) of each node in `path` that `option` would quantize and whose weight is a constant (MatMul,
+    Gemm, Conv, Attention: the second input; Gather: the table, not constant indices), in graph order. The name is
+    the one `nodes_to_exclude` takes: dynamic quantization first rewrites each Gemm G as a MatMul named G_MatMul
+    (onnxruntime's replace_gemm_with_matmul), so that is its name there."""
     model = onnx.load(str(path))
     consts = {i.name for i in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
                                                           for o in n.output}
@@ -207,7 +210,15 @@ def quantizable_nodes(path: Path, option: QuantOption) -> list[str]:
         at = 0 if n.op_type == "Gather" else 1
         return n.input[at] if len(n.input) > at else ""
 
-    return [n.name for n in model.graph.node if n.op_type in ops and weight(n) in consts]
+    def name(n: onnx.NodeProto) -> str:
+        return f"{n.name}_MatMul" if option.mode == "dynamic" and n.op_type == "Gemm" else n.name
+
+    return [(name(n), n.op_type) for n in model.graph.node if n.op_type in ops and weight(n) in consts]
+
+
+def quantizable_nodes(path: Path, option: QuantOption) -> list[str]:
+    """The names of `weight_nodes`: what can stay FP32 through `nodes_to_exclude`."""
+    return [name for name, _ in weight_nodes(path, option)]
 
 
 def dynamic_int8(src: Path, dst: Path, per_channel: bool = False, reduce_range: bool = False) -> Path:

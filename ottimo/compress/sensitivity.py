@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 
-from ottimo.compress.quantize import QuantOption, preprocess, quantizable_nodes, quantize
+from ottimo.compress.quantize import QuantOption, preprocess, quantize, weight_nodes
 from ottimo.onnx.measure import scores, session
 
 
@@ -98,12 +97,11 @@ class _Evaluator:
 def rank_nodes(pre: Path, option: QuantOption, calib_rows: np.ndarray | None, evaluate: _Evaluator, work: Path,
                all_mse: float) -> list[NodeSensitivity]:
     """Every candidate node of the pre-processed file `pre`, most harmful first (exclude-one; see the module)."""
-    ops = {n.name: n.op_type for n in onnx.load(str(pre)).graph.node}
     out = []
-    for i, node in enumerate(quantizable_nodes(pre, option)):
+    for i, (node, op) in enumerate(weight_nodes(pre, option)):
         acc, mse = evaluate(quantize(pre, work / f"rank{i}.onnx", option, calib_rows, [node], pre_process=False,
                                      calibration_cache=work / "calibration.json"))
-        out.append((-(all_mse - mse), i, NodeSensitivity(node, ops[node], all_mse - mse, acc)))
+        out.append((-(all_mse - mse), i, NodeSensitivity(node, op, all_mse - mse, acc)))
     return [s for *_, s in sorted(out, key=lambda t: (t[0], t[1]))]
 
 

@@ -17,6 +17,7 @@ from ottimo.compress.quantize import (
     preprocess,
     quantizable_nodes,
     quantize,
+    weight_nodes,
 )
 from ottimo.onnx.measure import predict, scores, session
 from tests.helpers.tiny_encoder import export, tokens
@@ -97,13 +98,24 @@ def test_excluded_nodes_stay_fp32(fp32, tmp_path):
     assert op_counts(part)["MatMulInteger"] == op_counts(full)["MatMulInteger"] - 2
 
 
+def test_an_excluded_gemm_stays_fp32_under_its_dynamic_name(fp32, tmp_path):
+    pre = preprocess(fp32, tmp_path / "pre.onnx", skip_symbolic_shape=True)
+    option = QuantOption("dynamic")
+    gemm = next(n for n, op in weight_nodes(pre, option) if op == "Gemm")
+    full = quantize(pre, tmp_path / "all.onnx", option, pre_process=False)
+    part = quantize(pre, tmp_path / "part.onnx", option, nodes_to_exclude=[gemm], pre_process=False)
+    assert {n.name: n.op_type for n in onnx.load(str(part)).graph.node}[gemm] == "MatMul"
+    assert op_counts(part)["MatMulInteger"] == op_counts(full)["MatMulInteger"] - 1
+
+
 def test_quantizable_nodes_are_the_weight_carrying_ones(fp32, tmp_path):
     pre = preprocess(fp32, tmp_path / "pre.onnx", skip_symbolic_shape=True)
     types = {n.name: n.op_type for n in onnx.load(str(pre)).graph.node}
     dyn = quantizable_nodes(pre, QuantOption("dynamic"))
-    assert sum(types[n] == "Gather" for n in dyn) == 1  # the embedding table, not the QKV split's constant indices
-    assert sum(types[n] == "MatMul" for n in dyn) == 6  # 2 layers x (QKV, FF1, FF2)
-    assert "Gemm" not in {types[n] for n in dyn}  # dynamic INT8 leaves Gemm (out-projection, head) FP32
+    assert sum(types.get(n) == "Gather" for n in dyn) == 1  # the embedding table, not the QKV split's constant indices
+    assert sum(types.get(n) == "MatMul" for n in dyn) == 6  # 2 layers x (QKV, FF1, FF2)
+    gemms = [n for n, t in types.items() if t == "Gemm"]  # out-projections and the head, as dynamic names them:
+    assert gemms and {f"{g}_MatMul" for g in gemms} <= set(dyn)
     assert "Gemm" in {types[n] for n in quantizable_nodes(pre, QuantOption("static"))}
 
 
