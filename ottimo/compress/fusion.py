@@ -26,7 +26,7 @@ import io
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,10 @@ class FusionReport:
     max_abs_diff: float | None = None  # None: no check rows given
     model_type: str = "bert"
     passes: tuple[str, ...] = field(default=())
+
+    def as_dict(self) -> dict:
+        """Every field plus `fused` and `summary`, JSON-ready (for MLflow and the report)."""
+        return asdict(self) | {"fused": self.fused, "summary": self.summary}
 
     @property
     def fused(self) -> dict[str, int]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,10 @@ class AccuracyAwareResult:
     @property
     def accuracy(self) -> float:
         return self.rounds[-1].accuracy
+
+    def as_dict(self) -> dict:
+        """Every field (rounds and nodes as dicts) plus `summary`, JSON-ready (for MLflow and the report)."""
+        return asdict(self) | {"summary": self.summary}
 
     @property
     def summary(self) -> str:

@@ -128,6 +128,13 @@ class Timing:
     p50: Interval
     p95: Interval
 
+    def metrics(self) -> dict[str, float]:
+        """Flat figures for MLflow / the report: p50_ms, p50_low_ms, p50_high_ms, the same for p95, and calls."""
+        out = {"calls": float(len(self.samples_ms))}
+        for q, iv in (("p50", self.p50), ("p95", self.p95)):
+            out |= {f"{q}_ms": iv.point, f"{q}_low_ms": iv.low, f"{q}_high_ms": iv.high}
+        return out
+
     @classmethod
     def of(cls, candidate: str, target: str, samples: Sequence[float], n_boot: int = 2000, seed: int = 0) -> Timing:
         return cls(candidate, target, tuple(float(s) for s in samples), interval(samples, 50, n_boot, seed),

@@ -90,3 +90,20 @@ def test_dynamic_int8_of_the_fused_graph_uses_qattention(fp32, fused, tmp_path):
     assert ops["QAttention"] == LAYERS and ops["MatMulInteger"] >= 2 * LAYERS
     X = tokens(128, seed=6)
     assert (predict(session(q), X) == predict(session(fp32), X)).mean() >= 0.9
+
+
+def test_a_graph_without_attention_passes_through(tmp_path):
+    import json
+
+    import torch
+
+    from ottimo.models.builtin import mlp
+    from ottimo.onnx.export import export_onnx
+    from ottimo.spec import InputSpec
+
+    torch.manual_seed(0)
+    src = export_onnx(mlp.build(InputSpec.tabular(12), 3).eval(), InputSpec.tabular(12), tmp_path / "mlp.onnx")
+    X = np.random.default_rng(0).normal(size=(8, 12)).astype(np.float32)
+    report = fusion.optimize(src, tmp_path / "mlp_f.onnx", check_rows=X, atol=1e-5)
+    assert report.attention_blocks == 0 and report.fused == {} and report.max_abs_diff <= 1e-5
+    assert json.loads(json.dumps(report.as_dict()))["summary"] == report.summary

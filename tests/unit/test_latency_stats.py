@@ -149,6 +149,8 @@ def test_measure_interleaves_candidates_and_feeds_the_target_batch(monkeypatch):
     assert [n for n, _ in log] == schedule(["a", "b"], 7)  # warm-up rounds interleaved too
     assert {b for _, b in log} == {3}
     assert set(out) == {"a", "b"} and all(len(t.samples_ms) == 5 and t.target == "server" for t in out.values())
+    m = out["a"].metrics()
+    assert m["calls"] == 5 and m["p50_low_ms"] <= m["p50_ms"] <= m["p50_high_ms"] and m["p95_ms"] >= m["p50_ms"]
 
 
 def test_target_rejects_nonsense():

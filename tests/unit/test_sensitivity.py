@@ -4,6 +4,8 @@ with the reason. Labels are the FP32 model's own predictions, so FP32 accuracy i
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -59,6 +61,7 @@ def test_the_node_kept_in_fp32_is_the_broken_layer_and_says_why(recovered):
     assert np.abs(weight_of(dst, top.node)).max() == pytest.approx(OUTLIER)  # FP32 weights, outlier and all
     assert top.recovered_mse > 10 * max(s.recovered_mse for s in r.ranking[1:])  # far ahead of every other node
     assert top.node in top.why and "recovers" in top.why
+    assert json.loads(json.dumps(r.as_dict()))["excluded"][0]["node"] == top.node
     assert [s.recovered_mse for s in r.ranking] == sorted((s.recovered_mse for s in r.ranking), reverse=True)
 
 
