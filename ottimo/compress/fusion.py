@@ -359,8 +359,9 @@ def _quiet():
 
 def ort_optimize(model: onnx.ModelProto, num_heads: int, hidden_size: int, model_type: str = "bert",
                  opt_level: int = 0) -> onnx.ModelProto:
-    """onnxruntime.transformers.optimizer.optimize_model on a ModelProto (Python fusions; opt_level > 0 also runs
-    onnxruntime's own graph optimizer first, which bakes CPU-specific ops into the file)."""
+    """onnxruntime.transformers.optimizer.optimize_model on a ModelProto: its Python fusions; opt_level 1 runs
+    onnxruntime's basic graph optimizations first, 2 / 99 its extended / layout ones, which write provider-specific
+    ops into the file (a session applies them at load anyway)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     with _quiet():
@@ -392,7 +393,8 @@ def optimize(src: Path, dst: Path, num_heads: int = 0, hidden_size: int = 0, *, 
              model_type: str = "bert", opt_level: int = 0, check_rows: np.ndarray | None = None,
              atol: float = 1e-3) -> FusionReport:
     """Fuse `src` into `dst`: the attention pass (when `attention`), then onnxruntime's transformer optimizer
-    (`model_type`, `opt_level`; 0 keeps the file portable across CPUs). With `check_rows` (a few input rows), the
+    (`model_type`, `opt_level`; 0 keeps the file portable across CPUs), then symbolic shape inference (so the
+    quantizers can type fused outputs). With `check_rows` (a few input rows), the
     fused file must reproduce the source's logits within `atol` or FusionError is raised (dst is left for
     inspection). num_heads / hidden_size 0: inferred from the graph."""
     model = onnx.load(str(src))

@@ -147,8 +147,9 @@ def quantize(src: Path, dst: Path, option: QuantOption, calib_rows: np.ndarray |
     """`src` quantized as `option` says into `dst`. Static options calibrate on `calib_rows` (a sample of the train
     split, flat or shaped: fed through `shaped`). Nodes named in `nodes_to_exclude` stay FP32; name them as the
     graph that is quantized has them: `preprocess(src, ...)`'s, or src's own with `pre_process=False`.
-    `pre_process` runs quant_pre_process first (`skip_symbolic_shape` True: measured the faster INT8 base on the
-    dynamo-exported transformer, and it works on graphs holding com.microsoft ops). `calibration_cache` (static
+    `pre_process` runs quant_pre_process first (`skip_symbolic_shape` True, as the issue's calibration point did: on
+    the dynamo-exported transformer both settings give the same graph and a tied p50, and skipping cannot fail on
+    shapes the symbolic inference does not know). `calibration_cache` (static
     options): a JSON file of activation ranges, written on first use and read after (calib_rows may then be None),
     so re-quantizing the same graph with other nodes excluded skips calibration."""
     cached = calibration_cache is not None and Path(calibration_cache).is_file()
