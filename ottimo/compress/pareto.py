@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ottimo.config import GateCfg, SelectCfg
+from ottimo.onnx.latency import Candidate, Interval, rank
 from ottimo.registry.gate import check
 
 LOWER_IS_BETTER = {"p95_ms": True, "p50_ms": True, "size_mb": True, "throughput_rps": False, "accuracy": False}
@@ -135,6 +136,16 @@ def select(rows: list[Row], teacher_accuracy: float, cfg: SelectCfg, gate: GateC
         else:
             reasons[r.name] = f"qualifies but worse {obj}: {v:.4g} vs {b:.4g} of {best.name}"
     return Selection(best.name, obj, reasons)
+
+
+def interval_order(rows: list[Row], latency: dict[str, Interval]) -> list[str]:
+    """Names of the rows measured without error that have a latency interval in `latency` (name -> (point, low,
+    high) ms, ottimo.onnx.latency.interval), in ottimo.onnx.latency.rank's order: statistically tied latencies
+    (overlapping intervals) form one tier, ordered by accuracy (higher), size (smaller), then name; a tier whose
+    intervals lie entirely below another's comes first. The first name is the one to choose."""
+    cands = [Candidate(r.name, Interval(*latency[r.name]), r.metrics["accuracy"], r.metrics["size_mb"])
+             for r in rows if not r.error and r.name in latency]
+    return [c.name for c in rank(cands)]
 
 
 def pareto_front(rows: list[Row]) -> list[str]:

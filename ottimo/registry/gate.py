@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ottimo.config import GateCfg
+from ottimo.onnx.latency import Interval, compare
 
 
 class GateFailed(RuntimeError):
@@ -72,6 +74,19 @@ def card_rules(cfg: GateCfg, figures: dict[str, float]) -> list[tuple[bool, str]
             rules.append((ok, f"card {name} {value:.4g} {'<=' if ok else '>'} max {bound.max:.4g} "
                           f"(gate.card.{name}.max)"))
     return rules
+
+
+def no_slower(candidate: Sequence[float], champion: Sequence[float] | None, metric: str = "p95") -> tuple[bool, str]:
+    """The "no slower than the champion" rule on latency intervals (point, low, high) in ms, as
+    ottimo.onnx.latency.interval gives them: refused only when the candidate's interval lies entirely above the
+    champion's (latency.compare says "slower"); overlapping intervals are a tie and pass. No champion: passes.
+    Returns (passed, reason), a rule line like `check`'s."""
+    if champion is None:
+        return True, f"{metric} latency: no champion to compare with"
+    c, h = Interval(*candidate), Interval(*champion)
+    verdict = compare(c, h)
+    word = {"slower": "slower than", "faster": "faster than", "tie": "statistically tied with"}[verdict]
+    return verdict != "slower", f"{metric} latency {c} ms {word} the champion's {h} ms (95% intervals)"
 
 
 def select(candidates: dict[str, tuple[dict[str, float], Verdict]]) -> str:
