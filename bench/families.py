@@ -106,7 +106,7 @@ def case_compress(params: Params, case: Case) -> CompressCfg:
     return CompressCfg.model_validate(c.model_dump() | {
         "enabled": True, "teacher": case.family, "distill": distill,
         "prune": c.prune.model_dump() | {"unstructured": []},
-        "quantize": c.quantize.model_dump() | {"methods": ["dynamic"]}})
+        "quantize": c.quantize.model_dump() | {"options": ["int8-dyn"]}})
 
 
 def prepared(folder: Path, params: Params, case: Case) -> Splits:

@@ -1,4 +1,5 @@
-"""The compression flow: distil, prune, quantize (built in parallel), measure one after another, report, select."""
+"""The compression flow: distil, prune, fuse, quantize (built in parallel), measure (latency interleaved), report,
+select."""
 
 from __future__ import annotations
 
@@ -45,10 +46,13 @@ def compression(project_dir: str = ".", params_file: str = "params.yaml", run_id
               for amount in amounts}
     to_quantize = bases + ([f for (m, _, _), f in pruned.items() if m == "structured"]
                            if cfg.quantize.after_structured else [])
-    quantized = [t.quantize_variant.submit(root, params, base, method, data, parent_run_id)
-                 for base in to_quantize for method in cfg.quantize.methods]
+    fused = [t.fuse_variant.submit(root, params, base, data, parent_run_id) for base in bases] if cfg.fuse else []
+    # with compress.fuse INT8 starts from the fused graph of each base (the fused candidate is measured as well)
+    quant_from = fused + to_quantize[len(bases):] if cfg.fuse else to_quantize
+    quantized = [t.quantize_variant.submit(root, params, base, option, data, parent_run_id)
+                 for base in quant_from for option in cfg.quantize.options]
 
-    futures = ([student] if student else []) + list(pruned.values()) + quantized
+    futures = ([student] if student else []) + list(pruned.values()) + fused + quantized
     built = trained + [f.result() for f in futures]
     rows = t.measure_candidates(root, params, built, data)
     selection = t.report_and_select(root, params, rows, teacher.name, parent_run_id, not alone, champion_accuracy)

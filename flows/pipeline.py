@@ -60,7 +60,8 @@ def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml", 
 
     versions = [register_candidate(root, params, e, data) for e in evaluated]
     cards = [model_card(root, params, e, v, champion_accuracy) for e, v in zip(evaluated, versions, strict=True)]
-    decision = gate(root, params, run_id, evaluated, versions, champion_accuracy, cards=[c.figures for c in cards])
+    decision = gate(root, params, run_id, evaluated, versions, champion_accuracy, cards=[c.figures for c in cards],
+                    data=data)
     aliases = promote_selected(root, params, run_id, decision)
     summary = summarise(root, params, data, run_id, evaluated, versions, decision, aliases)
     if drift_check_run:

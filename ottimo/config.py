@@ -336,12 +336,31 @@ class TuneCfg(Strict):
         return v
 
 
+class TargetCfg(Strict):
+    """Where a model will run, as measurement settings: onnxruntime intra-op threads and rows per call."""
+
+    threads: int = Field(1, ge=1)
+    batch: int = Field(1, ge=1)
+
+
 class EvaluateCfg(Strict):
     threads: int = Field(1, ge=1)
     warmup: int = Field(50, ge=0)
-    runs: int = Field(300, ge=10)
+    runs: int = Field(300, ge=10)  # timed calls per candidate (per target, interleaved across the candidates)
     throughput_batch: int = Field(64, ge=1)
     parity_atol: float = Field(1e-4, gt=0)
+    # where the model will run: every compression candidate is timed on each, interleaved with the others
+    targets: dict[str, TargetCfg] = Field(default_factory=lambda: {"edge": TargetCfg(threads=1, batch=1)},
+                                          min_length=1)
+    target: str = "edge"  # the target the selection and the gate's latency rules decide on
+    bootstrap: int = Field(2000, ge=100)  # resamples behind each latency percentile's 95% interval
+
+    @model_validator(mode="after")
+    def _target_known(self) -> EvaluateCfg:
+        if self.target not in self.targets:
+            raise ValueError(f"evaluate.target {self.target!r} is not one of evaluate.targets "
+                             f"({', '.join(self.targets)}); name one of them or add it")
+        return self
 
 
 # The model card's scalar figures (ottimo.card.sections.FIGURES says which way is better); a gate may bound any of them.
@@ -376,6 +395,9 @@ class GateCfg(Strict):
     max_p95_latency_ms: float = Field(5.0, gt=0)
     max_size_mb: float = Field(5.0, gt=0)
     max_drop_vs_champion: float = Field(1.0, ge=0, le=100)
+    # refuse a candidate whose p95 interval on evaluate.target lies entirely above the champion's (timed
+    # interleaved with it at gate time); overlapping intervals are a tie and pass
+    no_slower_than_champion: bool = False
     card: dict[CardFigure, CardBound] = Field(default_factory=dict)  # model-card figure -> {min, max}
 
 
@@ -493,14 +515,31 @@ class PruneCfg(Strict):
 
 
 class QuantizeCfg(Strict):
-    """onnxruntime.quantization variants: INT8 dynamic, INT8 static (QDQ, calibrated on train rows)."""
+    """onnxruntime.quantization variants, one candidate per option: int8-dyn (INT8 weights, activations at run
+    time), int8-qdq-<minmax|entropy|percentile> (static QDQ S8S8, calibrated on train rows); suffix -pc for
+    per-channel weights, -rr for reduce_range (7-bit weights, for CPUs without VNNI)."""
 
-    methods: list[Literal["dynamic", "static"]] = Field(default_factory=lambda: ["dynamic", "static"])
-    per_channel: bool = False
-    reduce_range: bool = False  # 7-bit weights: for CPUs without VNNI, where 8-bit can saturate
+    options: list[str] = Field(default_factory=lambda: ["int8-dyn", "int8-qdq-minmax"])
     calibration_rows: int = Field(256, ge=8)  # seeded sample of the train split for static calibration
+    # an INT8 candidate more than compress.select.max_drop_vs_teacher below its FP32 source (validation split)
+    # keeps its most sensitive nodes in FP32, up to max_fp32_nodes
+    accuracy_aware: bool = False
+    max_fp32_nodes: int = Field(8, ge=1)
     after_structured: bool = True  # also quantize every structurally pruned model (prune → quantize chains)
     min_agreement: float = Field(0.97, gt=0, le=1)  # share of test predictions equal to the FP32 model's
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: list[str]) -> list[str]:
+        from ottimo.compress.quantize import QuantizeError, QuantOption  # onnxruntime only when quantizing
+
+        try:
+            names = [QuantOption.parse(o).name for o in v]
+        except QuantizeError as err:
+            raise ValueError(str(err)) from None
+        if len(set(names)) != len(names):
+            raise ValueError(f"options lists one twice: {names}")
+        return names
 
 
 class DistillCfg(Strict):
@@ -537,6 +576,9 @@ class CompressCfg(Strict):
     quantize: QuantizeCfg = QuantizeCfg()
     distill: DistillCfg = DistillCfg()
     select: SelectCfg = SelectCfg()
+    # an FP32 candidate of each base with attention, LayerNorm and GELU fused (ottimo.compress.fusion); INT8 then
+    # starts from it
+    fuse: bool = False
     n_jobs: int = Field(2, ge=1)  # variants built at once in threads (measured one after another)
 
     @model_validator(mode="after")
@@ -663,6 +705,8 @@ MOVED = {  # keys of earlier versions, and where their settings live now
     "train.transformer": "families.transformer.hparams (and families.transformer.train)",
     "tune.space": "families.<name>.space (and families.<name>.trial_epochs)",
     "compress.distill.mlp": "compress.distill.hparams", "compress.distill.transformer": "compress.distill.hparams",
+    **{f"compress.quantize.{k}": "compress.quantize.options (names such as int8-dyn, int8-dyn-pc, int8-qdq-minmax, "
+       "int8-qdq-entropy-rr)" for k in ("methods", "per_channel", "reduce_range")},
 }
 
 

@@ -9,6 +9,7 @@ made for concurrent tracing; fine-tuning and distillation run concurrently.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -20,10 +21,11 @@ from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
 from ottimo import vocab
-from ottimo.compress import pareto, quantize, techniques
+from ottimo.compress import fusion, pareto, quantize, sensitivity, techniques
 from ottimo.config import Params
 from ottimo.data.tables import Splits, load_splits
 from ottimo.models.family import Recipe, count_parameters, rebuild, recipe
+from ottimo.onnx import latency
 from ottimo.onnx.export import export_guard, export_onnx, parity_check, sha256, verify_sha256
 from ottimo.onnx.measure import Metrics, measure, predict, session
 from ottimo.ops.faults import checkpoint
@@ -45,7 +47,7 @@ class Built:
     techniques (prune → quantize) start from."""
 
     name: str
-    technique: str  # trained | distill | prune-unstructured | prune-structured | int8-dynamic | int8-static
+    technique: str  # trained | distill | prune-unstructured | prune-structured | fuse | int8-dyn, int8-qdq-...
     base: str
     family: str
     run_id: str  # its MLflow run (a trained model's own run)
@@ -179,52 +181,119 @@ def prune_variant(root: Path, params: Params, base: Built, method: str, amount: 
     return built
 
 
-@task(task_run_name="quantize_variant[{base.name}+int8-{method}]")
-def quantize_variant(root: Path, params: Params, base: Built, method: str, data: DataVersion,
+def _calibration(params: Params, splits: Splits) -> np.ndarray:
+    """A seeded sample of `quantize.calibration_rows` train rows, as static quantization calibrates on."""
+    rng = np.random.default_rng(params.project.seed)
+    n = min(params.compress.quantize.calibration_rows, len(splits.X_train))
+    return splits.rows(splits.X_train[rng.choice(len(splits.X_train), n, replace=False)])
+
+
+def _accuracy_aware(params: Params, src: Path, dst: Path, option: quantize.QuantOption, calib: np.ndarray | None,
+                    splits: Splits, out: Path) -> tuple[dict, str | None]:
+    """`quantize.accuracy_aware`: quantize keeping the fewest most-sensitive nodes in FP32 until the validation
+    accuracy is within select.max_drop_vs_teacher of the FP32 source; (settings to log, error or None)."""
+    cfg = params.compress
+    result = sensitivity.accuracy_aware(src, dst, option, calib, splits.rows(splits.X_val), splits.y_val,
+                                        cfg.select.max_drop_vs_teacher, max_excluded=cfg.quantize.max_fp32_nodes)
+    (out / "accuracy_aware.json").write_text(json.dumps(result.as_dict(), indent=2))
+    settings = {"fp32_nodes": len(result.excluded), "fp32_node_names": ",".join(s.node for s in result.excluded)}
+    return settings, None if result.success else f"accuracy-aware quantization failed: {result.summary}"
+
+
+@task(task_run_name="quantize_variant[{base.name}+{option}]")
+def quantize_variant(root: Path, params: Params, base: Built, option: str, data: DataVersion,
                      parent_run_id: str) -> Built:
-    """INT8 dynamic or static (QDQ, calibrated on a seeded train sample) with onnxruntime.quantization; its
-    test predictions must agree with the FP32 file's on at least `quantize.min_agreement` of the rows."""
+    """INT8 by `option` (compress.quantize.options: int8-dyn, int8-qdq-<calibration>, -pc, -rr) with
+    onnxruntime.quantization after quant_pre_process; static options calibrate on a seeded train sample. With
+    `quantize.accuracy_aware`, the most sensitive nodes stay FP32 until the validation accuracy is within
+    `select.max_drop_vs_teacher` of the FP32 source. Its test predictions must agree with the FP32 file's on at
+    least `quantize.min_agreement` of the rows."""
     cfg = params.compress.quantize
+    opt = quantize.QuantOption.parse(option)
     splits = load_splits(Path(data.prepared))
-    name = f"{base.name}+int8-{method}"
-    settings = {"method": method, "per_channel": cfg.per_channel, "reduce_range": cfg.reduce_range,
-                "calibration_rows": cfg.calibration_rows if method == "static" else 0, "format": "QDQ"
-                if method == "static" else "QOperator"}
+    name = f"{base.name}+{opt.name}"
+    settings = {"option": opt.name, "mode": opt.mode, "per_channel": opt.per_channel,
+                "reduce_range": opt.reduce_range, "calibration": opt.calibration if opt.needs_calibration else "none",
+                "calibration_rows": cfg.calibration_rows if opt.needs_calibration else 0,
+                "format": "QDQ" if opt.needs_calibration else "QOperator", "accuracy_aware": cfg.accuracy_aware}
     if not base.onnx_path:
-        return _skipped(root, params, name, f"int8-{method}", base, settings, data, parent_run_id,
+        return _skipped(root, params, name, opt.name, base, settings, data, parent_run_id,
                         f"its base {base.name} was skipped")
-    run_id = _open_run(root, params, parent_run_id, name, f"int8-{method}", base, settings, data)
-    dst = work_dir(root, run_id) / "model.onnx"
+    run_id = _open_run(root, params, parent_run_id, name, opt.name, base, settings, data)
+    out = work_dir(root, run_id)
+    dst, src = out / "model.onnx", Path(base.onnx_path)
+    calib = _calibration(params, splits) if opt.needs_calibration else None
+    error = None
     with export_guard.exclusive():
-        if method == "dynamic":
-            quantize.dynamic_int8(Path(base.onnx_path), dst, cfg.per_channel, cfg.reduce_range)
-        else:
-            rng = np.random.default_rng(params.project.seed)
-            rows = rng.choice(len(splits.X_train), min(cfg.calibration_rows, len(splits.X_train)), replace=False)
-            quantize.static_int8(Path(base.onnx_path), dst, splits.rows(splits.X_train[rows]), cfg.per_channel,
-                                 cfg.reduce_range)
+        if cfg.accuracy_aware:
+            extra, error = _accuracy_aware(params, src, dst, opt, calib, splits, out)
+            connect(root, params.mlflow)[0].log_batch(run_id, params=[Param(k, vocab.clip(str(v), 6000))
+                                                                      for k, v in extra.items()])
+            settings = {**settings, **extra}
+        if not dst.is_file():  # plain, or accuracy-aware that ended without a file: measure plain INT8
+            quantize.quantize(src, dst, opt, calib)
         uri, digest = _log_onnx(root, params, run_id, dst, splits.X_test, splits.labels)
-    agreement = float((predict(session(dst), splits.X_test) == predict(session(Path(base.onnx_path)),
-                                                                        splits.X_test)).mean())
+    agreement = float((predict(session(dst), splits.X_test) == predict(session(src), splits.X_test)).mean())
     client = connect(root, params.mlflow)[0]
+    if (out / "accuracy_aware.json").is_file():
+        client.log_artifact(run_id, str(out / "accuracy_aware.json"))
     client.log_batch(run_id, metrics=[Metric("agreement_with_fp32", agreement, 0, 0),
                                       Metric("integer_ops", quantize.integer_ops(dst), 0, 0)])
-    error = None if agreement >= cfg.min_agreement else (
-        f"predictions agree with the FP32 model on {agreement:.1%} of test rows (< min_agreement "
-        f"{cfg.min_agreement:.1%})")
-    get_run_logger().info("%s: %.1f kB (FP32 %.1f kB), agreement with FP32 %.4f", name, dst.stat().st_size / 1e3,
-                          Path(base.onnx_path).stat().st_size / 1e3, agreement)
-    return Built(name, f"int8-{method}", base.name, base.family, run_id, str(dst), digest, uri, base.spec,
+    if error is None and agreement < cfg.min_agreement:
+        error = (f"predictions agree with the FP32 model on {agreement:.1%} of test rows (< min_agreement "
+                 f"{cfg.min_agreement:.1%})")
+    get_run_logger().info("%s: %.1f kB (FP32 %.1f kB), agreement with FP32 %.4f%s", name, dst.stat().st_size / 1e3,
+                          src.stat().st_size / 1e3, agreement, f", {settings['fp32_nodes']} node(s) kept FP32"
+                          if cfg.accuracy_aware else "")
+    return Built(name, opt.name, base.name, base.family, run_id, str(dst), digest, uri, base.spec,
                  base.n_classes, None, None, base.parameters, base.sparsity, settings, error)
+
+
+@task(task_run_name="fuse_variant[{base.name}+fused]")
+def fuse_variant(root: Path, params: Params, base: Built, data: DataVersion, parent_run_id: str) -> Built:
+    """`compress.fuse`: the base's ONNX graph with attention, LayerNorm and GELU fused (ottimo.compress.fusion),
+    checked against the base's logits on test rows; an FP32 candidate of its own and the file INT8 starts from.
+    What fused and what did not is logged (fusion.json, tag compress.fusion)."""
+    splits = load_splits(Path(data.prepared))
+    name = f"{base.name}+fused"
+    if not base.onnx_path:
+        return _skipped(root, params, name, "fuse", base, {}, data, parent_run_id, f"its base {base.name} was skipped")
+    run_id = _open_run(root, params, parent_run_id, name, "fuse", base, {}, data)
+    out = work_dir(root, run_id)
+    dst = out / "model.onnx"
+    with export_guard.exclusive():
+        try:
+            rep = fusion.optimize(Path(base.onnx_path), dst, check_rows=splits.X_test[:32])
+        except fusion.FusionError as err:
+            connect(root, params.mlflow)[0].set_terminated(run_id, "FAILED")
+            return _skipped(root, params, name, "fuse", base, {}, data, parent_run_id, str(err))
+        uri, digest = _log_onnx(root, params, run_id, dst, splits.X_test, splits.labels)
+    (out / "fusion.json").write_text(json.dumps(rep.as_dict(), indent=2))
+    client = connect(root, params.mlflow)[0]
+    client.log_artifact(run_id, str(out / "fusion.json"))
+    client.set_tag(run_id, "compress.fusion", vocab.clip(rep.summary))
+    client.log_batch(run_id, metrics=[Metric("nodes_before", rep.nodes_before, 0, 0),
+                                      Metric("nodes_after", rep.nodes_after, 0, 0),
+                                      Metric("attention_fused", rep.attention_fused, 0, 0),
+                                      Metric("fusion_max_abs_diff", rep.max_abs_diff or 0.0, 0, 0)])
+    get_run_logger().info("%s: %s", name, rep.summary)
+    settings = {"nodes_before": rep.nodes_before, "nodes_after": rep.nodes_after,
+                "fused": ",".join(f"{k}x{v}" for k, v in rep.fused.items()) or "nothing"}
+    return Built(name, "fuse", base.name, base.family, run_id, str(dst), digest, uri, base.spec, base.n_classes,
+                 None, None, base.parameters, base.sparsity, settings)
 
 
 @task
 def measure_candidates(root: Path, params: Params, built: list[Built], data: DataVersion) -> list[pareto.Row]:
-    """Every candidate measured one after another in this process with the same onnxruntime settings (sha256
-    checked first); figures logged to the compressed candidates' runs, which are then closed."""
+    """Every candidate (sha256 checked first) measured in this process: accuracy, macro-F1, throughput and size one
+    file at a time; latency interleaved round-robin across all of them on each of `evaluate.targets`, with p50/p95
+    95% intervals (ottimo.onnx.latency.figures). Figures logged to the compressed candidates' runs, which are then
+    closed."""
     log = get_run_logger()
     client, _ = connect(root, params.mlflow)
     splits = load_splits(Path(data.prepared))
+    paths = {b.name: verify_sha256(Path(b.onnx_path), b.sha256) for b in built if b.onnx_path}
+    timed = latency.figures(paths, splits.X_test, params.evaluate)
     rows = []
     for b in built:
         if not b.onnx_path:  # skipped: shown in the report with its reason, never measured or chosen
@@ -232,14 +301,13 @@ def measure_candidates(root: Path, params: Params, built: list[Built], data: Dat
                                    0.0, b.run_id, b.error, b.settings))
             client.set_terminated(b.run_id, "FINISHED")
             continue
-        path = verify_sha256(Path(b.onnx_path), b.sha256)
-        metrics, _ = measure(path, splits.X_test, splits.y_test, params.evaluate)
-        m = metrics.as_dict()
+        metrics, _ = measure(paths[b.name], splits.X_test, splits.y_test, params.evaluate, latency=False)
+        m = metrics.as_dict() | timed[b.name]
         rows.append(pareto.Row(b.name, b.technique, b.base, m, b.parameters, b.sparsity, b.run_id, b.error,
                                b.settings))
-        log.info("%-40s acc %.4f p50 %.4f ms p95 %.4f ms %9.0f rows/s %7.1f kB %7d params sparsity %.2f%s", b.name,
-                 m["accuracy"], m["p50_ms"], m["p95_ms"], m["throughput_rps"], m["size_mb"] * 1e3, b.parameters,
-                 b.sparsity, f" ({b.error})" if b.error else "")
+        log.info("%-40s acc %.4f p50 %.4f ms p95 %s ms (%s) %7.1f kB %7d params sparsity %.2f%s", b.name,
+                 m["accuracy"], m["p50_ms"], latency.interval_of(m), params.evaluate.target, m["size_mb"] * 1e3,
+                 b.parameters, b.sparsity, f" ({b.error})" if b.error else "")
         if b.technique != "trained":  # a trained model's run already has the pipeline's test figures
             client.log_batch(b.run_id, metrics=[Metric(f"test_{k}", v, 0, 0) for k, v in m.items()] + [
                 Metric("parameters", b.parameters, 0, 0), Metric("sparsity", b.sparsity, 0, 0)])
@@ -289,7 +357,7 @@ def as_evaluated(built: list[Built], rows: list[pareto.Row], chosen: str) -> Eva
     """The chosen candidate as the gate and registry take it: its model URI, sha256 and measured figures."""
     b = next(x for x in built if x.name == chosen)
     r = next(x for x in rows if x.name == chosen)
-    return Evaluated(b.name, b.run_id, b.model_uri, b.sha256, b.parameters, dict(r.metrics), b.family)
+    return Evaluated(b.name, b.run_id, b.model_uri, b.sha256, b.parameters, dict(r.metrics), b.family, b.onnx_path)
 
 
 @dataclass(frozen=True)

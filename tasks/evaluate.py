@@ -42,6 +42,7 @@ class Evaluated:
     parameters: int
     metrics: dict[str, float]  # accuracy, macro_f1, p50_ms, p95_ms, throughput_rps, size_mb
     model_family: str = ""  # the family its network is (a compressed candidate's name says more); "": `family`
+    onnx_path: str = ""  # its local ONNX file (sha256 as above), e.g. to time it against the champion
 
 
 @task(task_run_name="export_candidate[{cand.family}]")
@@ -74,7 +75,8 @@ def evaluate_candidate(root: Path, params: Params, cand: Candidate, exp: Exporte
     get_run_logger().info("%s: acc %.4f f1 %.4f p50 %.3f ms p95 %.3f ms %.0f rows/s %.3f MB", cand.family,
                           metrics.accuracy, metrics.macro_f1, metrics.p50_ms, metrics.p95_ms,
                           metrics.throughput_rps, metrics.size_mb)
-    return Evaluated(cand.family, cand.run_id, exp.model_uri, exp.sha256, cand.parameters, metrics.as_dict())
+    return Evaluated(cand.family, cand.run_id, exp.model_uri, exp.sha256, cand.parameters, metrics.as_dict(),
+                     onnx_path=exp.onnx_path)
 
 
 @task(**RETRY_TRANSIENT)  # reads only

@@ -13,9 +13,9 @@ from ottimo.config import Params
 from ottimo.data import labels
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import gate as gate_policy
-from ottimo.registry import promotion
+from ottimo.registry import promotion, security
 from ottimo.registry.promotion import PromotionError
-from ottimo.registry.tracking import connect
+from ottimo.registry.tracking import connect, work_dir
 from ottimo.registry.versions import CHALLENGER, CHAMPION, aliases, register
 from tasks.retry import RETRY_TRANSIENT
 
@@ -49,9 +49,11 @@ def register_candidate(root: Path, params: Params, cand: Evaluated, data: DataVe
 
 @task(**RETRY_TRANSIENT)  # tags and the challenger alias: same writes again; GateFailed is never retried
 def gate(root: Path, params: Params, parent_run_id: str, candidates: list[Evaluated], versions: list[str],
-         champion_accuracy: float | None, cards: list[dict[str, float]] | None = None) -> GateDecision:
+         champion_accuracy: float | None, cards: list[dict[str, float]] | None = None,
+         data: DataVersion | None = None) -> GateDecision:
     """Check every candidate against the thresholds (and `gate.card` against its model-card figures, `cards`
-    in the order of `candidates`), tag the verdicts, point `challenger` at the selected one.
+    in the order of `candidates`; with `gate.no_slower_than_champion`, the p95 interval against the champion's,
+    timed interleaved with it on `data`'s test rows), tag the verdicts, point `challenger` at the selected one.
 
     Raises GateFailed (so the flow run ends Failed) when the selected candidate does not pass;
     `champion` and `previous-champion` are then left as they were.
@@ -65,7 +67,9 @@ def gate(root: Path, params: Params, parent_run_id: str, candidates: list[Evalua
                              f"{'v' + expected if expected else 'none'}); nothing was promoted. "
                              "Run the pipeline again.")
     figures = cards or [None] * len(candidates)
-    verdicts = {c.family: (c.metrics, gate_policy.check(c.metrics, params.gate, champion_accuracy, f))
+    speed = _no_slower(root, params, candidates, data) if params.gate.no_slower_than_champion and expected else {}
+    verdicts = {c.family: (c.metrics, gate_policy.check(c.metrics, params.gate, champion_accuracy, f,
+                                                        speed.get(c.family)))
                 for c, f in zip(candidates, figures, strict=True)}
     for c, version in zip(candidates, versions, strict=True):
         v = verdicts[c.family][1]
@@ -88,6 +92,26 @@ def gate(root: Path, params: Params, parent_run_id: str, candidates: list[Evalua
         )
     shorts = {k: v.short for k, (_, v) in verdicts.items()}
     return GateDecision(chosen, version, True, verdict.reasons, shorts, expected)
+
+
+def _no_slower(root: Path, params: Params, candidates: list[Evaluated], data: DataVersion | None
+               ) -> dict[str, tuple[bool, str]]:
+    """gate.no_slower_than_champion: every candidate's ONNX file timed interleaved with the champion's (sha256
+    checked) on evaluate.target; family -> `no_slower`'s (passed, reason) on their p95 intervals."""
+    from ottimo.data.tables import load_splits  # the training stack only when this rule is on
+    from ottimo.onnx import latency
+    from ottimo.onnx.export import verify_sha256
+
+    if data is None:
+        raise ValueError("gate.no_slower_than_champion needs the data version to time the champion on")
+    client, _ = connect(root, params.mlflow)
+    champ, _ = security.fetch_verified(client, params.mlflow.registered_model, CHAMPION, work_dir(root, "champion"))
+    paths = {c.family: verify_sha256(Path(c.onnx_path), c.sha256) for c in candidates} | {CHAMPION: champ}
+    target = latency.targets(params.evaluate)[0]
+    e = params.evaluate
+    timed = latency.measure(paths, load_splits(Path(data.prepared)).X_test, target, e.runs, e.warmup, e.bootstrap)
+    return {c.family: gate_policy.no_slower(timed[c.family].p95, timed[CHAMPION].p95, f"p95 ({target.name})")
+            for c in candidates}
 
 
 @task

@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ottimo.config import GateCfg, SelectCfg
-from ottimo.onnx.latency import Candidate, Interval, rank
+from ottimo.onnx.latency import Candidate, Interval, interval_of, rank, tiers
 from ottimo.registry.gate import check
 
 LOWER_IS_BETTER = {"p95_ms": True, "p50_ms": True, "size_mb": True, "throughput_rps": False, "accuracy": False}
@@ -21,7 +21,7 @@ class Row:
     """One measured candidate: what it is, how it was made, and its figures in onnxruntime."""
 
     name: str
-    technique: str  # trained | distill | prune-unstructured | prune-structured | int8-dynamic | int8-static
+    technique: str  # trained | distill | prune-unstructured | prune-structured | int8-dyn | int8-qdq-minmax
     base: str  # the candidate it was made from ("" for trained models)
     metrics: dict[str, float]  # accuracy, macro_f1, p50_ms, p95_ms, throughput_rps, size_mb
     parameters: int = 0
@@ -95,8 +95,10 @@ def select(rows: list[Row], teacher_accuracy: float, cfg: SelectCfg, gate: GateC
 
     With `gate` (and the champion's accuracy, None when there is none) the rows the gate would pass come first:
     one it would refuse is chosen only when no qualifying row can pass (the gate then fails with its reasons).
-    Rows within `tolerance` of the best objective value tie, and ties go to higher accuracy, then the smaller
-    file, then the name: a latency difference below the measurement noise does not decide."""
+    On p50_ms / p95_ms, rows whose 95% latency intervals (p95_low_ms, p95_high_ms: ottimo.onnx.latency.figures)
+    overlap the fastest one's tie; without intervals, rows within `tolerance` of the best value do. Ties go to
+    higher accuracy, then the smaller file, then the name: a latency difference below the measurement noise does
+    not decide."""
     obj, low = cfg.objective, LOWER_IS_BETTER[cfg.objective]
     out = {r.name: refusals(r, teacher_accuracy, cfg, gate, champion_accuracy) for r in rows}
     ok = [r for r in rows if out[r.name] is None]
@@ -108,12 +110,21 @@ def select(rows: list[Row], teacher_accuracy: float, cfg: SelectCfg, gate: GateC
     def value(r: Row) -> float:
         return r.metrics[obj] if low else -r.metrics[obj]
 
-    top = min(value(r) for r in pool)
-    tol = tolerance(cfg, top)
-    tied = [r for r in pool if value(r) <= top + tol + 1e-12]
-    best = min(tied, key=lambda r: (-r.metrics["accuracy"], r.metrics["size_mb"], r.name, value(r)))
+    q = obj.removesuffix("_ms")
+    if obj in LATENCY and all(interval_of(r.metrics, q) for r in pool):  # 95% intervals: overlapping ones tie
+        order = interval_order(pool, {r.name: interval_of(r.metrics, q) for r in pool})
+        fastest = tiers([Candidate(r.name, interval_of(r.metrics, q), r.metrics["accuracy"], r.metrics["size_mb"])
+                         for r in pool])[0]
+        tied = [r for r in pool if r.name in {c.name for c in fastest}]
+        best = next(r for r in pool if r.name == order[0])
+        within = " (95% intervals overlap)"
+    else:
+        top = min(value(r) for r in pool)
+        tol = tolerance(cfg, top)
+        tied = [r for r in pool if value(r) <= top + tol + 1e-12]
+        best = min(tied, key=lambda r: (-r.metrics["accuracy"], r.metrics["size_mb"], r.name, value(r)))
+        within = f" within {tol:.4g}" if tol else ""
     b = best.metrics[obj]
-    within = f" within {tol:.4g}" if tol else ""
     vs_champion = "" if not gate else (f", champion {champion_accuracy:.4f}" if champion_accuracy is not None
                                        else ", no champion")
     reasons = {}
@@ -160,6 +171,11 @@ def pareto_front(rows: list[Row]) -> list[str]:
     return [r.name for r in good if not dominated(r)]
 
 
+def _ci(metrics: dict[str, float]) -> str:
+    iv = interval_of(metrics, "p95")
+    return f"[{iv.low:.4f}, {iv.high:.4f}]" if iv else "-"
+
+
 def table(rows: list[Row], selection: Selection) -> pd.DataFrame:
     front = set(pareto_front(rows))
     recs = []
@@ -167,7 +183,7 @@ def table(rows: list[Row], selection: Selection) -> pd.DataFrame:
         m = r.metrics
         recs.append({"candidate": r.name, "technique": r.technique, "base": r.base or "-",
                      "accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1"), "p50_ms": m.get("p50_ms"),
-                     "p95_ms": m.get("p95_ms"), "rows_per_s_b64": m.get("throughput_rps"),
+                     "p95_ms": m.get("p95_ms"), "p95_95%_interval": _ci(m), "rows_per_s_b64": m.get("throughput_rps"),
                      "size_kb": m["size_mb"] * 1e3 if "size_mb" in m else None, "parameters": r.parameters,
                      "sparsity": r.sparsity, "pareto": "yes" if r.name in front else "",
                      "selection": selection.reasons.get(r.name, "")})
@@ -176,8 +192,8 @@ def table(rows: list[Row], selection: Selection) -> pd.DataFrame:
 
 def markdown(rows: list[Row], selection: Selection, title: str) -> str:
     df = table(rows, selection)
-    head = ["candidate", "technique", "accuracy", "p50 ms", "p95 ms", "rows/s @64", "size kB", "params",
-            "sparsity", "Pareto", "selection"]
+    head = ["candidate", "technique", "accuracy", "p50 ms", "p95 ms", "p95 95% interval", "rows/s @64", "size kB",
+            "params", "sparsity", "Pareto", "selection"]
     way = "lowest" if LOWER_IS_BETTER[selection.objective] else "highest"
     lines = [f"# {title}", "", f"**Selected: {selection.chosen or 'none'}** (objective: {way} {selection.objective})",
              ""]
@@ -188,7 +204,8 @@ def markdown(rows: list[Row], selection: Selection, title: str) -> str:
 
     for _, r in df.iterrows():
         lines.append(f"| {r.candidate} | {r.technique} | {f(r.accuracy, '.4f')} | {f(r.p50_ms, '.4f')} | "
-                     f"{f(r.p95_ms, '.4f')} | {f(r.rows_per_s_b64, ',.0f')} | {f(r.size_kb, '.1f')} | "
+                     f"{f(r.p95_ms, '.4f')} | {r['p95_95%_interval']} | {f(r.rows_per_s_b64, ',.0f')} | "
+                     f"{f(r.size_kb, '.1f')} | "
                      f"{r.parameters:,} | {r.sparsity:.2f} | {r.pareto} | {r.selection} |")
     return "\n".join(lines) + "\n"
 
@@ -214,7 +231,8 @@ def html(rows: list[Row], selection: Selection, title: str) -> str:
     df = table(rows, selection)
     head = {"candidate": "candidate", "technique": "technique", "base": "base", "accuracy": "accuracy",
             "macro_f1": "macro F1", "p50_ms": "p50 ms",
-            "p95_ms": "p95 ms", "rows_per_s_b64": "rows/s @64", "size_kb": "size kB", "parameters": "params",
+            "p95_ms": "p95 ms", "p95_95%_interval": "p95 95% interval", "rows_per_s_b64": "rows/s @64",
+            "size_kb": "size kB", "parameters": "params",
             "sparsity": "sparsity", "pareto": "Pareto", "selection": "selection"}
     fmt = {"accuracy": ".4f", "macro_f1": ".4f", "p50_ms": ".4f", "p95_ms": ".4f", "rows_per_s_b64": ",.0f",
            "size_kb": ".1f", "parameters": ",", "sparsity": ".2f"}

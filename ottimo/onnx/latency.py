@@ -170,6 +170,36 @@ def measure(paths: Mapping[str, Path], X: np.ndarray, target: Target, rounds: in
     return {n: Timing.of(n, target.name, samples[n], n_boot, seed) for n in names}
 
 
+def targets(cfg) -> list[Target]:
+    """`evaluate.targets` (an EvaluateCfg) as Targets, the deciding one (`evaluate.target`) first."""
+    order = [cfg.target] + [n for n in cfg.targets if n != cfg.target]
+    return [Target(n, cfg.targets[n].threads, cfg.targets[n].batch) for n in order]
+
+
+def figures(paths: Mapping[str, Path], X: np.ndarray, cfg) -> dict[str, dict[str, float]]:
+    """Every file timed interleaved on every target of `cfg` (an EvaluateCfg: targets, runs, warmup, bootstrap):
+    name -> flat figures. The deciding target's are p50_ms, p95_ms and their 95% interval ends (p50_low_ms, ...);
+    every target's, the deciding one's included, are also under "<target>." (edge.p50_ms, server.p95_high_ms, ...),
+    with <target>.rows_per_s (rows per second at the target's batch, from its p50)."""
+    out: dict[str, dict[str, float]] = {n: {} for n in paths}
+    for i, t in enumerate(targets(cfg)):
+        for name, timing in measure(paths, X, t, cfg.runs, cfg.warmup, cfg.bootstrap).items():
+            m = timing.metrics()
+            if i == 0:
+                out[name] |= {k: v for k, v in m.items() if k != "calls"}
+            out[name] |= {f"{t.name}.{k}": v for k, v in m.items() if k != "calls"}
+            out[name][f"{t.name}.rows_per_s"] = t.batch * 1e3 / m["p50_ms"]
+    return out
+
+
+def interval_of(metrics: Mapping[str, float], q: str = "p95", target: str | None = None) -> Interval | None:
+    """The (point, low, high) interval of percentile `q` in flat `figures` (the deciding target's, or `target`'s),
+    or None when they hold none."""
+    pre = f"{target}." if target else ""
+    keys = (f"{pre}{q}_ms", f"{pre}{q}_low_ms", f"{pre}{q}_high_ms")
+    return Interval(*(float(metrics[k]) for k in keys)) if all(k in metrics for k in keys) else None
+
+
 def measure_targets(paths: Mapping[str, Path], X: np.ndarray, targets: Sequence[Target], rounds: int = 200,
                     warmup: int = 10, n_boot: int = 2000, seed: int = 0) -> dict[str, dict[str, Timing]]:
     """`measure` on each target in turn (candidates interleaved within a target): target name -> name -> Timing."""

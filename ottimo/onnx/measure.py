@@ -78,11 +78,13 @@ def throughput_rps(sess: ort.InferenceSession, X: np.ndarray, batch: int, runs: 
     return batch * runs / (time.perf_counter() - t0)
 
 
-def measure(path: Path, X: np.ndarray, y: np.ndarray, cfg: EvaluateCfg) -> tuple[Metrics, np.ndarray]:
-    """All figures of one ONNX file on a labelled split; returns them and the predictions."""
+def measure(path: Path, X: np.ndarray, y: np.ndarray, cfg: EvaluateCfg, latency: bool = True
+            ) -> tuple[Metrics, np.ndarray]:
+    """All figures of one ONNX file on a labelled split; returns them and the predictions. `latency` False: p50/p95
+    are NaN (the caller times several files interleaved, ottimo.onnx.latency.figures)."""
     sess = session(path, cfg.threads)
     pred = predict(sess, X)
-    p50, p95 = latency_ms(sess, X, cfg.warmup, cfg.runs)
+    p50, p95 = latency_ms(sess, X, cfg.warmup, cfg.runs) if latency else (float("nan"), float("nan"))
     metrics = Metrics(
         accuracy=float(accuracy_score(y, pred)),
         macro_f1=float(f1_score(y, pred, average="macro")),

@@ -29,10 +29,11 @@ class Verdict:
 
 
 def check(metrics: dict[str, float], cfg: GateCfg, champion_accuracy: float | None,
-          card: dict[str, float] | None = None) -> Verdict:
+          card: dict[str, float] | None = None, latency_rule: tuple[bool, str] | None = None) -> Verdict:
     """Apply every threshold to one candidate's metrics (accuracy in [0, 1], latency in ms, size in MB),
     and `gate.card` bounds to its model-card figures (ottimo.card.sections.ModelCard.figures()). Every rule is
-    checked (a refusal lists all the thresholds missed, not the first) and names its setting in params.yaml."""
+    checked (a refusal lists all the thresholds missed, not the first) and names its setting in params.yaml.
+    `latency_rule`: `no_slower`'s verdict against the champion (gate.no_slower_than_champion), one rule more."""
     acc, p95, size = metrics["accuracy"], metrics["p95_ms"], metrics["size_mb"]
     rules = [
         (acc >= cfg.min_accuracy, f"accuracy {acc:.4f} {'>=' if acc >= cfg.min_accuracy else '<'} "
@@ -50,6 +51,8 @@ def check(metrics: dict[str, float], cfg: GateCfg, champion_accuracy: float | No
         rules.append((ok, f"accuracy {'drop' if drop > 0 else 'gain'} vs champion {abs(drop):.2f} points "
                       f"({acc:.4f} vs {champion_accuracy:.4f}; max drop {cfg.max_drop_vs_champion:.2f}, "
                       "gate.max_drop_vs_champion)"))
+    if latency_rule is not None:
+        rules.append((latency_rule[0], latency_rule[1] + " (gate.no_slower_than_champion)"))
     rules += card_rules(cfg, card or {})
     failed = [r for ok, r in rules if not ok]
     passed = [r for ok, r in rules if ok]

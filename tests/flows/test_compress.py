@@ -76,8 +76,9 @@ def test_structured_pruning_shrinks_parameters_and_onnx_file(family, trained, sp
 
 def test_quantized_graphs_hold_integer_ops_and_keep_accuracy(trained, splits, tmp_path):
     src = export_onnx(trained["mlp"], splits.input, tmp_path / "fp32.onnx")
-    dyn = quantize.dynamic_int8(src, tmp_path / "dyn.onnx")
-    static = quantize.static_int8(src, tmp_path / "static.onnx", splits.X_train[:128], per_channel=True)
+    dyn = quantize.quantize(src, tmp_path / "dyn.onnx", quantize.QuantOption.parse("int8-dyn"))
+    static = quantize.quantize(src, tmp_path / "static.onnx", quantize.QuantOption.parse("int8-qdq-minmax-pc"),
+                               splits.X_train[:128])
     assert quantize.op_counts(dyn)["MatMulInteger"] >= 2 and quantize.op_counts(src)["MatMulInteger"] == 0
     ops = quantize.op_counts(static)
     assert ops["QuantizeLinear"] >= 2 and ops["DequantizeLinear"] >= 2 and quantize.integer_ops(src) == 0
@@ -214,7 +215,7 @@ def test_config_checks_the_teacher_and_the_student():
 
 COMPRESS_TINY = {"enabled": True, "bases": ["student"],
                  "prune": {"unstructured": [], "structured": [0.5], "finetune_epochs": 2},
-                 "quantize": {"methods": ["static"], "calibration_rows": 64},
+                 "quantize": {"options": ["int8-qdq-minmax"], "calibration_rows": 64},
                  "distill": {"epochs": 10, "hparams": {"hidden": [32]}},
                  "select": {"max_drop_vs_teacher": 3.0, "min_accuracy": 0.5}}
 
@@ -238,8 +239,8 @@ def test_pipeline_promotes_the_selected_compressed_candidate(tmp_path, prefect_h
     client, exp = connect(project, params.mlflow)
     parent = client.get_run(summary.run_id)
     chosen = parent.data.tags["compress.selected"]
-    names = {"transformer", "student-mlp", "student-mlp+prune-s50", "student-mlp+int8-static",
-             "student-mlp+prune-s50+int8-static"}
+    names = {"transformer", "student-mlp", "student-mlp+prune-s50", "student-mlp+int8-qdq-minmax",
+             "student-mlp+prune-s50+int8-qdq-minmax"}
     assert chosen in names - {"transformer"}  # the teacher in ORT is slower than every distilled MLP
     runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{summary.run_id}' and "
                                      "tags.`ottimo.kind` = 'compressed'")
@@ -267,7 +268,7 @@ def test_pipeline_promotes_the_selected_compressed_candidate(tmp_path, prefect_h
 
     # the stage alone on the pipeline run: the teacher and its dynamic INT8 variant, nested under the same run
     alone = {"bases": ["teacher"], "distill": {"enabled": False}, "prune": {"unstructured": [], "structured": []},
-             "quantize": {"methods": ["dynamic"], "min_agreement": 0.5},
+             "quantize": {"options": ["int8-dyn"], "min_agreement": 0.5},
              "select": {"max_drop_vs_teacher": 100.0, "min_accuracy": 0.0}}
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["compress"] |= alone
@@ -275,8 +276,8 @@ def test_pipeline_promotes_the_selected_compressed_candidate(tmp_path, prefect_h
     cli = CliRunner().invoke(app, ["compress", "--run-id", summary.run_id, "-C", str(project), "-p", "alone.yaml"])
     assert cli.exit_code == 0, cli.output
     out = " ".join(cli.output.split())  # rich wraps long lines
-    assert "transformer+int8-dynamic:" in out and "chosen: best p95_ms" in out
-    dyn = client.search_runs([exp], "attributes.run_name = 'transformer+int8-dynamic'")[0]
+    assert "transformer+int8-dyn:" in out and "chosen: best p95_ms" in out
+    dyn = client.search_runs([exp], "attributes.run_name = 'transformer+int8-dyn'")[0]
     assert dyn.data.tags["mlflow.parentRunId"] == summary.run_id and dyn.data.metrics["integer_ops"] > 0
 
     # nothing qualifies: the gate fails with every candidate's reason, and the pipeline run says so

@@ -35,7 +35,7 @@ def build(spec: InputSpec, n_classes: int, channels: int = 8, dropout: float = 0
 QUICK = {  # small but real: compression of the teacher alone, one variant per technique
     "compress": {"enabled": True, "bases": ["teacher"], "distill": {"enabled": False},
                  "prune": {"unstructured": [], "structured": [0.5], "finetune_epochs": 3},
-                 "quantize": {"methods": ["dynamic"], "after_structured": False},
+                 "quantize": {"options": ["int8-dyn"], "after_structured": False},
                  "select": {"max_drop_vs_teacher": 30.0, "min_accuracy": 0.5}},
     "gate": {"min_accuracy": 0.5},
     "card": {"importance_rows": 50, "importance_repeats": 1, "batch_sizes": [1, 64], "seconds_per_batch_size": 0.05},
@@ -81,7 +81,7 @@ def test_a_family_only_this_test_knows_goes_through_the_whole_loop(tmp_path, pre
     client, exp = connect(project, params.mlflow)
     summary = state.result()
     runs = runs_by_name(client, exp, summary.run_id)
-    assert {"tune-pixelnet", "pixelnet trained (tuned)", "pixelnet+prune-s50", "pixelnet+int8-dynamic"} <= set(runs)
+    assert {"tune-pixelnet", "pixelnet trained (tuned)", "pixelnet+prune-s50", "pixelnet+int8-dyn"} <= set(runs)
     mv, dims = champion_input(client, params.mlflow.registered_model)
     assert dims[1:] == [1, 8, 8]  # the champion takes the family's input shape
     assert mv.tags[vocab.FAMILY] == "pixelnet"
@@ -148,7 +148,7 @@ def test_the_transformer_on_generated_sequences_reaches_a_champion_and_prunes_st
 
 def test_a_model_structured_pruning_cannot_shrink_is_skipped_with_the_reason(tmp_path, prefect_harness):
     compress = {**QUICK["compress"], "teacher": "linear",
-                "quantize": {"methods": ["dynamic"], "after_structured": True}}
+                "quantize": {"options": ["int8-dyn"], "after_structured": True}}
     project = write_project(tmp_path / "project", {**QUICK, "families": {"linear": {"builder": "linear:build"}},
                                                    "train": {"candidates": ["linear"], "max_epochs": 5},
                                                    "compress": compress, "gate": {"min_accuracy": 0.3}})
@@ -160,7 +160,7 @@ def test_a_model_structured_pruning_cannot_shrink_is_skipped_with_the_reason(tmp
     runs = runs_by_name(client, exp, parent)
     reason = runs["linear+prune-s50"].data.tags["compress.skipped"]
     assert "no channel or neuron can be removed" in reason
-    assert "was skipped" in runs["linear+prune-s50+int8-dynamic"].data.tags["compress.skipped"]
+    assert "was skipped" in runs["linear+prune-s50+int8-dyn"].data.tags["compress.skipped"]
     report = mlflow.artifacts.load_text(f"runs:/{parent}/compression/report.md")
     assert "skipped: no channel or neuron can be removed" in report
-    assert client.get_run(parent).data.tags["compress.selected"] in {"linear", "linear+int8-dynamic"}
+    assert client.get_run(parent).data.tags["compress.selected"] in {"linear", "linear+int8-dyn"}

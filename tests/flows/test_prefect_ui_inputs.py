@@ -41,7 +41,7 @@ def test_pipeline_task_runs_have_no_flow_run_inputs_and_say_which_candidate(tmp_
     assert {"train_candidate[mlp]", "train_candidate[transformer]", "export_candidate[mlp]",
             "evaluate_candidate[transformer]", "open_study[mlp]", "run_trials[transformer worker 0]",
             "close_study[mlp]", "distill_student[student-mlp]", "prune_variant[student-mlp+prune-s50]",
-            "quantize_variant[student-mlp+int8-static]", "quantize_variant[student-mlp+prune-s50+int8-static]",
+            "quantize_variant[student-mlp+int8-qdq-minmax]", "quantize_variant[student-mlp+prune-s50+int8-qdq-minmax]",
             f"register_candidate[{chosen}]", f"model_card[{chosen} v1]"} <= names, sorted(names)
 
 

@@ -30,7 +30,7 @@ OVERRIDES = {
     "mid-compression": {"train": {"candidates": ["transformer"], "max_epochs": 8},
                         "compress": {"enabled": True, "bases": ["student"], "n_jobs": 1,
                                      "prune": {"unstructured": [], "structured": [0.5], "finetune_epochs": 1},
-                                     "quantize": {"methods": ["dynamic"], "after_structured": False},
+                                     "quantize": {"options": ["int8-dyn"], "after_structured": False},
                                      "distill": {"epochs": 3, "hparams": {"hidden": [32]}},
                                      "select": {"max_drop_vs_teacher": 100.0, "min_accuracy": 0.3}},
                         **STAGE_ON},

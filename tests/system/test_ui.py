@@ -233,8 +233,8 @@ def test_compression_report_is_readable_in_a_browser(browser, tmp_path):
 
     rows = [row("mlp", "trained", 0.9667, 0.0210, 0.02), row("student-mlp", "distill", 0.9750, 0.0209, 0.01),
             row("student-mlp+prune-s50", "prune-structured", 0.9778, 0.0212, 0.008),
-            row("student-mlp+int8-static", "int8-static", 0.9750, 0.0290, 0.006),
-            row("student-mlp+prune-s50+int8-static", "int8-static", 0.9722, 0.0300, 0.005),
+            row("student-mlp+int8-qdq-minmax", "int8-qdq-minmax", 0.9750, 0.0290, 0.006),
+            row("student-mlp+prune-s50+int8-qdq-minmax", "int8-qdq-minmax", 0.9722, 0.0300, 0.005),
             row("transformer", "trained", 0.9611, 0.1400, 0.08)]
     reasons = {r.name: f"lost: p95 {r.metrics['p95_ms']:.4f} ms is above the chosen one's; within the accuracy "
                        "floor and the drop allowed against the teacher" for r in rows}
@@ -245,7 +245,7 @@ def test_compression_report_is_readable_in_a_browser(browser, tmp_path):
     page.write_text(pareto.html(rows, selection, "Compression of mlp: 6 candidates"))
     pareto.pareto_png(rows, selection, OUT / "pareto.png")
     browser.get(page.as_uri())
-    body = wait_text(browser, "student-mlp+prune-s50+int8-static", "12-compression-report")
+    body = wait_text(browser, "student-mlp+prune-s50+int8-qdq-minmax", "12-compression-report")
     from selenium.webdriver.common.by import By
 
     widths = [el.size["width"] for el in browser.find_elements(By.CSS_SELECTOR, "td")]

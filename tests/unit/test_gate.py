@@ -86,7 +86,7 @@ def test_when_nothing_qualifies_the_summary_names_both_floors():
     from ottimo.config import SelectCfg
 
     rows = [Row("mlp", "trained", "", {"accuracy": 0.84, "p95_ms": 0.1, "size_mb": 0.1}),
-            Row("mlp+int8", "int8-dynamic", "mlp", {"accuracy": 0.83, "p95_ms": 0.1, "size_mb": 0.05})]
+            Row("mlp+int8", "int8-dyn", "mlp", {"accuracy": 0.83, "p95_ms": 0.1, "size_mb": 0.05})]
     sel = select(rows, 0.84, SelectCfg(), GateCfg(), None)
     assert sel.chosen is None
     assert sel.summary.count("compress.select.min_accuracy") == 2 and sel.summary.count("(gate.min_accuracy)") == 2
