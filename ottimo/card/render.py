@@ -121,6 +121,13 @@ def _scalability(s: dict, full: bool) -> list[str]:
     out += _table(["batch", "rows/s", "CPU-s per 1M rows", f"cost per 1M rows ({s['currency']})"],
                   [[str(c["batch"]), f"{c['rows_per_s']:,.0f}", _g(c["cpu_s_per_million"]),
                     _g(c["cost_per_million"])] for c in s["curve"]])
+    if s.get("targets"):  # cards written before evaluate.targets have none
+        out += ["", "Per call on each target (evaluate.targets; 95% bootstrap intervals; * decides the gate):", ""]
+        out += _table(["target", "threads", "rows per call", "p50 ms", "p95 ms"],
+                      [[t["target"] + (" *" if t["decides"] else ""), str(t["threads"]), str(t["batch"]),
+                        f"{_f(t['p50_ms'], 3)} [{_f(t['p50_low_ms'], 3)}, {_f(t['p50_high_ms'], 3)}]",
+                        f"{_f(t['p95_ms'], 3)} [{_f(t['p95_low_ms'], 3)}, {_f(t['p95_high_ms'], 3)}]"]
+                       for t in s["targets"]])
     m = s["machine"]
     out += ["", f"At batch 1: **{_g(s['cpu_s_per_million'])} CPU-seconds per million predictions**, about "
             f"**{_g(s['cost_per_million'])} {s['currency']}** per million at {s['price_per_cpu_hour']:g} "

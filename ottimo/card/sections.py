@@ -33,6 +33,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from ottimo.config import CardCfg, CardFigure, EvaluateCfg, SliceCfg
 from ottimo.data.tables import Splits
 from ottimo.monitor import simulate
+from ottimo.onnx import latency
 from ottimo.onnx.export import INPUT, OUTPUT, shaped
 from ottimo.onnx.measure import accuracy, confusion_png, latency_ms, predict, session
 from ottimo.onnx.metadata import read_classes
@@ -422,11 +423,22 @@ def throughput_curve(sess: ort.InferenceSession, X: np.ndarray, cfg: CardCfg) ->
     return out
 
 
+def target_latency(path: Path, X: np.ndarray, evaluate: EvaluateCfg) -> list[dict]:
+    """Per-call p50 / p95 with 95% bootstrap intervals on each of `evaluate.targets` (threads, rows per call)."""
+    out = []
+    for t in latency.targets(evaluate):
+        timing = latency.measure({"model": path}, X, t, evaluate.runs, evaluate.warmup, evaluate.bootstrap)["model"]
+        out.append({"target": t.name, "threads": t.threads, "batch": t.batch, "decides": t.name == evaluate.target,
+                    **{k: v for k, v in timing.metrics().items() if k != "calls"}})
+    return out
+
+
 def scalability_section(path: Path, X: np.ndarray, cfg: CardCfg, evaluate: EvaluateCfg) -> dict:
     p50, p95 = latency_ms(session(path, 1), X, evaluate.warmup, evaluate.runs)
     curve = throughput_curve(session(path, evaluate.threads), X, cfg)
     return {
         "p50_ms": p50, "p95_ms": p95, "latency_threads": 1, "latency_runs": evaluate.runs,
+        "targets": target_latency(path, X, evaluate),
         "throughput_threads": evaluate.threads,
         "curve": curve,
         "max_throughput_rps": max(c["rows_per_s"] for c in curve),

@@ -20,7 +20,8 @@ from ottimo.config import CardFigure, MlflowCfg, Params
 
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
 CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)[^/@\s]+@")  # user:password@ in a URL
-EXTRA_KEYS = {"family", "technique", "base", "method", "amount", "format"}  # logged beside the config (train, compress)
+EXTRA_KEYS = {"family", "technique", "base", "method", "amount", "format",  # logged beside the config (train, compress)
+              "option", "mode", "calibration", "per_channel", "reduce_range"}  # a quantization option
 
 
 @cache
