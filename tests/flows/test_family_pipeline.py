@@ -85,7 +85,7 @@ def test_a_family_only_this_test_knows_goes_through_the_whole_loop(tmp_path, pre
     assert {"tune-pixelnet", "pixelnet trained (tuned)", "pixelnet+prune-s50", "pixelnet+int8-dyn"} <= set(runs)
     mv, dims = champion_input(client, params.mlflow.registered_model)
     assert dims[1:] == [1, 8, 8]  # the champion takes the family's input shape
-    assert mv.tags[vocab.FAMILY] == "pixelnet"
+    assert mv.tags[vocab.FAMILY_RUN] == "pixelnet"  # whichever candidate won (trained or compressed), its network
 
     incoming = project / "data" / "incoming"
     incoming.mkdir(parents=True, exist_ok=True)
