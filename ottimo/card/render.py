@@ -121,7 +121,7 @@ def _scalability(s: dict, full: bool) -> list[str]:
     out += _table(["batch", "rows/s", "CPU-s per 1M rows", f"cost per 1M rows ({s['currency']})"],
                   [[str(c["batch"]), f"{c['rows_per_s']:,.0f}", _g(c["cpu_s_per_million"]),
                     _g(c["cost_per_million"])] for c in s["curve"]])
-    if s.get("targets"):  # cards written before evaluate.targets have none
+    if full and s.get("targets"):  # the full card only (the registry description is short); older cards have none
         out += ["", "Per call on each target (evaluate.targets; 95% bootstrap intervals; * decides the gate):", ""]
         out += _table(["target", "threads", "rows per call", "p50 ms", "p95 ms"],
                       [[t["target"] + (" *" if t["decides"] else ""), str(t["threads"]), str(t["batch"]),
