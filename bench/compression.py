@@ -7,9 +7,27 @@ process with `evaluate:`'s settings (warm-up, runs, `evaluate.threads` onnxrunti
 The teacher is also timed in PyTorch eager at batch 1. Printed: per candidate accuracy, p50/p95 at batch 1, rows/s at
 batch 64, size, the ratios against the teacher in onnxruntime FP32 and in PyTorch eager, notes where a technique does
 not pay on this CPU, and whether the selected candidate meets the goals (>= 10x faster than eager at p50, >= 3x faster
-than onnxruntime FP32 at p50, >= 4x smaller, accuracy drop <= 1.0 point).
+than onnxruntime FP32 at p50, >= 4x smaller, accuracy drop <= 1.0 point). INT8 candidates are made as the
+pipeline makes them: one per `compress.quantize.options` entry (ottimo.compress.quantize.quantize).
 
     .venv/bin/python bench/compression.py
+
+With a named params profile (`--profile transformer`: params.transformer.yaml at the repo root, or `--params FILE`),
+the side-by-side bench of GitHub issue 15, in one run: the teacher trained (seeded) and exported; then FP32
+onnxruntime, PyTorch eager on the deciding target (batch 1), the fused FP32 graph (ottimo.compress.fusion, its
+report printed), every quantize option from the fused graph and dynamic INT8 from the unfused one, and with
+`quantize.accuracy_aware` an accuracy-aware INT8 per option (ottimo.compress.sensitivity on the validation split,
+tolerance `compress.select.max_drop_vs_teacher`) where it keeps nodes in FP32. Every ONNX candidate is timed
+interleaved (ottimo.onnx.latency.measure) on each of `evaluate.targets`; per candidate: test accuracy and drop,
+p50/p95 with 95% bootstrap intervals, the p50 speed-up against FP32 onnxruntime (paired bootstrap over the rounds),
+size and size ratio. `pareto.select` (with the gate's thresholds, no champion) picks one from rows built as
+tasks/compress.measure_candidates builds them; the goals are checked on it (or, when it is not INT8, on the INT8
+candidate the same rule picks): >= 2.0x faster p50 than FP32 onnxruntime, >= 3.5x smaller, <= 0.5 points drop.
+Then `--repeats` fresh measurements + selections: how often the same model is chosen and, when not, whether the
+choices lie in the statistically tied first tier (ottimo.onnx.latency.tiers).
+
+    .venv/bin/python bench/compression.py --profile transformer            # ~15 min on 2 busy cores
+    .venv/bin/python bench/compression.py --profile transformer --epochs 1 --rounds 40 --repeats 2  # a smoke run
 """
 
 from __future__ import annotations
@@ -372,6 +390,7 @@ def _profile(params, params_path, args, folder, targets, deciding, rounds, warmu
         cands.append(Cand(dst.stem, opt.name, cfg.teacher, dst, n_params,
                           disagreement(dst, fp32, splits, q.min_agreement)))
     aa: dict[str, sensitivity.AccuracyAwareResult] = {}
+    weights: dict[str, int] = {}
     if q.accuracy_aware:
         tol = cfg.select.max_drop_vs_teacher
         print(f"\naccuracy-aware INT8 (ottimo.compress.sensitivity, from {quant_from.name}, validation split "
@@ -385,8 +404,10 @@ def _profile(params, params_path, args, folder, targets, deciding, rounds, warmu
                                              splits.rows(splits.X_val), splits.y_val, tol,
                                              max_excluded=q.max_fp32_nodes)
             aa[opt.name] = res
-            ranked = len(res.ranking) or len(quantize.weight_nodes(quantize.preprocess(
-                quant_from.path, folder / "aa-count.pre.onnx"), opt))
+            if opt.mode not in weights:  # the nodes the loop could keep in FP32, counted as it counts them
+                pre = quantize.preprocess(quant_from.path, folder / "aa-count.pre.onnx", skip_symbolic_shape=True)
+                weights[opt.mode] = len(quantize.weight_nodes(pre, opt))
+            ranked = weights[opt.mode]
             print(f"  {res.summary} [{time.perf_counter() - t1:.0f} s]")
             print("    rounds: " + "; ".join(f"{len(x.excluded)} FP32 -> val {x.accuracy:.4f} ({x.drop_points:+.2f} "
                                              "pt)" for x in res.rounds))
