@@ -579,9 +579,10 @@ def _stability(params, args, rows, paths, X, deciding, warmup, sel, tier0, t_acc
     if other:
         in_main = sum(c in tier0 for c, _ in other)
         main_in = sum(sel.chosen in tier for _, tier in other)
-        print(f"  the {len(other)} other choice(s) ({', '.join(sorted({str(c) for c, _ in other}))}): {in_main} in the "
-              f"main run's first tier; the main run's choice was in that repeat's first tier {main_in} time(s) (a "
-              "tie the deterministic rule broke by accuracy, size, name once the tier changed)")
+        print(f"  the {len(other)} other choice(s) ({', '.join(sorted({str(c) for c, _ in other}))}): {in_main} of "
+              f"them in the main run's first tier (statistically tied with its choice); the main run's choice was in "
+              f"that repeat's first tier {main_in} of {len(other)} time(s). Within a tier the rule is deterministic "
+              "(accuracy, size, name): a different choice means the tier itself changed with the fresh timings")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
