@@ -413,9 +413,14 @@ def _profile(params, params_path, args, folder, targets, deciding, rounds, warmu
                                              "pt)" for x in res.rounds))
             for s in res.excluded:
                 print(f"    kept FP32: {s.why}")
-            if res.success and res.excluded:
-                cands.append(Cand(dst.stem, f"{opt.name} accuracy-aware", quant_from.name, dst, n_params,
-                                  disagreement(dst, quant_from.path, splits, q.min_agreement),
+            if res.excluded:
+                error = None
+                if not res.success:  # the pipeline disqualifies it; its last round is still timed for the cost
+                    quantize.quantize(quant_from.path, dst, opt, calib if opt.needs_calibration else None,
+                                      [s.node for s in res.excluded])
+                    error = f"accuracy-aware failed: {res.reason}"
+                cands.append(Cand(dst.stem, f"{opt.name} (aa)", quant_from.name, dst, n_params,
+                                  error or disagreement(dst, quant_from.path, splits, q.min_agreement),
                                   {"fp32_nodes": len(res.excluded), "of_nodes": ranked}))
             elif res.success:
                 print(f"    -> {len(res.excluded)} of {ranked} weight nodes kept FP32: the file is plain "
@@ -488,17 +493,17 @@ def _table(params, cands, rows, timings, targets, sel, eager, eager_acc, aa, pla
     print(f"\n{deciding.name} target ({deciding.threads} thread(s), batch {deciding.batch}; deciding): p50/p95 ms "
           "with 95% bootstrap intervals; x FP32 = p50 speed-up vs FP32 onnxruntime, paired bootstrap over the "
           "interleaved rounds; drop = accuracy points below FP32 on the test split")
-    head = (f"  {'candidate':38} {'technique':24} {'acc':>6} {'drop':>6} {'p50 ms [95%]':>24} {'p95 ms [95%]':>24} "
+    head = (f"  {'candidate':38} {'technique':22} {'acc':>6} {'drop':>6} {'p50 ms [95%]':>24} {'p95 ms [95%]':>24} "
             f"{'x FP32 p50 [95%]':>20} {'kB':>7} {'smaller':>7} {'int ops':>7}")
     print(head)
     print("  " + "-" * (len(head) - 2))
-    print(f"  {'PyTorch eager (timed alone)':38} {'trained':24} {eager_acc:6.4f} "
+    print(f"  {'PyTorch eager (timed alone)':38} {'trained':22} {eager_acc:6.4f} "
           f"{(t['accuracy'] - eager_acc) * 100:6.2f} {_iv(eager.p50):>24} {_iv(eager.p95):>24} "
           f"{_iv(ratio(ref.samples_ms, eager.samples_ms), '.2f'):>20}")
     for c in cands:
         m, tm = by[c.name].metrics, timings[deciding.name][c.name]
         mark = "* " if c.name == sel.chosen else "  "
-        print(f"{mark}{c.name:38} {c.technique:24} {m['accuracy']:6.4f} {(t['accuracy'] - m['accuracy']) * 100:6.2f} "
+        print(f"{mark}{c.name:38} {c.technique:22} {m['accuracy']:6.4f} {(t['accuracy'] - m['accuracy']) * 100:6.2f} "
               f"{_iv(tm.p50):>24} {_iv(tm.p95):>24} {_iv(ratio(ref.samples_ms, tm.samples_ms), '.2f'):>20} "
               f"{m['size_mb'] * 1e3:7.1f} {t['size_mb'] / m['size_mb']:7.2f} {quantize.integer_ops(c.path):7d}"
               + (f"  ({c.error})" if c.error else ""))
@@ -523,6 +528,7 @@ def _table(params, cands, rows, timings, targets, sel, eager, eager_acc, aa, pla
                 line += ("0 FP32 nodes (plain is within tolerance), no cost" if res.success else
                          f"failed ({res.reason}); measured plain only")
             else:
+                line += "" if res.success else "FAILED (disqualified), its last round timed: "
                 cm = by[c.name].metrics
                 slow = ratio(timings[deciding.name][c.name].samples_ms, timings[deciding.name][p.name].samples_ms)
                 line += (f"{c.settings['fp32_nodes']} of {c.settings['of_nodes']} weight nodes FP32 -> val drop "
