@@ -26,7 +26,7 @@ candidate the same rule picks): >= 2.0x faster p50 than FP32 onnxruntime, >= 3.5
 Then `--repeats` fresh measurements + selections: how often the same model is chosen and, when not, whether the
 choices lie in the statistically tied first tier (ottimo.onnx.latency.tiers).
 
-    .venv/bin/python bench/compression.py --profile transformer            # ~15 min on 2 busy cores
+    .venv/bin/python bench/compression.py --profile transformer            # ~9 min on 2 busy cores
     .venv/bin/python bench/compression.py --profile transformer --epochs 1 --rounds 40 --repeats 2  # a smoke run
 """
 
