@@ -222,29 +222,6 @@ def quantizable_nodes(path: Path, option: QuantOption) -> list[str]:
     return [name for name, _ in weight_nodes(path, option)]
 
 
-def dynamic_int8(src: Path, dst: Path, per_channel: bool = False, reduce_range: bool = False) -> Path:
-    """INT8 weights, activations quantized at run time (MatMulInteger / DynamicQuantizeLinear)."""
-    pre = preprocess(src, dst.with_suffix(".pre.onnx"))
-    with _quiet():
-        quantize_dynamic(str(pre), str(dst), per_channel=per_channel, reduce_range=reduce_range,
-                         weight_type=QuantType.QInt8)
-    pre.unlink()
-    return dst
-
-
-def static_int8(src: Path, dst: Path, X_calib: np.ndarray, per_channel: bool = False,
-                reduce_range: bool = False) -> Path:
-    """INT8 in QDQ format with activation ranges calibrated (MinMax) on `X_calib`, a sample of the train split shaped
-    as the model takes it (ottimo.onnx.export.shaped)."""
-    pre = preprocess(src, dst.with_suffix(".pre.onnx"))
-    with _quiet():
-        quantize_static(str(pre), str(dst), RowsReader(X_calib), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QInt8,
-                        weight_type=QuantType.QInt8)
-    pre.unlink()
-    return dst
-
-
 def op_counts(path: Path) -> Counter:
     """How many nodes of each operator type the graph (and its functions) holds."""
     model = onnx.load(str(path))
