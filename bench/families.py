@@ -3,7 +3,7 @@ candidate the pipeline's selection would pick, side by side in one run.
 
 Rows: the mlp on digits (tabular, 64 columns), the cnn on digits as [1, 8, 8] images (data.input {kind: image}),
 the transformer on digits (patches of a tabular row) and the transformer on the generated token sequences
-(`data.builtin: sequences`; the row is skipped with a note while that builtin is not in this tree). Per row, on the
+(`data.builtin: sequences`). Per row, on the
 data prepared into a temporary folder:
 
 1. the teacher is trained with params.yaml's settings (`train:`, the family's `families.<name>` hparams and train);
