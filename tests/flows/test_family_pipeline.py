@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import onnx
 import pandas as pd
+import pytest
 import yaml
 
 from flows.drift import drift_check
@@ -100,6 +101,7 @@ def test_a_family_only_this_test_knows_goes_through_the_whole_loop(tmp_path, pre
     assert check.result().evidence["rows"] == 80
 
 
+@pytest.mark.slow  # the whole loop once more on another family: in `make test-slow`, which CI runs
 def test_the_cnn_on_digits_as_images_reaches_a_champion_and_prunes_structurally(tmp_path, prefect_harness):
     project = write_project(tmp_path / "project", {**QUICK, **IMAGE, "train": {"candidates": ["cnn"]},
                                                    "families": {"cnn": {"hparams": {"channels": [8, 16]}}},

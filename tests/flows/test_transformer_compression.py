@@ -31,6 +31,7 @@ SETTINGS = {
 }
 
 
+@pytest.mark.slow  # two pipeline runs (about 2 min): in `make test-slow`, which CI runs after `make test`
 def test_fused_and_int8_candidates_are_timed_on_every_target_and_the_gate_compares_with_the_champion(
         tmp_path, prefect_harness):
     project = write_project(tmp_path / "project", SETTINGS)
