@@ -124,31 +124,16 @@ def build(params: Params, teacher: torch.nn.Module, splits: Splits, out: Path, c
             rows.append(onnx_row(m, pruned_name, "prune-structured", base["name"]))
             structured.append(rows[-1])
     q = cfg.quantize
-    calib = calibration_rows(params, splits, q.calibration_rows)
+    calib = quantize.calibration_sample(splits, q.calibration_rows, params.project.seed)
     for base in bases + (structured if q.after_structured else []):
         for name in q.options:
             option = quantize.QuantOption.parse(name)
             dst = out / f"{base['name']}+{option.name}.onnx"
             quantize.quantize(base["path"], dst, option, calib if option.needs_calibration else None)
+            agree = quantize.agreement(dst, Path(base["path"]), splits.X_test)
             rows.append({**base, "name": dst.stem, "technique": option.name, "base": base["name"], "path": dst,
-                         "error": disagreement(dst, Path(base["path"]), splits, q.min_agreement)})
+                         "error": quantize.disagreement(agree, q.min_agreement)})
     return rows
-
-
-def calibration_rows(params: Params, splits: Splits, n: int) -> np.ndarray:
-    """The seeded sample of `n` train rows static quantization calibrates on, as the pipeline draws it
-    (tasks.compress._calibration), shaped as the model takes them."""
-    rng = np.random.default_rng(params.project.seed)
-    return splits.rows(splits.X_train[rng.choice(len(splits.X_train), min(n, len(splits.X_train)), replace=False)])
-
-
-def disagreement(path: Path, src: Path, splits: Splits, min_agreement: float) -> str | None:
-    """The pipeline's check of a quantized file: why its test predictions agree with its FP32 source's on fewer
-    than `min_agreement` of the rows, or None."""
-    agreement = float((predict(session(path), splits.X_test) == predict(session(src), splits.X_test)).mean())
-    return None if agreement >= min_agreement else (
-        f"predictions agree with the FP32 model on {agreement:.1%} of test rows (< min_agreement "
-        f"{min_agreement:.1%})")
 
 
 def default_main() -> None:
@@ -268,21 +253,6 @@ def ratio(ref: Sequence[float], cand: Sequence[float], n_boot: int = 2000, seed:
     return latency.Interval(float(np.median(a) / np.median(b)), float(lo), float(hi))
 
 
-def flat(timings: dict[str, dict[str, latency.Timing]], targets: list[latency.Target]) -> dict[str, dict[str, float]]:
-    """Timings per target (the deciding one first) as ottimo.onnx.latency.figures writes them: the deciding target's
-    p50_ms, p50_low_ms, ... unprefixed, every target's under "<target>." with <target>.rows_per_s. (figures itself
-    times every target with the same rounds and returns no samples; batch-64 rounds cost 64 rows each.)"""
-    out: dict[str, dict[str, float]] = {}
-    for i, t in enumerate(targets):
-        for name, timing in timings.get(t.name, {}).items():
-            m, d = timing.metrics(), out.setdefault(name, {})
-            if i == 0:
-                d |= {k: v for k, v in m.items() if k != "calls"}
-            d |= {f"{t.name}.{k}": v for k, v in m.items() if k != "calls"}
-            d[f"{t.name}.rows_per_s"] = t.batch * 1e3 / m["p50_ms"]
-    return out
-
-
 def qualifying(rows: list[pareto.Row], teacher_accuracy: float, params: Params) -> list[pareto.Row]:
     """The rows pareto.select chooses among: within compress.select's floors, those the gate would pass first."""
     ok = [r for r in rows if pareto.refusals(r, teacher_accuracy, params.compress.select, None, None) is None]
@@ -372,23 +342,23 @@ def _profile(params, params_path, args, folder, targets, deciding, rounds, warmu
                 if rep.ops_before.get(op, 0) or rep.ops_after.get(op, 0)))
             if not rep.fused:
                 print("  nothing fused: the fused candidate is the FP32 graph re-written")
-    calib = calibration_rows(params, splits, q.calibration_rows)
+    calib = quantize.calibration_sample(splits, q.calibration_rows, params.project.seed)
     plain: dict[str, Cand] = {}
     for name in q.options:
         opt = quantize.QuantOption.parse(name)
         dst = folder / f"{quant_from.name}+{opt.name}.onnx"
         t1 = time.perf_counter()
         quantize.quantize(quant_from.path, dst, opt, calib if opt.needs_calibration else None)
+        agree = quantize.agreement(dst, quant_from.path, splits.X_test)
         cands.append(Cand(dst.stem, opt.name, quant_from.name, dst, n_params,
-                          disagreement(dst, quant_from.path, splits, q.min_agreement),
-                          {"built_s": time.perf_counter() - t1}))
+                          quantize.disagreement(agree, q.min_agreement), {"built_s": time.perf_counter() - t1}))
         plain[opt.name] = cands[-1]
     if quant_from is not cands[0]:  # dynamic INT8 of the unfused graph: what fusion adds to INT8
         opt = quantize.QuantOption.parse("int8-dyn")
         dst = folder / f"{cfg.teacher}+{opt.name}.onnx"
         quantize.quantize(fp32, dst, opt)
         cands.append(Cand(dst.stem, opt.name, cfg.teacher, dst, n_params,
-                          disagreement(dst, fp32, splits, q.min_agreement)))
+                          quantize.disagreement(quantize.agreement(dst, fp32, splits.X_test), q.min_agreement)))
     aa: dict[str, sensitivity.AccuracyAwareResult] = {}
     weights: dict[str, int] = {}
     if q.accuracy_aware:
@@ -419,8 +389,9 @@ def _profile(params, params_path, args, folder, targets, deciding, rounds, warmu
                     quantize.quantize(quant_from.path, dst, opt, calib if opt.needs_calibration else None,
                                       [s.node for s in res.excluded])
                     error = f"accuracy-aware failed: {res.reason}"
+                agree = quantize.agreement(dst, quant_from.path, splits.X_test)
                 cands.append(Cand(dst.stem, f"{opt.name} (aa)", quant_from.name, dst, n_params,
-                                  error or disagreement(dst, quant_from.path, splits, q.min_agreement),
+                                  error or quantize.disagreement(agree, q.min_agreement),
                                   {"fp32_nodes": len(res.excluded), "of_nodes": ranked}))
             elif res.success:
                 print(f"    -> {len(res.excluded)} of {ranked} weight nodes kept FP32: the file is plain "
@@ -453,7 +424,7 @@ def _profile(params, params_path, args, folder, targets, deciding, rounds, warmu
     eager = latency.Timing.of("PyTorch eager", deciding.name, eager_samples(
         teacher, splits.rows(X), deciding.batch, ev.warmup, rounds[deciding.name]), ev.bootstrap)
     torch.set_num_threads(args.train_threads)
-    figs = flat(timings, targets)
+    figs = latency.flatten(timings, targets)
     rows = [pareto.Row(c.name, c.technique, c.base, base_metrics[c.name] | figs[c.name] | {
         "throughput_rps": figs[c.name][f"{max(targets, key=lambda t: t.batch).name}.rows_per_s"]},
         c.parameters, 0.0, error=c.error, settings=c.settings) for c in cands]
@@ -570,7 +541,7 @@ def _stability(params, args, rows, paths, X, deciding, warmup, sel, tier0, t_acc
     chosen = []
     for k in range(args.repeats):
         fresh = latency.measure(paths, X, deciding, args.stability_rounds, warmup[deciding.name], ev.bootstrap)
-        figs = flat({deciding.name: fresh}, [deciding])
+        figs = latency.flatten({deciding.name: fresh}, [deciding])
         again = [pareto.Row(r.name, r.technique, r.base, r.metrics | figs[r.name], r.parameters, r.sparsity,
                             error=r.error, settings=r.settings) for r in rows]
         s = pareto.select(again, t_acc, params.compress.select, params.gate, None)

@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from ottimo.compress.options import QuantizeError, QuantOption
+
 Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
 
 
@@ -531,8 +533,6 @@ class QuantizeCfg(Strict):
     @field_validator("options")
     @classmethod
     def _options(cls, v: list[str]) -> list[str]:
-        from ottimo.compress.quantize import QuantizeError, QuantOption  # onnxruntime only when quantizing
-
         try:
             names = [QuantOption.parse(o).name for o in v]
         except QuantizeError as err:

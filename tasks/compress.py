@@ -27,7 +27,7 @@ from ottimo.data.tables import Splits, load_splits
 from ottimo.models.family import Recipe, count_parameters, rebuild, recipe
 from ottimo.onnx import latency
 from ottimo.onnx.export import export_guard, export_onnx, parity_check, sha256, verify_sha256
-from ottimo.onnx.measure import Metrics, measure, predict, session
+from ottimo.onnx.measure import Metrics, measure
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import report
 from ottimo.registry.gate import GateFailed
@@ -115,9 +115,10 @@ def _finish_torch(root: Path, params: Params, model: torch.nn.Module, name: str,
 
 
 def _skipped(root: Path, params: Params, name: str, technique: str, base: Built, settings: dict, data: DataVersion,
-             parent_run_id: str, reason: str) -> Built:
-    """A candidate that could not be made: its run records why; the report shows it with that reason."""
-    run_id = _open_run(root, params, parent_run_id, name, technique, base, settings, data)
+             parent_run_id: str, reason: str, run_id: str | None = None) -> Built:
+    """A candidate that could not be made: its run (`run_id`, when the attempt had opened one) records why; the
+    report shows it with that reason."""
+    run_id = run_id or _open_run(root, params, parent_run_id, name, technique, base, settings, data)
     connect(root, params.mlflow)[0].set_tag(run_id, "compress.skipped", vocab.clip(reason))
     get_run_logger().warning("%s skipped: %s", name, reason)
     return Built(name, technique, base.name, base.family, run_id, "", "", "", base.spec, base.n_classes,
@@ -181,13 +182,6 @@ def prune_variant(root: Path, params: Params, base: Built, method: str, amount: 
     return built
 
 
-def _calibration(params: Params, splits: Splits) -> np.ndarray:
-    """A seeded sample of `quantize.calibration_rows` train rows, as static quantization calibrates on."""
-    rng = np.random.default_rng(params.project.seed)
-    n = min(params.compress.quantize.calibration_rows, len(splits.X_train))
-    return splits.rows(splits.X_train[rng.choice(len(splits.X_train), n, replace=False)])
-
-
 def _accuracy_aware(params: Params, src: Path, dst: Path, option: quantize.QuantOption, calib: np.ndarray | None,
                     splits: Splits, out: Path) -> tuple[dict, str | None]:
     """`quantize.accuracy_aware`: quantize keeping the fewest most-sensitive nodes in FP32 until the validation
@@ -222,26 +216,25 @@ def quantize_variant(root: Path, params: Params, base: Built, option: str, data:
     run_id = _open_run(root, params, parent_run_id, name, opt.name, base, settings, data)
     out = work_dir(root, run_id)
     dst, src = out / "model.onnx", Path(base.onnx_path)
-    calib = _calibration(params, splits) if opt.needs_calibration else None
+    calib = (quantize.calibration_sample(splits, cfg.calibration_rows, params.project.seed)
+             if opt.needs_calibration else None)
     error = None
     with export_guard.exclusive():
         if cfg.accuracy_aware:
             extra, error = _accuracy_aware(params, src, dst, opt, calib, splits, out)
-            connect(root, params.mlflow)[0].log_batch(run_id, params=[Param(k, vocab.clip(str(v), 6000))
+            connect(root, params.mlflow)[0].log_batch(run_id, params=[Param(k, vocab.clip(v, vocab.PARAM_LIMIT))
                                                                       for k, v in extra.items()])
             settings = {**settings, **extra}
         if not dst.is_file():  # plain, or accuracy-aware that ended without a file: measure plain INT8
             quantize.quantize(src, dst, opt, calib)
         uri, digest = _log_onnx(root, params, run_id, dst, splits.X_test, splits.labels)
-    agreement = float((predict(session(dst), splits.X_test) == predict(session(src), splits.X_test)).mean())
+    agreement = quantize.agreement(dst, src, splits.X_test)
     client = connect(root, params.mlflow)[0]
     if (out / "accuracy_aware.json").is_file():
         client.log_artifact(run_id, str(out / "accuracy_aware.json"))
     client.log_batch(run_id, metrics=[Metric("agreement_with_fp32", agreement, 0, 0),
                                       Metric("integer_ops", quantize.integer_ops(dst), 0, 0)])
-    if error is None and agreement < cfg.min_agreement:
-        error = (f"predictions agree with the FP32 model on {agreement:.1%} of test rows (< min_agreement "
-                 f"{cfg.min_agreement:.1%})")
+    error = error or quantize.disagreement(agreement, cfg.min_agreement)
     get_run_logger().info("%s: %.1f kB (FP32 %.1f kB), agreement with FP32 %.4f%s", name, dst.stat().st_size / 1e3,
                           src.stat().st_size / 1e3, agreement, f", {settings['fp32_nodes']} node(s) kept FP32"
                           if cfg.accuracy_aware else "")
@@ -265,8 +258,7 @@ def fuse_variant(root: Path, params: Params, base: Built, data: DataVersion, par
         try:
             rep = fusion.optimize(Path(base.onnx_path), dst, check_rows=splits.X_test[:32])
         except fusion.FusionError as err:
-            connect(root, params.mlflow)[0].set_terminated(run_id, "FAILED")
-            return _skipped(root, params, name, "fuse", base, {}, data, parent_run_id, str(err))
+            return _skipped(root, params, name, "fuse", base, {}, data, parent_run_id, str(err), run_id)
         uri, digest = _log_onnx(root, params, run_id, dst, splits.X_test, splits.labels)
     (out / "fusion.json").write_text(json.dumps(rep.as_dict(), indent=2))
     client = connect(root, params.mlflow)[0]

@@ -425,12 +425,10 @@ def throughput_curve(sess: ort.InferenceSession, X: np.ndarray, cfg: CardCfg) ->
 
 def target_latency(path: Path, X: np.ndarray, evaluate: EvaluateCfg) -> list[dict]:
     """Per-call p50 / p95 with 95% bootstrap intervals on each of `evaluate.targets` (threads, rows per call)."""
-    out = []
-    for t in latency.targets(evaluate):
-        timing = latency.measure({"model": path}, X, t, evaluate.runs, evaluate.warmup, evaluate.bootstrap)["model"]
-        out.append({"target": t.name, "threads": t.threads, "batch": t.batch, "decides": t.name == evaluate.target,
-                    **{k: v for k, v in timing.metrics().items() if k != "calls"}})
-    return out
+    ts = latency.targets(evaluate)
+    timed = latency.measure_targets({"model": path}, X, ts, evaluate.runs, evaluate.warmup, evaluate.bootstrap)
+    return [{"target": t.name, "threads": t.threads, "batch": t.batch, "decides": t.name == evaluate.target,
+             **{k: v for k, v in timed[t.name]["model"].metrics().items() if k != "calls"}} for t in ts]
 
 
 def scalability_section(path: Path, X: np.ndarray, cfg: CardCfg, evaluate: EvaluateCfg) -> dict:

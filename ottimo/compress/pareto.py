@@ -110,13 +110,12 @@ def select(rows: list[Row], teacher_accuracy: float, cfg: SelectCfg, gate: GateC
     def value(r: Row) -> float:
         return r.metrics[obj] if low else -r.metrics[obj]
 
-    q = obj.removesuffix("_ms")
-    if obj in LATENCY and all(interval_of(r.metrics, q) for r in pool):  # 95% intervals: overlapping ones tie
-        order = interval_order(pool, {r.name: interval_of(r.metrics, q) for r in pool})
-        fastest = tiers([Candidate(r.name, interval_of(r.metrics, q), r.metrics["accuracy"], r.metrics["size_mb"])
-                         for r in pool])[0]
-        tied = [r for r in pool if r.name in {c.name for c in fastest}]
-        best = next(r for r in pool if r.name == order[0])
+    intervals = {r.name: interval_of(r.metrics, obj.removesuffix("_ms")) for r in pool} if obj in LATENCY else {}
+    if intervals and all(intervals.values()):  # 95% intervals: those overlapping the fastest one's tie
+        fastest = [c.name for c in tiers([Candidate(r.name, intervals[r.name], r.metrics["accuracy"],
+                                                    r.metrics["size_mb"]) for r in pool])[0]]
+        tied = [r for r in pool if r.name in fastest]
+        best = next(r for r in pool if r.name == fastest[0])  # a tier is in tie-break order
         within = " (95% intervals overlap)"
     else:
         top = min(value(r) for r in pool)

@@ -18,9 +18,7 @@ import logging
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnx
@@ -37,7 +35,10 @@ from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_d
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from ottimo.compress.options import OPTIONS, QuantizeError, QuantOption  # noqa: F401  (re-exported)
+from ottimo.data.tables import Splits
 from ottimo.onnx.export import INPUT, shaped
+from ottimo.onnx.measure import predict, session
 
 INTEGER_OPS = {"MatMulInteger", "QLinearMatMul", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
                "DynamicQuantizeMatMul", "QGemm", "QAttention", "MatMulIntegerToFloat", "ConvInteger", "QLinearConv"}
@@ -52,62 +53,6 @@ CALIBRATOR_OPTIONS = {"minmax": {}, "entropy": {"num_bins": 256, "num_quantized_
 # weight-carrying ops each mode quantizes (onnxruntime.quantization.registry); what sensitivity ranks
 WEIGHT_OPS = {"dynamic": ("MatMul", "Gemm", "Attention", "Conv", "Gather", "EmbedLayerNormalization", "LSTM"),
               "static": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")}
-
-
-class QuantizeError(ValueError):
-    """A quantization option or its inputs are not usable (unknown method, no calibration rows)."""
-
-
-@dataclass(frozen=True)
-class QuantOption:
-    """One way to quantize to INT8. `mode` dynamic: weights INT8, activations quantized at run time (the recommended
-    one for transformers on CPU); static: QDQ with INT8 activations and weights (S8S8), activation ranges calibrated
-    by `calibration` (minmax | entropy | percentile). `per_channel`: one scale per output channel of each weight.
-    `reduce_range`: 7-bit weights, for CPUs without VNNI (where the 8-bit product can saturate)."""
-
-    mode: Literal["dynamic", "static"] = "dynamic"
-    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
-    per_channel: bool = False
-    reduce_range: bool = False
-
-    def __post_init__(self) -> None:
-        if self.mode not in WEIGHT_OPS:
-            raise QuantizeError(f"quantization mode {self.mode!r}: use 'dynamic' or 'static'")
-        if self.calibration not in CALIBRATION:
-            raise QuantizeError(f"calibration {self.calibration!r}: use one of {', '.join(CALIBRATION)}")
-
-    @property
-    def name(self) -> str:
-        """The candidate-name suffix: int8-dyn, int8-qdq-entropy, ... with -pc (per-channel), -rr (reduce_range)."""
-        kind = "dyn" if self.mode == "dynamic" else f"qdq-{self.calibration}"
-        return f"int8-{kind}" + ("-pc" if self.per_channel else "") + ("-rr" if self.reduce_range else "")
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.mode == "static"
-
-    @classmethod
-    def parse(cls, name: str) -> QuantOption:
-        """The option a `name` (its suffix, e.g. "int8-qdq-percentile-pc") stands for."""
-        parts = name.removeprefix("int8-").split("-")
-        flags = {p for p in parts[1:] if p in {"pc", "rr"}}
-        rest = [p for p in parts[1:] if p not in flags]
-        if parts[0] == "dyn" and not rest:
-            option = cls("dynamic", per_channel="pc" in flags, reduce_range="rr" in flags)
-        elif parts[0] == "qdq" and len(rest) == 1 and rest[0] in CALIBRATION:
-            option = cls("static", rest[0], "pc" in flags, "rr" in flags)
-        else:
-            raise QuantizeError(f"unknown quantization option {name!r}; names look like "
-                                f"{', '.join(o.name for o in OPTIONS)}")
-        if option.name != "int8-" + name.removeprefix("int8-"):
-            raise QuantizeError(f"quantization option {name!r}: write it as {option.name!r}")
-        return option
-
-
-OPTIONS = (QuantOption("dynamic"), QuantOption("dynamic", per_channel=True),
-           QuantOption("dynamic", reduce_range=True),
-           QuantOption("static", "minmax"), QuantOption("static", "minmax", per_channel=True),
-           QuantOption("static", "entropy"), QuantOption("static", "percentile"))
 
 
 class RowsReader(CalibrationDataReader):
@@ -220,6 +165,25 @@ def weight_nodes(path: Path, option: QuantOption) -> list[tuple[str, str]]:
 def quantizable_nodes(path: Path, option: QuantOption) -> list[str]:
     """The names of `weight_nodes`: what can stay FP32 through `nodes_to_exclude`."""
     return [name for name, _ in weight_nodes(path, option)]
+
+
+def calibration_sample(splits: Splits, n: int, seed: int) -> np.ndarray:
+    """The seeded sample of `n` train rows (at most all of them) static options calibrate on, shaped as the model
+    takes them."""
+    rng = np.random.default_rng(seed)
+    return splits.rows(splits.X_train[rng.choice(len(splits.X_train), min(n, len(splits.X_train)), replace=False)])
+
+
+def agreement(path: Path, src: Path, X: np.ndarray) -> float:
+    """The share of rows of X on which the quantized file at `path` predicts the class its FP32 `src` does."""
+    return float((predict(session(path), X) == predict(session(src), X)).mean())
+
+
+def disagreement(share: float, min_agreement: float) -> str | None:
+    """Why a quantized file whose predictions agree with its FP32 source's on `share` of the test rows is
+    disqualified (fewer than `min_agreement`, compress.quantize.min_agreement), or None."""
+    return None if share >= min_agreement else (
+        f"predictions agree with the FP32 model on {share:.1%} of test rows (< min_agreement {min_agreement:.1%})")
 
 
 def op_counts(path: Path) -> Counter:

@@ -177,18 +177,25 @@ def targets(cfg) -> list[Target]:
 
 
 def figures(paths: Mapping[str, Path], X: np.ndarray, cfg) -> dict[str, dict[str, float]]:
-    """Every file timed interleaved on every target of `cfg` (an EvaluateCfg: targets, runs, warmup, bootstrap):
-    name -> flat figures. The deciding target's are p50_ms, p95_ms and their 95% interval ends (p50_low_ms, ...);
-    every target's, the deciding one's included, are also under "<target>." (edge.p50_ms, server.p95_high_ms, ...),
-    with <target>.rows_per_s (rows per second at the target's batch, from its p50)."""
-    out: dict[str, dict[str, float]] = {n: {} for n in paths}
-    for i, t in enumerate(targets(cfg)):
-        for name, timing in measure(paths, X, t, cfg.runs, cfg.warmup, cfg.bootstrap).items():
-            m = timing.metrics()
+    """Every file timed interleaved on every target of `cfg` (an EvaluateCfg: targets, runs, warmup, bootstrap), as
+    `flatten` writes the timings."""
+    ts = targets(cfg)
+    return flatten(measure_targets(paths, X, ts, cfg.runs, cfg.warmup, cfg.bootstrap), ts)
+
+
+def flatten(timings: Mapping[str, Mapping[str, Timing]], targets: Sequence[Target]) -> dict[str, dict[str, float]]:
+    """Timings (target name -> candidate -> Timing; `targets` the deciding one first) as flat figures per candidate:
+    the deciding target's p50_ms, p95_ms and their 95% interval ends (p50_low_ms, ...) unprefixed; every target's,
+    the deciding one's included, also under "<target>." (edge.p50_ms, server.p95_high_ms, ...), with
+    <target>.rows_per_s (rows per second at the target's batch, from its p50)."""
+    out: dict[str, dict[str, float]] = {}
+    for i, t in enumerate(targets):
+        for name, timing in timings.get(t.name, {}).items():
+            m, d = {k: v for k, v in timing.metrics().items() if k != "calls"}, out.setdefault(name, {})
             if i == 0:
-                out[name] |= {k: v for k, v in m.items() if k != "calls"}
-            out[name] |= {f"{t.name}.{k}": v for k, v in m.items() if k != "calls"}
-            out[name][f"{t.name}.rows_per_s"] = t.batch * 1e3 / m["p50_ms"]
+                d |= m
+            d |= {f"{t.name}.{k}": v for k, v in m.items()}
+            d[f"{t.name}.rows_per_s"] = t.batch * 1e3 / m["p50_ms"]
     return out
 
 
