@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: install lock run status up down browser test test-unit test-slow lint bench clean
+.PHONY: install lock run status up down browser postgres test test-unit test-slow lint bench clean
 
 LOCK   := requirements.lock
 
@@ -61,6 +61,13 @@ browser:                            ## Debian's chromium + chromedriver for the 
 	  { $(SUDO) apt-get update -q && \
 	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
+# A cluster of the project's own runs as the `postgres` system user this package creates (initdb refuses root);
+# ottimo.ops.postgres finds the binaries through pg_config --bindir or /usr/lib/postgresql/<version>/bin.
+postgres:                           ## Debian's PostgreSQL server (initdb, pg_ctl) for the Postgres stack and slow tests
+	test -x "$$(pg_config --bindir 2>/dev/null)/initdb" || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
+
 test: install browser               ## lint, then the whole test suite (tests/system/test_ui.py drives headless Chromium)
 	$(BIN)/ruff check ottimo tasks flows tests bench
 	$(BIN)/python -m pytest
@@ -68,7 +75,7 @@ test: install browser               ## lint, then the whole test suite (tests/sy
 test-unit: install                  ## the fast loop: unit tests of the core (tests/unit), no Prefect, no servers
 	$(BIN)/python -m pytest tests/unit
 
-test-slow: install browser          ## the slow suites: crash matrix, servers killed mid-run (CI runs them after `make test`)
+test-slow: install browser postgres ## the slow suites: crash matrix, servers killed mid-run, Postgres (CI runs them after `make test`)
 	$(BIN)/python -m pytest -m slow
 
 bench: install                      ## benchmarks (print ratios measured side by side)

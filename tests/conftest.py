@@ -53,3 +53,13 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+@pytest.fixture
+def postgres():
+    """A throw-away PostgreSQL cluster (ottimo.ops.postgres) on a free loopback port, started; stopped and deleted
+    afterwards. Needs the server binaries: `make postgres` installs them (`make test-slow` does)."""
+    from ottimo.ops.postgres import temporary
+
+    with temporary() as cluster:
+        yield cluster
