@@ -50,8 +50,10 @@ run: install                        ## the whole pipeline on the embedded defaul
 status: install                     ## champion / previous-champion / challenger
 	$(BIN)/ottimo status
 
-up: install                         ## Prefect :4200, MLflow :5000, the deployments served, the endpoint :8000 (127.0.0.1)
-	$(BIN)/python -m ottimo.ops.servers up
+STACK   ?= embedded
+WORKERS ?=
+up: install $(if $(filter postgres,$(STACK)),postgres)  ## Prefect :4200, MLflow :5000, the deployments, the endpoint :8000 (127.0.0.1); STACK=postgres WORKERS=2: the team stack
+	$(BIN)/python -m ottimo.ops.servers up --stack $(STACK) $(if $(WORKERS),--workers $(WORKERS))
 
 down:                               ## stop exactly what `make up` started (.run/*.pid); data is kept
 	$(BIN)/python -m ottimo.ops.servers down

@@ -2,7 +2,10 @@
 its schedule, and the manual promote and rollback.
 
 Run by `ottimo.ops.servers` with PREFECT_API_URL pointing at the Prefect server and OTTIMO_TRACKING_URI at the
-MLflow server, so runs started from the UI or by the schedule log to the MLflow server.
+MLflow server, so runs started from the UI or by the schedule log to the MLflow server. Embedded (`make up`), this
+process serves them (`prefect.serve`) and runs their flow runs; with `--pool` (`make up STACK=postgres`) it
+registers them to a process work pool and exits: the pool's workers run them, each flow loaded from this code
+folder by its entrypoint (`flow.from_source`).
 
 Deployment names are identifiers a user types (`prefect deployment run training-pipeline/nightly`): the flow's
 name says what runs, the deployment's name says which way it is run.
@@ -11,10 +14,11 @@ name says what runs, the deployment's name says which way it is run.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 
-from prefect import serve
+from prefect import Flow, serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
@@ -22,6 +26,7 @@ from flows.pipeline import training_pipeline
 from flows.tune import tuning
 from ottimo.config import Params, load_params
 
+CODE = Path(__file__).resolve().parents[1]  # the folder flows/ is in: a worker loads each flow from here
 PROMOTE_NAME = "promote-version"  # deployment promote/promote-version
 ROLLBACK_NAME = "rollback-champion"  # deployment rollback/rollback-champion
 
@@ -32,25 +37,33 @@ FROM_PARAMS = {"max_epochs": "train.max_epochs", "min_accuracy": "gate.min_accur
 INTERNAL = ("data", "parent_run_id", "params", "drift_check_run")  # drift_check_run: set by the drift check
 
 
-def deployments(project_dir: str, params_file: str = "params.yaml") -> list[RunnerDeployment]:
-    """One deployment per flow, named and scheduled by params.yaml's `deploy:` section."""
+def from_source(flow_: Flow) -> Flow:
+    """The flow as a work pool's worker loads it: from CODE, by its entrypoint (flows/<file>.py:<function>)."""
+    path = Path(inspect.getsourcefile(flow_.fn)).resolve().relative_to(CODE)
+    return Flow.from_source(source=str(CODE), entrypoint=f"{path.as_posix()}:{flow_.fn.__name__}")
+
+
+def deployments(project_dir: str, params_file: str = "params.yaml", pooled: bool = False) -> list[RunnerDeployment]:
+    """One deployment per flow, named and scheduled by params.yaml's `deploy:` section; `pooled`: each flow
+    loaded from source, for a work pool."""
     root = Path(project_dir).resolve()
     params = load_params(root / params_file)
     cfg = params.deploy
     where = {"project_dir": str(root), "params_file": params_file}
-    training = training_pipeline.to_deployment(
+    load = from_source if pooled else (lambda f: f)
+    training = load(training_pipeline).to_deployment(
         name=cfg.training_name, parameters=where, tags=["ottimo", "training", "scheduled"],
         schedule=Cron(cfg.training_cron, timezone=cfg.timezone) if cfg.training_cron else None,
         description="Validate and version the data, (tune,) train, export to ONNX, evaluate, compress, gate and "
                     "promote. Custom run: an empty override keeps params.yaml's value, named under each field.")
-    tune = tuning.to_deployment(
+    tune = load(tuning).to_deployment(
         name=cfg.tuning_name, parameters=where, tags=["ottimo", "tuning", "manual"],
         description="Optuna studies per model family (tune: in params.yaml), no training: the chosen settings "
                     "are logged to MLflow.")
-    return [describe(d, params) for d in (training, tune, *production_loop(root, params_file))]
+    return [describe(d, params) for d in (training, tune, *production_loop(root, params_file, load))]
 
 
-def production_loop(root: Path, params_file: str) -> list[RunnerDeployment]:
+def production_loop(root: Path, params_file: str, load=lambda f: f) -> list[RunnerDeployment]:
     """Batch scoring and the scheduled drift check (`score:` / `drift:`), manual promote and rollback."""
     from flows.drift import drift_check
     from flows.manage import promote, rollback
@@ -60,19 +73,19 @@ def production_loop(root: Path, params_file: str) -> list[RunnerDeployment]:
     where = {"project_dir": str(root), "params_file": params_file}
     tz = params.deploy.timezone
     return [
-        batch_scoring.to_deployment(
+        load(batch_scoring).to_deployment(
             name=params.score.deployment_name, parameters=where, tags=["ottimo", "scoring", "manual"],
             description=f"Score the new batches in {params.score.incoming} with the champion; malformed ones "
                         f"move to {params.limits.quarantine_dir}."),
-        drift_check.to_deployment(
+        load(drift_check).to_deployment(
             name=params.drift.deployment_name, parameters=where, tags=["ottimo", "monitoring", "scheduled"],
             schedule=Cron(params.drift.cron, timezone=tz) if params.drift.cron else None,
             description="Evidently drift check of the scored batches: nothing, retrain (runs training-pipeline/"
                         f"{params.deploy.training_name}) or rollback."),
-        promote.to_deployment(
+        load(promote).to_deployment(
             name=PROMOTE_NAME, parameters=where, tags=["ottimo", "registry", "manual"],
             description="Make a registered version the champion through the gate (force=true with a reason)."),
-        rollback.to_deployment(
+        load(rollback).to_deployment(
             name=ROLLBACK_NAME, parameters=where, tags=["ottimo", "registry", "manual"],
             description="Swap champion and previous-champion back (the reason is tagged on both versions)."),
     ]
@@ -112,11 +125,34 @@ def describe(deployment: RunnerDeployment, params: Params) -> RunnerDeployment:
     return deployment
 
 
+def register(project_dir: str, params_file: str, pool: str, concurrency: int) -> list[str]:
+    """Create the process work pool `pool` (or set its concurrency limit) and register every deployment to it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+            client.update_work_pool(pool, WorkPoolUpdate(concurrency_limit=concurrency))
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process", concurrency_limit=concurrency))
+    # RunnerDeployment.apply, not prefect.deploy: deploy() also lists the pool's workers with a null limit, which
+    # Prefect 3.8.8's server refuses (422 "Input should be a valid integer")
+    return [str(d.apply(work_pool_name=pool)) for d in deployments(project_dir, params_file, pooled=True)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--project-dir", default=".")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--pool", help="register the deployments to this process work pool instead of serving them")
+    parser.add_argument("--concurrency", type=int, default=1, help="the pool's concurrency limit (with --pool)")
     args = parser.parse_args()
+    if args.pool:
+        ids = register(args.project_dir, args.params, args.pool, args.concurrency)
+        print(f"{len(ids)} deployments registered to work pool {args.pool} (concurrency {args.concurrency})")
+        return
     serve(*deployments(args.project_dir, args.params))
 
 

@@ -486,6 +486,20 @@ class ServeCfg(Strict):
                                                 #   new traffic is not logged (counted in /health)
 
 
+class TeamCfg(Strict):
+    """`make up STACK=postgres WORKERS=n`: the team stack on deploy.host. PostgreSQL (a cluster under .run/) for
+    Prefect, MLflow and Optuna; a local S3 API (moto) for MLflow's artifacts and the DVC remote; a Dask
+    scheduler and workers; a Prefect process work pool with `workers` workers (env WORKERS overrides)."""
+
+    postgres_port: int = Field(5433, ge=1, le=65535)
+    s3_port: int = Field(9000, ge=1, le=65535)
+    bucket: str = Field("ottimo", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # MLflow under mlflow/, DVC dvc/
+    dask_port: int = Field(8786, ge=1, le=65535)
+    work_pool: str = "ottimo-process"  # the Prefect work pool the deployments are registered to
+    workers: int = Field(2, ge=1, le=64)  # Prefect workers, and Dask workers (one thread each)
+    pool_concurrency: int | None = Field(None, ge=1)  # flow runs at once on the pool; null: one per worker
+
+
 class DeployCfg(Strict):
     """`make up`: the servers on 127.0.0.1 and the deployments they serve (OTTIMO_PREFECT_PORT /
     OTTIMO_MLFLOW_PORT override the ports)."""
@@ -498,6 +512,7 @@ class DeployCfg(Strict):
     timezone: str = "UTC"
     tuning_name: str = "tune-hyperparameters"  # deployment tuning/<tuning_name>, no schedule
     serve: ServeCfg = ServeCfg()  # `ottimo serve`: the online endpoint that follows the champion
+    team: TeamCfg = TeamCfg()  # `make up STACK=postgres`
 
 
 class PruneCfg(Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from ottimo.data.intake import DataValidationError, quarantine
 from ottimo.data.tables import materialise_raw, read_checked, validate_frame
 from ottimo.ops.faults import checkpoint
 from tasks.retry import RETRY_TRANSIENT
+
+REMOTE_ENV = "OTTIMO_DVC_REMOTE_URL"  # where `dvc push` goes, over dvc.remote_url (README "team's infrastructure")
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,8 @@ def prepare_data(root: Path, params: Params) -> DataVersion:
 @task(**RETRY_TRANSIENT)
 def push_data(root: Path, params: Params) -> str:
     """`dvc push` raw and prepared data to the default remote (retried when the remote is out of reach, only then)."""
-    url = versioning.configure_remote(root, params.dvc.remote, params.dvc.remote_url)
+    # OTTIMO_DVC_REMOTE_URL (the team stack's bucket, or a team's own) wins over params.yaml's dvc.remote_url
+    url = versioning.configure_remote(root, params.dvc.remote, os.environ.get(REMOTE_ENV) or params.dvc.remote_url)
     versioning.push(root)
     get_run_logger().info("dvc push: data in sync with remote %s", url)
     return url

@@ -24,6 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from ottimo.registry import security
 
 CODE = Path(__file__).resolve().parents[2]  # the repository root, where flows/ lives: the serve processes run here
 ORDER = ("prefect", "mlflow", "serve", "endpoint")
+STACKS = ("embedded", "postgres")
+STACK_FILE = "stack.json"  # {"stack": embedded | postgres, "order": [names, in the order they started]}
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
          "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
@@ -173,6 +176,32 @@ def ready(name: str, ep: Endpoints) -> bool:
     return isinstance(deployments, list) and len(deployments) >= 2
 
 
+def start(run_dir: Path, name: str, argv: list[str], cwd: Path, env: dict[str, str], ready: Callable[[], bool],
+          timeout: float) -> None:
+    """Start `name` unless .run/<name>.pid names a live process, and wait until `ready()`; its output goes to
+    .run/<name>.log, its pid to .run/<name>.pid, and it runs in a session of its own (`down` stops the group)."""
+    proc = None
+    if _pid(run_dir, name) is None:
+        with open(run_dir / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        (run_dir / f"{name}.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if (proc.poll() is not None) if proc else _pid(run_dir, name) is None:
+            raise RuntimeError(f"{name} exited while starting; see {run_dir / name}.log")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} did not answer within {timeout:.0f} s; see {run_dir / name}.log")
+        time.sleep(0.5)
+
+
+def record_order(run_dir: Path, stack: str, names: list[str]) -> None:
+    """What `down` stops, newest first: the names this `up` started, after those an earlier `up` recorded."""
+    path = run_dir / STACK_FILE
+    known = json.loads(path.read_text())["order"] if path.is_file() else []
+    path.write_text(json.dumps({"stack": stack, "order": known + [n for n in names if n not in known]}))
+
+
 def up(root: Path, params_file: str = "params.yaml", timeout: float = 180, names: tuple[str, ...] = ORDER) -> Endpoints:
     """Start whatever of `names` (all four by default) is not running yet, each after the one before answers."""
     root = root.resolve()
@@ -183,47 +212,52 @@ def up(root: Path, params_file: str = "params.yaml", timeout: float = 180, names
     env = environment(root, ep)
     if security.mlflow_auth(env):
         auth_config(root)
+    started = [n for n in ORDER if n in names]
+    record_order(run_dir, "embedded", started)
     for name, (argv, cwd) in commands(root, params_file, ep, env).items():
-        if name not in names:
-            continue
-        proc = None
-        if _pid(run_dir, name) is None:
-            with open(run_dir / f"{name}.log", "ab") as log:
-                proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
-            (run_dir / f"{name}.pid").write_text(str(proc.pid))
-        deadline = time.monotonic() + timeout
-        while not ready(name, ep):
-            if (proc.poll() is not None) if proc else _pid(run_dir, name) is None:
-                raise RuntimeError(f"{name} exited while starting; see {run_dir / name}.log")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name} did not answer within {timeout:.0f} s; see {run_dir / name}.log")
-            time.sleep(1)
+        if name in started:
+            start(run_dir, name, argv, cwd, env, lambda n=name: ready(n, ep), timeout)
     return ep
 
 
-def down(root: Path, grace: float = 20) -> list[str]:
-    """Stop the processes named by .run/*.pid (their whole process groups), newest first; keep all data."""
-    run_dir = root.resolve() / ".run"
-    stopped = []
-    for name in reversed(ORDER):
-        pid = _pid(run_dir, name)
-        if pid is not None:
-            try:
-                os.killpg(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + grace
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.3)
-                try:
-                    os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child (tests)
-                except ChildProcessError:
-                    pass
-            if _alive(pid):
-                os.killpg(pid, signal.SIGKILL)
-            stopped.append(name)
+def stop(run_dir: Path, name: str, grace: float = 20) -> bool:
+    """SIGTERM the process group of .run/<name>.pid, SIGKILL it after `grace` seconds; False when none ran."""
+    pid = _pid(run_dir, name)
+    if pid is None:
         (run_dir / f"{name}.pid").unlink(missing_ok=True)
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.3)
+        try:
+            os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child (tests)
+        except ChildProcessError:
+            pass
+    if _alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+    (run_dir / f"{name}.pid").unlink(missing_ok=True)
+    return True
+
+
+def down(root: Path, grace: float = 20) -> list[str]:
+    """Stop what `up` started (.run/stack.json, else the embedded four), newest first; keep all data."""
+    run_dir = root.resolve() / ".run"
+    path = run_dir / STACK_FILE
+    order = json.loads(path.read_text())["order"] if path.is_file() else list(ORDER)
+    stopped = []
+    for name in reversed(order):
+        if name == "postgres":  # a pg_ctl cluster: `pg_ctl stop -m fast`, not a signal to a group of ours
+            from ottimo.ops import stack
+
+            if stack.stop_postgres(root.resolve()):
+                stopped.append(name)
+        elif stop(run_dir, name, grace):
+            stopped.append(name)
+    path.unlink(missing_ok=True)
     return stopped
 
 
@@ -232,13 +266,27 @@ def main() -> None:
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--project-dir", default=".")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--stack", choices=STACKS, default="embedded",
+                        help="embedded: SQLite and `prefect serve`; postgres: the team stack (ottimo.ops.stack)")
+    parser.add_argument("--workers", type=int, help="postgres stack: Prefect and Dask workers (deploy.team.workers)")
     args = parser.parse_args()
     root = Path(args.project_dir)
     if args.action == "down":
         stopped = down(root)
-        print(f"stopped: {', '.join(stopped) or 'nothing was running'} (data kept in .prefect/ and mlruns/)")
+        print(f"stopped: {', '.join(stopped) or 'nothing was running'} (data kept in .run/, .prefect/ and mlruns/)")
         return
-    ep = up(root, args.params)
+    if args.stack == "postgres":
+        from ottimo.ops import stack
+
+        t = stack.up(root, args.params, args.workers)
+        ep = t.ep
+        print(f"PostgreSQL  {t.ep.host}:{t.postgres_port}   (databases {', '.join(stack.DATABASES)}; password in "
+              f"{root.resolve() / '.run' / 'postgres.password'}, 0600)\n"
+              f"S3 API      {t.s3_url}   (bucket {t.cfg.bucket}: MLflow artifacts mlflow/, DVC remote dvc/)\n"
+              f"Dask        {t.dask_address}   ({t.workers} workers, one thread each)\n"
+              f"work pool   {t.cfg.work_pool}   ({t.workers} Prefect workers, {t.concurrency} flow runs at once)")
+    else:
+        ep = up(root, args.params)
     print(f"Prefect UI  {ep.prefect_ui}   (deployments: {ep.prefect_ui}/deployments)\n"
           f"MLflow UI   {ep.mlflow_ui}   (registry: {ep.mlflow_ui}/#/models)\n"
           f"endpoint    {ep.endpoint}/predict   (the champion; GET {ep.endpoint}/model)\n"
