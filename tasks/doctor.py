@@ -16,11 +16,14 @@ from tasks.retry import RETRY_TRANSIENT
 
 @task(**RETRY_TRANSIENT)
 def reconcile(root: Path, params: Params) -> list[str]:
-    """Run the doctor's checks (repairing when reliability.reconcile_on_start); one line per finding."""
+    """Run the doctor's checks, Prefect flow runs left Running included (repairing when
+    reliability.reconcile_on_start); one line per finding."""
     log = get_run_logger()
     client, exp = connect(root, params.mlflow)
-    found = doctor.examine(client, exp, params.mlflow.registered_model, params.reliability,
-                           repair=params.reliability.reconcile_on_start)
+    repair = params.reliability.reconcile_on_start
+    found = doctor.examine(client, exp, params.mlflow.registered_model, params.reliability, repair=repair)
+    # and flow runs a killed process (a Prefect worker, say) left Running: this run's own has no owner yet
+    found += flow_runs(root, params, repair)
     lines = [f"{f.check} {f.subject}: {f.problem} -> {f.action}"
              f"{' (done)' if f.repaired else ' (not repaired)' if f.repaired is False else ' (report only)'}"
              for f in found]

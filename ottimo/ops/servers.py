@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -27,6 +28,8 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from ottimo.config import load_params
 from ottimo.registry import security
@@ -129,6 +132,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _outside_group(pid: int) -> list[psutil.Process]:
+    """The descendants of `pid` that are not in its process group (a signal to the group misses them)."""
+    found = []
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return found
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            if os.getpgid(child.pid) != pid:
+                found.append(child)
+    return found
+
+
 def _pid(run_dir: Path, name: str) -> int | None:
     f = run_dir / f"{name}.pid"
     if not f.is_file():
@@ -226,10 +243,14 @@ def stop(run_dir: Path, name: str, grace: float = 20) -> bool:
     if pid is None:
         (run_dir / f"{name}.pid").unlink(missing_ok=True)
         return False
+    others = _outside_group(pid)  # a Prefect worker's flow runs: in sessions of their own, stopped as well
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
+    for proc in others:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
     deadline = time.monotonic() + grace
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.3)
@@ -239,6 +260,9 @@ def stop(run_dir: Path, name: str, grace: float = 20) -> bool:
             pass
     if _alive(pid):
         os.killpg(pid, signal.SIGKILL)
+    for proc in psutil.wait_procs(others, timeout=max(0.0, deadline - time.monotonic()))[1]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
     (run_dir / f"{name}.pid").unlink(missing_ok=True)
     return True
 

@@ -31,6 +31,8 @@ from ottimo.ops import s3, servers
 from ottimo.ops.postgres import Cluster
 
 DATABASES = ("prefect", "mlflow", "optuna")
+# --no-dashboard still starts Dask's HTTP server (health, metrics) on all interfaces: bind it to loopback
+NO_DASHBOARD = ("--no-dashboard", "--dashboard-address", "127.0.0.1:0")
 # the environment variables that tell a flow run where the team's services are (documented in the README)
 TRACKING, OPTUNA, DVC_REMOTE, DASK = ("OTTIMO_TRACKING_URI", "OTTIMO_OPTUNA_STORAGE", "OTTIMO_DVC_REMOTE_URL",
                                       "OTTIMO_DASK_ADDRESS")
@@ -98,11 +100,11 @@ def commands(root: Path, params_file: str, t: Team, pg: Cluster) -> dict[str, tu
         "prefect": (embedded["prefect"][0], {"PREFECT_API_DATABASE_CONNECTION_URL": pg.url("prefect", "asyncpg")}),
         "mlflow": (mlflow, {}),
         "dask-scheduler": ([str(bin_dir / "dask"), "scheduler", "--host", t.ep.host, "--port", str(t.dask_port),
-                            "--no-dashboard"], {}),
+                            *NO_DASHBOARD], {}),
     }
     for name in t.worker_names("dask"):
         out[name] = ([str(bin_dir / "dask"), "worker", t.dask_address, "--name", name, "--host", t.ep.host,
-                      "--nthreads", "1", "--nworkers", "1", "--no-dashboard", "--local-directory", local], {})
+                      "--nthreads", "1", "--nworkers", "1", *NO_DASHBOARD, "--local-directory", local], {})
     for name in t.worker_names("prefect"):
         out[name] = ([str(bin_dir / "prefect"), "worker", "start", "--pool", t.cfg.work_pool, "--name", name,
                       "--type", "process", "--limit", "1"], {})
