@@ -37,10 +37,11 @@ FROM_PARAMS = {"max_epochs": "train.max_epochs", "min_accuracy": "gate.min_accur
 INTERNAL = ("data", "parent_run_id", "params", "drift_check_run")  # drift_check_run: set by the drift check
 
 
-def from_source(flow_: Flow) -> Flow:
-    """The flow as a work pool's worker loads it: from CODE, by its entrypoint (flows/<file>.py:<function>)."""
+def from_source(flow_: Flow, source: str | None = None) -> Flow:
+    """The flow as a work pool's worker loads it: from `source` (deploy.team.source: a git URL; None: CODE), by
+    its entrypoint (flows/<file>.py:<function>)."""
     path = Path(inspect.getsourcefile(flow_.fn)).resolve().relative_to(CODE)
-    return Flow.from_source(source=str(CODE), entrypoint=f"{path.as_posix()}:{flow_.fn.__name__}")
+    return Flow.from_source(source=source or str(CODE), entrypoint=f"{path.as_posix()}:{flow_.fn.__name__}")
 
 
 def deployments(project_dir: str, params_file: str = "params.yaml", pooled: bool = False) -> list[RunnerDeployment]:
@@ -50,7 +51,7 @@ def deployments(project_dir: str, params_file: str = "params.yaml", pooled: bool
     params = load_params(root / params_file)
     cfg = params.deploy
     where = {"project_dir": str(root), "params_file": params_file}
-    load = from_source if pooled else (lambda f: f)
+    load = (lambda f: from_source(f, cfg.team.source)) if pooled else (lambda f: f)
     training = load(training_pipeline).to_deployment(
         name=cfg.training_name, parameters=where, tags=["ottimo", "training", "scheduled"],
         schedule=Cron(cfg.training_cron, timezone=cfg.timezone) if cfg.training_cron else None,

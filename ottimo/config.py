@@ -498,6 +498,9 @@ class TeamCfg(Strict):
     work_pool: str = "ottimo-process"  # the Prefect work pool the deployments are registered to
     workers: int = Field(2, ge=1, le=64)  # Prefect workers, and Dask workers (one thread each)
     pool_concurrency: int | None = Field(None, ge=1)  # flow runs at once on the pool; null: one per worker
+    # where the pool's workers load the flows from (flow.from_source): null, this code folder (workers on this
+    # machine, or the same path in their image/volume); or a git URL such as https://git.example.com/team/ottimo.git
+    source: str | None = None
 
 
 class DeployCfg(Strict):
