@@ -1,19 +1,21 @@
 """A nightly run on nothing new does nothing: the pipeline under a Prefect test harness, on its own MLflow store and
-DVC remote, run again and again on one project. Same data, code and params as the champion: nothing trained; a
-params change trains and must beat the champion by gate.min_gain; force trains anyway (and is held to it too); new
-data is not held to gate.min_gain."""
+DVC remote, run again and again on one project. Same data, code and params as the champion: nothing trained (a
+drift check's retrain without new labelled rows included); a params change trains and must beat the champion by
+gate.min_gain; force trains anyway (and is held to it too); new data is not held to gate.min_gain."""
 
 from __future__ import annotations
 
 import pandas as pd
 from typer.testing import CliRunner
 
+from flows.drift import drift_check
 from flows.pipeline import training_pipeline
+from flows.score import batch_scoring
 from ottimo import vocab
 from ottimo.cli.main import app
 from ottimo.config import load_params
 from ottimo.data import versioning
-from ottimo.monitor import ledger
+from ottimo.monitor import simulate
 from ottimo.registry import runkey, versions
 from ottimo.registry.tracking import connect
 from tests.conftest import write_project
@@ -22,6 +24,7 @@ SETTINGS = {
     "train": {"candidates": ["mlp"], "max_epochs": 6},
     "card": {"importance_rows": 50, "importance_repeats": 1, "batch_sizes": [1, 64], "seconds_per_batch_size": 0.05},
     "gate": {"min_accuracy": 0.5, "max_drop_vs_champion": 100.0, "min_gain": 0.5},  # a new data revision passes
+    "drift": {"min_rows": 60},
 }
 
 
@@ -56,10 +59,8 @@ def test_nothing_new_skips_then_min_gain_force_and_new_data(tmp_path, prefect_ha
     assert {k: v1[k] for k in key.tags()} == key.tags()
     assert {k: client.get_run(first.result().run_id).data.tags[k] for k in key.tags()} == key.tags()
 
-    # 2. again on the same project (started by a drift check's retrain): nothing new, nothing trained, said so
-    check_id = ledger.connect_monitoring(project, params)[0].create_run(
-        ledger.connect_monitoring(project, params)[1]).info.run_id
-    second = training_pipeline(project_dir=str(project), drift_check_run=check_id, return_state=True)
+    # 2. again on the same project: nothing new, nothing trained, and the run says so
+    second = training_pipeline(project_dir=str(project), return_state=True)
     assert second.is_completed(), second.message
     summary = second.result()
     assert summary.skipped and summary.candidates == [] and summary.champion == "1"
@@ -70,8 +71,20 @@ def test_nothing_new_skips_then_min_gain_force_and_new_data(tmp_path, prefect_ha
     assert run.info.status == "FINISHED" and run.data.tags[vocab.SKIPPED] == summary.message
     assert "skipped, nothing new (v1)" in run.info.run_name and run.data.tags[vocab.NOTE].startswith("**SKIPPED")
     assert run.data.tags[vocab.PARAMS_FINGERPRINT] == key.params and children(client, exp, summary.run_id) == []
-    check = ledger.connect_monitoring(project, params)[0].get_run(check_id).data.tags
-    assert check[vocab.OUTCOME_TRAINING] == "skipped" and "nothing new" in check[vocab.OUTCOME + "message"]
+
+    # a drift check on an unlabelled, drifted batch decides to retrain; no labelled row is added, so the data
+    # revision is the champion's: its retrain is skipped too, and the check says so
+    test = pd.read_parquet(project / "data" / "prepared" / "test.parquet")
+    features = [c for c in test.columns if c != params.data.target]
+    simulate.write(simulate.batches(test, features, params.data.target, "shift", 1.0, 1, 80, seed=3, labels=False),
+                   project / params.score.incoming, "drifted")
+    assert batch_scoring(project_dir=str(project), return_state=True).is_completed()
+    check = drift_check(project_dir=str(project), return_state=True)
+    assert check.is_completed(), check.message
+    assert check.result().action == "retrain", check.result().reasons
+    assert check.result().outcome["training"] == "skipped" and "nothing new" in check.result().outcome["message"]
+    assert versioning.revision(project) == key.data_revision and state_of(client, name) == (aliases, registered)
+    assert vocab.SKIPPED in pipeline_runs(client, exp)[0].data.tags
 
     # 3. a params change that makes another model (a flow-run override): trained, and on the champion's data it
     # must beat it by gate.min_gain; it does not, so the run fails and the champion aliases stay as they were
