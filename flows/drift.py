@@ -85,4 +85,6 @@ def retrain(root: Path, params_file: str, params: Params, check_id: str) -> dict
     if not state.is_completed():
         return {"training": "failed", "message": state.message or state.name}
     checkpoint("after-retrain")  # the pipeline recorded its champion on the check run; the check is not closed
-    return {"training": "completed", "champion": state.result().champion}
+    summary = state.result()  # skipped: no labelled row came, so data, code and params were the champion's
+    return {"training": "skipped" if summary.skipped else "completed", "champion": summary.champion} | (
+        {"message": summary.message} if summary.skipped else {})

@@ -56,7 +56,9 @@ def deployments(project_dir: str, params_file: str = "params.yaml", pooled: bool
         name=cfg.training_name, parameters=where, tags=["ottimo", "training", "scheduled"],
         schedule=Cron(cfg.training_cron, timezone=cfg.timezone) if cfg.training_cron else None,
         description="Validate and version the data, (tune,) train, export to ONNX, evaluate, compress, gate and "
-                    "promote. Custom run: an empty override keeps params.yaml's value, named under each field.")
+                    "promote; with nothing new since the champion (same data revision, code and params) nothing "
+                    "is trained (force=true trains). Custom run: an empty override keeps params.yaml's value, "
+                    "named under each field.")
     tune = load(tuning).to_deployment(
         name=cfg.tuning_name, parameters=where, tags=["ottimo", "tuning", "manual"],
         description="Optuna studies per model family (tune: in params.yaml), no training: the chosen settings "

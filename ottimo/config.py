@@ -396,7 +396,10 @@ class GateCfg(Strict):
     min_accuracy: float = Field(0.9, ge=0, le=1)
     max_p95_latency_ms: float = Field(5.0, gt=0)
     max_size_mb: float = Field(5.0, gt=0)
-    max_drop_vs_champion: float = Field(1.0, ge=0, le=100)
+    max_drop_vs_champion: float = Field(1.0, ge=0, le=100)  # points; for a candidate on a new data revision
+    # points a candidate on the champion's own data revision must gain over it (negative: it may trail by that
+    # much); 0.5 is more than one test row of digits, so a retrain of the same thing does not displace it
+    min_gain: float = Field(0.5, ge=-100, le=100)
     # refuse a candidate whose p95 interval on evaluate.target lies entirely above the champion's (timed
     # interleaved with it at gate time); overlapping intervals are a tie and pass
     no_slower_than_champion: bool = False

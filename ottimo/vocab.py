@@ -52,6 +52,7 @@ ROOT_FLOW_RUN = "prefect.root_flow_run_id"  # the pipeline's flow run, also on r
 TECHNIQUE = "compress.technique"  # trained | distill | prune-... | int8-...
 GATE_SELECTED = "gate.selected"  # on the pipeline run: "<candidate> v<version>"
 PROMOTED = "champion"  # on the pipeline run: the version it promoted
+SKIPPED = "pipeline.skipped"  # on the pipeline run: why it trained nothing (its run key is the champion's)
 COMMIT = "ottimo.code_commit"  # the git commit of the code that trained the model
 
 # Tags on both runs and registered versions.
@@ -60,6 +61,9 @@ CLASSES = "data.classes"  # on pipeline and candidate runs, logged models: the d
 #   output i of the model is classes[i]); the ONNX file carries them too (ottimo.onnx.metadata)
 GATE_VERDICT = "gate.verdict"  # on a version: pending | passed | failed | abandoned
 GATE_REASONS = "gate.reasons"
+# The run key (ottimo.registry.runkey), with DATA_REVISION: a pipeline run whose key equals the champion's trains
+# nothing. sha256 of the source and library versions that decide the model; of the params that do
+CODE_FINGERPRINT, PARAMS_FINGERPRINT = "code.fingerprint", "params.fingerprint"
 
 # Registered-version tags.
 RUN_ID = "run_id"

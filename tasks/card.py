@@ -25,16 +25,18 @@ class CardRecord:
 
 @task(task_run_name="model_card[{cand.family} v{version}]")
 def model_card(root: Path, params: Params, cand: Evaluated, version: str,
-               champion_accuracy: float | None) -> CardRecord:
+               champion_accuracy: float | None, same_data: bool = True) -> CardRecord:
     """Measure the version's card from its registered ONNX file and data revision, with the verdict the gate
-    policy gives it; store it as the version's description and `card/` artifacts; publish it to Prefect."""
+    policy gives it (`same_data`: on the champion's data revision, see gate.check); store it as the version's
+    description and `card/` artifacts; publish it to Prefect."""
     log = get_run_logger()
     client, _ = connect(root, params.mlflow)
     name = params.mlflow.registered_model
     cardstore.record_commit(client, cand.run_id)
     card, mv = cardstore.build(
         root, params, client, name, version, work_dir(root, cand.run_id),
-        verdict_for=lambda figures: gate_policy.check(cand.metrics, params.gate, champion_accuracy, figures))
+        verdict_for=lambda figures: gate_policy.check(cand.metrics, params.gate, champion_accuracy, figures,
+                                                     same_data=same_data))
     markdown = cardstore.store(client, name, mv, card, work_dir(root, cand.run_id) / cardstore.CARD_DIR)
     create_markdown_artifact(markdown=markdown, key=re.sub(r"[^a-z0-9-]+", "-", f"card-{name}-v{version}".lower()),
                              description=f"Model card of {name} v{version} ({cand.family})")

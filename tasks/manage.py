@@ -55,7 +55,10 @@ def gate_version(root: Path, params: Params, version: str) -> ManualVerdict:
         cpath, _ = fetch_verified(client, name, champ.version, work_dir(root, f"serving-v{champ.version}"))
         champion_accuracy = _accuracy(cpath, prepared)
     card = cardstore.load_stored(client, mv)
-    verdict = gate_policy.check(metrics, params.gate, champion_accuracy, card.figures() if card else None)
+    same_data = champ is not None and (vocab.tag(mv.tags, vocab.DATA_REVISION)
+                                       == vocab.tag(champ.tags, vocab.DATA_REVISION))  # gate.min_gain applies
+    verdict = gate_policy.check(metrics, params.gate, champion_accuracy, card.figures() if card else None,
+                                same_data=same_data)
     get_run_logger().info("gate on %s v%s: %s", name, mv.version, verdict.summary)
     return ManualVerdict(str(mv.version), verdict.passed, verdict.reasons, str(champ.version) if champ else None)
 

@@ -13,10 +13,11 @@ from ottimo.config import Params
 from ottimo.data import labels
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import gate as gate_policy
-from ottimo.registry import promotion, security
+from ottimo.registry import promotion, runkey, security
 from ottimo.registry.promotion import PromotionError
+from ottimo.registry.runkey import Novelty, RunKey
 from ottimo.registry.tracking import connect, work_dir
-from ottimo.registry.versions import CHALLENGER, CHAMPION, aliases, register
+from ottimo.registry.versions import CHALLENGER, CHAMPION, alias_version, aliases, register
 from tasks.retry import RETRY_TRANSIENT
 
 if TYPE_CHECKING:  # annotations only: a promotion alone need not import the training stack
@@ -34,12 +35,30 @@ class GateDecision:
     expected_champion: str | None = None  # the champion the gate compared against: promote moves only if it still is
 
 
-@task(task_run_name="register_candidate[{cand.family}]", **RETRY_TRANSIENT)  # idempotent: a retry finds its version
-def register_candidate(root: Path, params: Params, cand: Evaluated, data: DataVersion) -> str:
-    """Register the candidate's ONNX model as a new version (once per run) tagged with its lineage."""
+@task(**RETRY_TRANSIENT)  # reads and tags: the same again on a retry
+def check_novelty(root: Path, params: Params, data: DataVersion, parent_run_id: str, force: bool = False
+                  ) -> Novelty:
+    """The run key (data revision, code and params fingerprints: ottimo.registry.runkey) tagged on the pipeline
+    run, and whether it has anything new to train against the champion's key (`force`: train anyway)."""
+    key = runkey.key_of(params, data.revision)
     client, _ = connect(root, params.mlflow)
-    mv = register(client, params.mlflow.registered_model, cand.model_uri, cand.run_id, {
-        vocab.DATA_REVISION: data.revision, "sha256": cand.sha256, vocab.FAMILY: cand.family,
+    for name, value in key.tags().items():
+        client.set_tag(parent_run_id, name, value)
+    champion = alias_version(client, params.mlflow.registered_model, CHAMPION)
+    novelty = runkey.decide(key, champion.version if champion else None, champion.tags if champion else None,
+                            force)
+    get_run_logger().info("run key: data %s, code %s, params %s; %s", key.data_revision[:8], key.code[:8],
+                          key.params[:8], novelty.message)
+    return novelty
+
+
+@task(task_run_name="register_candidate[{cand.family}]", **RETRY_TRANSIENT)  # idempotent: a retry finds its version
+def register_candidate(root: Path, params: Params, cand: Evaluated, data: DataVersion, key: RunKey) -> str:
+    """Register the candidate's ONNX model as a new version (once per run) tagged with its lineage and the run
+    key it was made from."""
+    client, _ = connect(root, params.mlflow)
+    mv = register(client, params.mlflow.registered_model, cand.model_uri, cand.run_id, key.tags() | {
+        "sha256": cand.sha256, vocab.FAMILY: cand.family,
         vocab.FAMILY_RUN: cand.model_family or cand.family,
         vocab.GATE_VERDICT: vocab.PENDING, vocab.CLASSES: labels.tag_of(data.prepared)})
     get_run_logger().info("%s registered as %s v%s", cand.family, params.mlflow.registered_model, mv.version)
@@ -50,10 +69,12 @@ def register_candidate(root: Path, params: Params, cand: Evaluated, data: DataVe
 @task(**RETRY_TRANSIENT)  # tags and the challenger alias: same writes again; GateFailed is never retried
 def gate(root: Path, params: Params, parent_run_id: str, candidates: list[Evaluated], versions: list[str],
          champion_accuracy: float | None, cards: list[dict[str, float]] | None = None,
-         data: DataVersion | None = None) -> GateDecision:
+         data: DataVersion | None = None, same_data: bool = True) -> GateDecision:
     """Check every candidate against the thresholds (and `gate.card` against its model-card figures, `cards`
     in the order of `candidates`; with `gate.no_slower_than_champion`, the p95 interval against the champion's,
     timed interleaved with it on `data`'s test rows), tag the verdicts, point `challenger` at the selected one.
+    `same_data`: the candidates were trained on the champion's data revision, so they must beat it by
+    gate.min_gain (Novelty.same_data).
 
     Raises GateFailed (so the flow run ends Failed) when the selected candidate does not pass;
     `champion` and `previous-champion` are then left as they were.
@@ -69,7 +90,7 @@ def gate(root: Path, params: Params, parent_run_id: str, candidates: list[Evalua
     figures = cards or [None] * len(candidates)
     speed = _no_slower(root, params, candidates, data) if params.gate.no_slower_than_champion and expected else {}
     verdicts = {c.family: (c.metrics, gate_policy.check(c.metrics, params.gate, champion_accuracy, f,
-                                                        speed.get(c.family)))
+                                                        speed.get(c.family), same_data))
                 for c, f in zip(candidates, figures, strict=True)}
     for c, version in zip(candidates, versions, strict=True):
         v = verdicts[c.family][1]

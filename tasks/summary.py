@@ -12,7 +12,9 @@ from ottimo import vocab
 from ottimo.config import Params, project_params
 from ottimo.monitor import ledger
 from ottimo.registry import report
+from ottimo.registry.runkey import Novelty
 from ottimo.registry.tracking import connect, tracking_uri
+from ottimo.registry.versions import aliases as registry_aliases
 from tasks.data import DataVersion
 from tasks.evaluate import Evaluated
 from tasks.registry import GateDecision
@@ -28,6 +30,12 @@ class PipelineSummary:
     gate_reasons: list[str]  # every threshold the champion met
     aliases: dict[str, str]
     mlflow_ui: str
+    skipped: bool = False  # nothing new since the champion: nothing trained (runkey.decide)
+    message: str = ""  # why nothing was trained, when skipped; empty otherwise
+
+
+def mlflow_ui(root: Path, params: Params) -> str:
+    return f"mlflow ui --backend-store-uri {tracking_uri(root, params.mlflow)} --host 127.0.0.1 --port 5000"
 
 
 @task
@@ -35,7 +43,7 @@ def summarise(root: Path, params: Params, data: DataVersion, run_id: str, evalua
               versions: list[str], decision: GateDecision, aliases: dict[str, str]) -> PipelineSummary:
     rows = [{"family": e.family, "version": v, **e.metrics, "verdict": decision.verdicts[e.family]}
             for e, v in zip(evaluated, versions, strict=True)]
-    ui = f"mlflow ui --backend-store-uri {tracking_uri(root, params.mlflow)} --host 127.0.0.1 --port 5000"
+    ui = mlflow_ui(root, params)
     client, exp = connect(root, params.mlflow)
     outcome = report.passed(client, exp, run_id, decision.family, decision.version, decision.reasons,
                             decision.expected_champion)
@@ -43,6 +51,22 @@ def summarise(root: Path, params: Params, data: DataVersion, run_id: str, evalua
     publish_links(root, params, run_id, rows, decision, aliases)
     return PipelineSummary(data.revision, data.reproduced, run_id, rows, decision.version, decision.reasons, aliases,
                            ui)
+
+
+@task
+def summarise_skip(root: Path, params: Params, data: DataVersion, run_id: str, novelty: Novelty) -> PipelineSummary:
+    """The pipeline run that trained nothing, since its run key is the champion's: said so on its MLflow run
+    (tag pipeline.skipped, name, description; FINISHED), in the log and as the flow run's markdown artifact."""
+    client, _ = connect(root, params.mlflow)
+    md = report.record_skip(client, run_id, params, data.revision, str(novelty.champion), novelty.message)
+    client.set_terminated(run_id, "FINISHED")
+    name = params.mlflow.registered_model
+    create_markdown_artifact(markdown=f"# Training pipeline: nothing new, champion is {name} v{novelty.champion}"
+                             f"\n\nMLflow run: `{run_id}`\n\n{md}", key="pipeline-summary",
+                             description=f"Nothing new since the champion of {name}: nothing trained")
+    get_run_logger().info("%s", novelty.message)
+    return PipelineSummary(data.revision, data.reproduced, run_id, [], str(novelty.champion), [],
+                           registry_aliases(client, name), mlflow_ui(root, params), True, novelty.message)
 
 
 def publish_links(root: Path, params: Params, run_id: str, rows: list[dict], decision: GateDecision,
@@ -99,12 +123,14 @@ def summarise_failure(flow, flow_run, state) -> None:
 
 
 @task
-def report_to_drift_check(root: Path, params: Params, check_id: str, champion: str) -> None:
-    """The pipeline's last step when a drift check's retrain started it: its champion on that check run (a retrain
-    started through a deployment is otherwise known there only by its flow-run id)."""
+def report_to_drift_check(root: Path, params: Params, check_id: str, champion: str, skipped: str = "") -> None:
+    """The pipeline's last step when a drift check's retrain started it: its outcome (completed, or skipped with
+    why when nothing was new) and champion on that check run (a retrain started through a deployment is otherwise
+    known there only by its flow-run id)."""
     client, _ = ledger.connect_monitoring(root, params)
-    ledger.record_retrain(client, check_id, "completed", champion)
-    get_run_logger().info("drift check %s: retrain completed, champion v%s", check_id, champion)
+    outcome = "skipped" if skipped else "completed"
+    ledger.record_retrain(client, check_id, outcome, champion, skipped or None)
+    get_run_logger().info("drift check %s: retrain %s, champion v%s", check_id, outcome, champion)
 
 
 def fail_open_mlflow_runs(flow, flow_run, state) -> None:

@@ -44,18 +44,25 @@ def _quiet() -> None:
 
 
 @app.command()
-def run(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
-    """Run the whole training pipeline once (validate, version data, train, export, evaluate, gate, promote)."""
+def run(project_dir: Path = PROJECT, params_file: str = PARAMS,
+        force: bool = typer.Option(False, "--force", help="Train even when the data revision, code and params are "
+                                   "the champion's (the gate still holds the result to gate.min_gain).")) -> None:
+    """Run the whole training pipeline once (validate, version data, train, export, evaluate, gate, promote);
+    with nothing new since the champion (same data revision, code and params) it trains nothing and says so."""
     root = project_dir.resolve()
     params = params_or_exit(root, params_file)  # fail before Prefect starts
     from flows.pipeline import training_pipeline
 
-    state = training_pipeline(project_dir=str(root), params_file=params_file, return_state=True)
+    state = training_pipeline(project_dir=str(root), params_file=params_file, force=force, return_state=True)
     if not state.is_completed():
         say(f"\nPipeline {state.name}: {state.message}", "red bold")
         say(details(root, params, str(state.state_details.flow_run_id), state.message or ""))
         raise typer.Exit(1)
     summary = state.result()
+    if summary.skipped:
+        say(summary.message, "yellow")
+        say(f"champion is version {summary.champion}; aliases {summary.aliases}", "green")
+        return
     table = Table(title=f"Gated (data revision {summary.data_revision[:12]}, "
                   f"{'prepared' if summary.prepared else 'unchanged: prepare skipped'})")
     table.box, table.show_edge, table.pad_edge = box.SIMPLE_HEAD, False, False  # fits 80 columns

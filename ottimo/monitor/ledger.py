@@ -121,8 +121,9 @@ RETRAIN = "retrain"  # the ACTING step of a retrain: the flow run started, then 
 
 def record_retrain(client: MlflowClient, check_run_id: str, training: str, champion: str | None = None,
                    message: str | None = None) -> dict[str, str]:
-    """The training pipeline a drift check started, as it ends: its outcome (completed | failed) and champion on
-    the check run, as outcome.training / outcome.champion and in its ACTING marker (a rerun of the check finds it)."""
+    """The training pipeline a drift check started, as it ends: its outcome (completed | skipped | failed) and
+    champion on the check run, as outcome.training / outcome.champion and in its ACTING marker (a rerun of the check
+    finds it)."""
     outcome = {"training": training} | ({"champion": str(champion)} if champion else {}) | (
         {"message": vocab.clip(message, 1000)} if message else {})
     act(client, check_run_id, RETRAIN, done=True, outcome=outcome)

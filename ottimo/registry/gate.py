@@ -29,11 +29,14 @@ class Verdict:
 
 
 def check(metrics: dict[str, float], cfg: GateCfg, champion_accuracy: float | None,
-          card: dict[str, float] | None = None, latency_rule: tuple[bool, str] | None = None) -> Verdict:
+          card: dict[str, float] | None = None, latency_rule: tuple[bool, str] | None = None,
+          same_data: bool = True) -> Verdict:
     """Apply every threshold to one candidate's metrics (accuracy in [0, 1], latency in ms, size in MB),
     and `gate.card` bounds to its model-card figures (ottimo.card.sections.ModelCard.figures()). Every rule is
     checked (a refusal lists all the thresholds missed, not the first) and names its setting in params.yaml.
-    `latency_rule`: `no_slower`'s verdict against the champion (gate.no_slower_than_champion), one rule more."""
+    `latency_rule`: `no_slower`'s verdict against the champion (gate.no_slower_than_champion), one rule more.
+    `same_data`: the candidate was trained on the champion's data revision, so it must beat the champion by
+    gate.min_gain points; on another revision it may trail it by gate.max_drop_vs_champion points instead."""
     acc, p95, size = metrics["accuracy"], metrics["p95_ms"], metrics["size_mb"]
     rules = [
         (acc >= cfg.min_accuracy, f"accuracy {acc:.4f} {'>=' if acc >= cfg.min_accuracy else '<'} "
@@ -46,17 +49,29 @@ def check(metrics: dict[str, float], cfg: GateCfg, champion_accuracy: float | No
     if champion_accuracy is None:
         rules.append((True, "no champion yet: first model"))
     else:
-        drop = (champion_accuracy - acc) * 100
-        ok = drop <= cfg.max_drop_vs_champion
-        rules.append((ok, f"accuracy {'drop' if drop > 0 else 'gain'} vs champion {abs(drop):.2f} points "
-                      f"({acc:.4f} vs {champion_accuracy:.4f}; max drop {cfg.max_drop_vs_champion:.2f}, "
-                      "gate.max_drop_vs_champion)"))
+        rules.append(versus_champion(acc, champion_accuracy, cfg, same_data))
     if latency_rule is not None:
         rules.append((latency_rule[0], latency_rule[1] + " (gate.no_slower_than_champion)"))
     rules += card_rules(cfg, card or {})
     failed = [r for ok, r in rules if not ok]
     passed = [r for ok, r in rules if ok]
     return Verdict(passed=not failed, reasons=failed + passed, failed=failed)
+
+
+def versus_champion(acc: float, champion: float, cfg: GateCfg, same_data: bool) -> tuple[bool, str]:
+    """The rule against the champion's accuracy (on this run's test split), in points: on the champion's own data
+    revision the candidate must gain at least gate.min_gain (a retrain of the same thing does not displace it);
+    trained on another revision it may lose at most gate.max_drop_vs_champion."""
+    gain = (acc - champion) * 100
+    moved = (f"accuracy {'gain' if gain >= 0 else 'drop'} vs champion {abs(gain):.2f} points "
+             f"({acc:.4f} vs {champion:.4f}")
+    if same_data:
+        ok = gain >= cfg.min_gain - 1e-9  # float error does not decide: (0.9007 - 0.8957) * 100 is 0.49999...
+        return ok, (f"{moved}, same data revision; min gain {cfg.min_gain:.2f}, gate.min_gain)" + (
+            "" if ok else ": the champion stays; beat it by gate.min_gain points, or train on new data"))
+    ok = -gain <= cfg.max_drop_vs_champion + 1e-9
+    return ok, (f"{moved}; max drop {cfg.max_drop_vs_champion:.2f}, gate.max_drop_vs_champion; new data revision, "
+                "so gate.min_gain does not apply)")
 
 
 def card_rules(cfg: GateCfg, figures: dict[str, float]) -> list[tuple[bool, str]]:

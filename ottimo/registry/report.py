@@ -40,6 +40,12 @@ def run_name(dataset: str, revision: str, outcome: Outcome, when: datetime | Non
     return f"pipeline {when:%Y-%m-%d} {dataset}@{revision[:7]} → {target}"
 
 
+def skipped_name(dataset: str, revision: str, champion: str, when: datetime | None = None) -> str:
+    """e.g. `pipeline 2026-12-01 digits@cb8ef66 → skipped, nothing new (v3)`: a run whose key was the champion's."""
+    when = when or datetime.now(UTC)
+    return f"pipeline {when:%Y-%m-%d} {dataset}@{revision[:7]} → skipped, nothing new (v{champion})"
+
+
 def running_name(dataset: str, revision: str, when: datetime | None = None) -> str:
     """The pipeline run's name until it decides (then `run_name`)."""
     return f"pipeline {(when or datetime.now(UTC)):%Y-%m-%d} {dataset}@{revision[:7]} (running)"
@@ -47,11 +53,12 @@ def running_name(dataset: str, revision: str, when: datetime | None = None) -> s
 
 def inherited(client: MlflowClient, parent_run_id: str | None) -> dict[str, str]:
     """The filterable tags a nested run (tuning, trial, compression) takes from its pipeline run: data revision,
-    the pipeline's flow run id, the code commit."""
+    the pipeline's flow run id, the code commit, the code and params fingerprints."""
     if not parent_run_id:
         return {}
     tags = client.get_run(parent_run_id).data.tags
-    out = {k: tags[k] for k in (vocab.DATA_REVISION, vocab.COMMIT) if k in tags}
+    out = {k: tags[k] for k in (vocab.DATA_REVISION, vocab.COMMIT, vocab.CODE_FINGERPRINT, vocab.PARAMS_FINGERPRINT)
+           if k in tags}
     root = tags.get(vocab.ROOT_FLOW_RUN) or tags.get(vocab.FLOW_RUN)
     return out | ({vocab.ROOT_FLOW_RUN: root} if root else {})
 
@@ -137,4 +144,18 @@ def record(client: MlflowClient, run_id: str, outcome: Outcome, params: Params, 
     md = markdown(outcome, dataset, revision, tags.get(vocab.FLOW_RUN_URL), params.mlflow.registered_model)
     client.set_tag(run_id, vocab.NOTE, vocab.clip(md))
     client.update_run(run_id, name=run_name(dataset, revision, outcome))
+    return md
+
+
+def record_skip(client: MlflowClient, run_id: str, params: Params, revision: str, champion: str, message: str) -> str:
+    """Name, tag and description of a pipeline run that trained nothing (its run key was champion `champion`'s);
+    returns the description (markdown)."""
+    dataset = dataset_name(params)
+    url = client.get_run(run_id).data.tags.get(vocab.FLOW_RUN_URL)
+    md = "\n".join([f"**SKIPPED: nothing new since champion v{champion}**; nothing trained, registered or promoted.",
+                    "", f"Data: `{dataset}` at DVC revision `{revision[:12]}`."
+                    + (f" Prefect: [flow run]({url})." if url else ""), "", f"- {message}"])
+    client.set_tag(run_id, vocab.SKIPPED, vocab.clip(message))
+    client.set_tag(run_id, vocab.NOTE, vocab.clip(md))
+    client.update_run(run_id, name=skipped_name(dataset, revision, champion))
     return md

@@ -75,7 +75,11 @@ def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(proje
     assert rows["version"] == str(mv.version) and rows["accuracy"] == f"{logged:.4f}", status.output
     assert rows["gate"] == "passed" and rows["data revision"] == summary.data_revision[:12], status.output
 
-    # 2. second run on unchanged data: prepare skipped, candidates compared with the champion
+    # 2. second run on unchanged data with a gate that lets a retrain trail the champion by a point (a params
+    # change, so the run is not skipped as nothing new): prepare skipped, candidates compared with the champion
+    relaxed = yaml.safe_load((project / "params.yaml").read_text())
+    relaxed["gate"]["min_gain"] = -1.0
+    (project / "params.yaml").write_text(yaml.safe_dump(relaxed))
     second = run(project)
     assert second.is_completed(), second.message
     assert second.result().prepared is False
@@ -85,7 +89,8 @@ def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(proje
     assert int(aliases2["champion"]) > int(aliases["champion"])
     new = dict(versions2)[aliases2["champion"]]
     reasons = vocab.tag(new, vocab.GATE_REASONS)
-    assert "vs champion" in reasons and "no champion yet" not in reasons
+    assert "vs champion" in reasons and "same data revision; min gain -1.00" in reasons
+    assert "no champion yet" not in reasons
 
     # 3. a gate nobody can pass: the flow run fails with the reasons; champion aliases stay as they were
     strict = yaml.safe_load((project / "params.yaml").read_text())

@@ -64,7 +64,7 @@ def test_fused_and_int8_candidates_are_timed_on_every_target_and_the_gate_compar
     assert "Per call on each target" in text and "edge *" in text and "server" in text
 
     # a second run, gated on the champion's latency: the rule is measured and written with the verdict
-    strict = {"gate": {**SETTINGS["gate"], "no_slower_than_champion": True, "max_drop_vs_champion": 100.0},
+    strict = {"gate": {**SETTINGS["gate"], "no_slower_than_champion": True, "min_gain": -100.0},  # same data
               "compress": {"enabled": False}}  # the trained transformer against the INT8 champion: latency decides
     write_project(project, {**SETTINGS, **strict})
     state = training_pipeline(project_dir=str(project), return_state=True)

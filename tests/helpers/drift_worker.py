@@ -17,6 +17,8 @@ TRAINED: list[str] = []  # drift-check runs this process retrained for
 @dataclass(frozen=True)
 class Trained:
     champion: str
+    skipped: bool = False  # as the real pipeline's summary says
+    message: str = ""
 
 
 @flow(name="training-pipeline")
