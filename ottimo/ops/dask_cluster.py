@@ -43,7 +43,8 @@ def worker_argv(address: str, local_dir: Path, name: str, host: str = HOST, deat
 
 
 def wait_ready(address: str, n_workers: int, timeout: float = 60) -> list[str]:
-    """Wait until the scheduler at `address` answers and has `n_workers` workers; their addresses, sorted."""
+    """Wait until the scheduler at `address` answers and has `n_workers` workers (0: none needed); their addresses,
+    sorted."""
     from distributed import Client
 
     deadline = time.monotonic() + timeout
@@ -56,7 +57,8 @@ def wait_ready(address: str, n_workers: int, timeout: float = 60) -> list[str]:
                 raise TimeoutError(f"no Dask scheduler answered at {address} within {timeout:.0f} s") from None
     with client:
         try:
-            client.wait_for_workers(n_workers, timeout=max(1.0, deadline - time.monotonic()))
+            if n_workers:
+                client.wait_for_workers(n_workers, timeout=max(1.0, deadline - time.monotonic()))
         except TimeoutError:
             have = len(client.scheduler_info(n_workers=-1)["workers"])
             raise TimeoutError(f"the Dask scheduler at {address} has {have} of {n_workers} worker(s) after "
