@@ -1,12 +1,11 @@
-"""The compression flow: distil, prune, fuse, quantize (built in parallel), measure (latency interleaved), report,
-select."""
+"""The compression flow: distil, prune, fuse, quantize (built in parallel: threads or Dask workers, compress.runner),
+measure (in this process, latency interleaved), report, select."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from ottimo.config import Params, load_params, project_params
 from tasks import compress as t
@@ -14,6 +13,7 @@ from tasks.compress import Built, CompressionResult
 from tasks.data import DataVersion, prepare_data, validate_raw
 from tasks.evaluate import Evaluated, Exported
 from tasks.lineage import forget_subflow_results
+from tasks.runner import task_runner
 from tasks.summary import fail_open_mlflow_runs
 from tasks.train import Candidate
 
@@ -60,9 +60,9 @@ def compression(project_dir: str = ".", params_file: str = "params.yaml", run_id
 
 
 def with_runner(project_dir: str, params_file: str = "params.yaml"):
-    """The compression flow building compress.n_jobs variants at once (threads)."""
-    params = load_params(Path(project_dir).resolve() / params_file)
-    return compression.with_options(task_runner=ThreadPoolTaskRunner(max_workers=params.compress.n_jobs))
+    """The compression flow with the task runner params.yaml asks for (compress.runner: threads, or Dask)."""
+    root = Path(project_dir).resolve()
+    return compression.with_options(task_runner=task_runner(root, load_params(root / params_file), "compress"))
 
 
 def compress_stage(project_dir: str, params_file: str, params: Params, candidates: list[Candidate],
@@ -72,7 +72,7 @@ def compress_stage(project_dir: str, params_file: str, params: Params, candidate
     variants compete under compress.select, those the gate would pass against the champion first; the chosen
     one goes on to the registry and the gate."""
     trained = [t.from_trained(params, c, e) for c, e in zip(candidates, exported, strict=True)]
-    flow_ = compression.with_options(task_runner=ThreadPoolTaskRunner(max_workers=params.compress.n_jobs))
+    flow_ = compression.with_options(task_runner=task_runner(Path(project_dir).resolve(), params, "compress"))
     result = flow_(project_dir, params_file, None, trained, data, parent_run_id, params, champion_accuracy)
     forget_subflow_results()  # the tasks after it get values, not inputs of type flow_run the UI cannot show
     return t.as_evaluated(result.built, result.rows, result.selection.chosen)

@@ -10,8 +10,9 @@ from ottimo.config import Params, load_params, project_params
 from ottimo.models.tune import deadline
 from tasks.data import DataVersion, prepare_data, validate_raw
 from tasks.lineage import forget_subflow_results
+from tasks.runner import task_runner
 from tasks.summary import fail_open_mlflow_runs
-from tasks.tune import TuneResult, close_study, open_study, run_trials, task_runner, worker_shares
+from tasks.tune import TuneResult, close_study, open_study, run_trials, worker_shares
 
 
 @flow(name="tuning", on_failure=[fail_open_mlflow_runs])
@@ -44,15 +45,15 @@ def tuning(project_dir: str = ".", params_file: str = "params.yaml", data: DataV
 
 
 def with_runner(project_dir: str, params_file: str = "params.yaml"):
-    """The tuning flow with the task runner params.yaml asks for (threads, or Dask)."""
-    params = load_params(Path(project_dir).resolve() / params_file)
-    return tuning.with_options(task_runner=task_runner(params.tune))
+    """The tuning flow with the task runner params.yaml asks for (tune.runner: threads, or Dask)."""
+    root = Path(project_dir).resolve()
+    return tuning.with_options(task_runner=task_runner(root, load_params(root / params_file), "tune"))
 
 
 def tune_stage(project_dir: str, params_file: str, params: Params, data: DataVersion,
                parent_run_id: str) -> dict[str, dict]:
     """The tuning flow as a stage of the training pipeline: {family: training overrides of the chosen trial}."""
-    flow_ = tuning.with_options(task_runner=task_runner(params.tune))
+    flow_ = tuning.with_options(task_runner=task_runner(Path(project_dir).resolve(), params, "tune"))
     results = flow_(project_dir, params_file, data, parent_run_id, params)
     forget_subflow_results()  # its family names are in `params` too: no task input of type flow_run
     return {family: r.overrides for family, r in results.items()}

@@ -25,6 +25,7 @@ from pydantic import (
 from ottimo.compress.options import QuantizeError, QuantOption
 
 Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
+Runner = Literal["threads", "dask"]  # how a fan-out stage (tune, compress) runs its tasks: tasks/runner.py
 
 
 class ConfigError(ValueError):
@@ -315,8 +316,8 @@ class TuneCfg(Strict):
     timeout_seconds: float | None = Field(600, gt=0)  # wall budget: no trial starts after it; null for none
     n_jobs: int = Field(2, ge=1)  # trials at once
     threads_per_trial: int = Field(1, ge=1)  # torch threads while trials train: tiny models run fastest on 1
-    runner: Literal["threads", "dask"] = "threads"
-    dask_address: str | None = None  # a running Dask scheduler; null: a LocalCluster of n_jobs workers
+    runner: Runner = "threads"
+    dask_address: str | None = None  # a running Dask scheduler; null: OTTIMO_DASK_ADDRESS, else a LocalCluster
     storage: str = "sqlite:///mlruns/optuna.db"  # any SQLAlchemy URL; relative sqlite paths from the project
     study_name: str = "ottimo"  # the study is "<study_name>-<family>-<data revision[:8]>"
     sampler: Literal["tpe", "random", "grid", "nsga2"] = "tpe"
@@ -600,7 +601,9 @@ class CompressCfg(Strict):
     # an FP32 candidate of each base with attention, LayerNorm and GELU fused (ottimo.compress.fusion); INT8 then
     # starts from it
     fuse: bool = False
-    n_jobs: int = Field(2, ge=1)  # variants built at once in threads (measured one after another)
+    n_jobs: int = Field(2, ge=1)  # variants built at once: threads, or LocalCluster workers (measured one by one)
+    runner: Runner = "threads"  # dask: variants are built on Dask workers (measured in the flow's process)
+    dask_address: str | None = None  # a running Dask scheduler; null: OTTIMO_DASK_ADDRESS, else a LocalCluster
 
     @model_validator(mode="after")
     def _student_needs_distill(self) -> CompressCfg:

@@ -50,6 +50,8 @@ FAMILY_RUN = "model.family"
 CANDIDATE_NAME = "ottimo.candidate"  # on candidate and compressed runs: the name the gate and the registry know it by
 ROOT_FLOW_RUN = "prefect.root_flow_run_id"  # the pipeline's flow run, also on runs made by its subflows
 TECHNIQUE = "compress.technique"  # trained | distill | prune-... | int8-...
+WORKER = "ottimo.worker"  # on trial and compressed runs: who made it, the Dask worker's address (tcp://host:port)
+#   or, on threads, the process (host:pid)
 GATE_SELECTED = "gate.selected"  # on the pipeline run: "<candidate> v<version>"
 PROMOTED = "champion"  # on the pipeline run: the version it promoted
 SKIPPED = "pipeline.skipped"  # on the pipeline run: why it trained nothing (its run key is the champion's)

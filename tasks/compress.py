@@ -1,9 +1,11 @@
 """Compression tasks: distil a student, prune and quantize variants (built in parallel), measure them one after
 another in this process, report them side by side and choose the one that goes to the gate.
 
-Tasks pass `Built` records (paths, ids, the Recipe that rebuilds a checkpoint), never live models.
-Exports and quantizer calls hold one process-wide lock: both redirect stdout and the dynamo exporter is not
-made for concurrent tracing; fine-tuning and distillation run concurrently.
+Tasks pass `Built` records (paths, ids, the Recipe that rebuilds a checkpoint), never live models, so that they
+run on threads or on Dask worker processes alike (compress.runner). Exports and quantizer calls hold one
+process-wide lock: both redirect stdout and the dynamo exporter is not made for concurrent tracing; fine-tuning and
+distillation run concurrently. The lock is reached as `export.export_guard`: a task's function travels to a Dask
+worker by value with the globals it names, and a module travels by name, so each worker uses its own lock.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from ottimo.compress import fusion, pareto, quantize, sensitivity, techniques
 from ottimo.config import Params
 from ottimo.data.tables import Splits, load_splits
 from ottimo.models.family import Recipe, count_parameters, rebuild, recipe
-from ottimo.onnx import latency
-from ottimo.onnx.export import export_guard, export_onnx, parity_check, sha256, verify_sha256
+from ottimo.onnx import export, latency
+from ottimo.onnx.export import export_onnx, parity_check, sha256, verify_sha256
 from ottimo.onnx.measure import Metrics, measure
+from ottimo.ops.dask_cluster import current_worker
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import report
 from ottimo.registry.gate import GateFailed
@@ -77,7 +80,7 @@ def _open_run(root: Path, params: Params, parent_run_id: str, name: str, techniq
         **report.inherited(client, parent_run_id), vocab.CANDIDATE_NAME: name,
         vocab.PARENT: parent_run_id, vocab.FLOW_RUN: str(runtime.flow_run.id), vocab.KIND: vocab.COMPRESSED,
         vocab.DATA_REVISION: data.revision, vocab.FAMILY_RUN: family or base.family, vocab.TECHNIQUE: technique,
-        "compress.base": base.name, "teacher": params.compress.teacher})
+        "compress.base": base.name, "teacher": params.compress.teacher, vocab.WORKER: current_worker()})
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten(
         {"technique": technique, "base": base.name, **settings}).items()])
     return run.info.run_id
@@ -102,7 +105,7 @@ def _finish_torch(root: Path, params: Params, model: torch.nn.Module, name: str,
                        recipe.family if recipe else None)
     out = work_dir(root, run_id)
     torch.save(model.state_dict(), out / "checkpoint.pt")
-    with export_guard.exclusive():
+    with export.export_guard.exclusive():
         path = export_onnx(model, base.spec, out / "model.onnx")
         diff = parity_check(model, path, splits.X_test, params.evaluate.parity_atol)
         uri, digest = _log_onnx(root, params, run_id, path, splits.X_test, splits.labels)
@@ -140,7 +143,7 @@ def distill_student(root: Path, params: Params, teacher: Built, data: DataVersio
     splits = load_splits(Path(data.prepared))
     student_recipe = recipe(params.families, params.train, cfg.student, {
         "hparams": cfg.hparams, "train": {"lr": cfg.lr} if cfg.lr else {}})
-    with export_guard.training():
+    with export.export_guard.training():
         student = techniques.distill(load_model(teacher), splits, student_recipe,
                                      _finetune_spec(params, cfg.epochs, student_recipe.lr), cfg.temperature, cfg.alpha)
     name = f"student-{cfg.student}"
@@ -172,7 +175,7 @@ def prune_variant(root: Path, params: Params, base: Built, method: str, amount: 
             model, rebuilt_by = techniques.structured_prune(model, base.spec, base.n_classes, amount), None
         except techniques.NotPrunable as err:
             return _skipped(root, params, name, f"prune-{method}", base, settings, data, parent_run_id, str(err))
-    with export_guard.training():
+    with export.export_guard.training():
         spec = _finetune_spec(params, cfg.finetune_epochs, cfg.lr)
         techniques.make_permanent(techniques.finetune(model, splits, spec))
     built = _finish_torch(root, params, model, name, f"prune-{method}", base, rebuilt_by, settings, splits, data,
@@ -219,7 +222,7 @@ def quantize_variant(root: Path, params: Params, base: Built, option: str, data:
     calib = (quantize.calibration_sample(splits, cfg.calibration_rows, params.project.seed)
              if opt.needs_calibration else None)
     error = None
-    with export_guard.exclusive():
+    with export.export_guard.exclusive():
         if cfg.accuracy_aware:
             extra, error = _accuracy_aware(params, src, dst, opt, calib, splits, out)
             connect(root, params.mlflow)[0].log_batch(run_id, params=[Param(k, vocab.clip(v, vocab.PARAM_LIMIT))
@@ -254,7 +257,7 @@ def fuse_variant(root: Path, params: Params, base: Built, data: DataVersion, par
     run_id = _open_run(root, params, parent_run_id, name, "fuse", base, {}, data)
     out = work_dir(root, run_id)
     dst = out / "model.onnx"
-    with export_guard.exclusive():
+    with export.export_guard.exclusive():
         try:
             rep = fusion.optimize(Path(base.onnx_path), dst, check_rows=splits.X_test[:32])
         except fusion.FusionError as err:

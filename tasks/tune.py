@@ -1,7 +1,8 @@
 """Tuning tasks: open (or resume) a family's Optuna study, run a worker's share of its trials, close it.
 
 Tasks pass the study by name and storage URL (StudyRef), never a live Study: a worker may be a thread of
-this process or a Dask worker process, and each opens the shared RDB storage itself.
+this process or a Dask worker process (tune.runner), and each opens the shared RDB storage itself. Each trial's
+MLflow run is tagged with the worker that ran it (ottimo.worker).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from pathlib import Path
 
 from mlflow.entities import Metric, Param
 from prefect import get_run_logger, runtime, task
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from ottimo import vocab
-from ottimo.config import Params, TuneCfg
+from ottimo.config import Params
 from ottimo.data.tables import load_splits
 from ottimo.models import tune
 from ottimo.models.family import recipe, to_overrides
+from ottimo.ops.dask_cluster import current_worker
 from ottimo.ops.doctor import owner
 from ottimo.registry import report
 from ottimo.registry.tracking import connect, flatten, work_dir
@@ -50,18 +51,6 @@ class TuneResult:
     epochs: int  # epochs trained over the whole study
     mlflow_run_id: str
     pareto: list[dict] = field(default_factory=list)  # multi-objective: {trial, val_accuracy, p95_ms}
-
-
-def task_runner(cfg: TuneCfg) -> TaskRunner:
-    """n_jobs threads, or Dask: the scheduler at dask_address, else a LocalCluster of n_jobs one-thread workers."""
-    if cfg.runner == "threads":
-        return ThreadPoolTaskRunner(max_workers=cfg.n_jobs)
-    from prefect_dask import DaskTaskRunner
-
-    if cfg.dask_address:
-        return DaskTaskRunner(address=cfg.dask_address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.n_jobs, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None})
 
 
 def worker_shares(studies: list[StudyRef], n_jobs: int) -> list[tuple[StudyRef, int, int]]:
@@ -120,7 +109,7 @@ def run_trials(root: Path, params: Params, ref: StudyRef, data: DataVersion, wor
     client, exp = connect(root, params.mlflow)
     runs = tune.TrialRuns(client, exp, ref.mlflow_run_id, {  # the study run's filterable tags, and its flow run
         **report.inherited(client, ref.mlflow_run_id), vocab.FLOW_RUN: ref.flow_run_id, "optuna.study": ref.name,
-        vocab.FAMILY_RUN: ref.family, vocab.DATA_REVISION: data.revision})
+        vocab.FAMILY_RUN: ref.family, vocab.DATA_REVISION: data.revision, vocab.WORKER: current_worker()})
     objective = tune.objective(recipe(params.families, params.train, ref.family), fam, load_splits(
         Path(data.prepared)), params.train, cfg, params.evaluate, ref.seed, runs)
     log = get_run_logger()
