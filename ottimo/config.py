@@ -741,6 +741,15 @@ MOVED = {  # keys of earlier versions, and where their settings live now
 }
 
 
+def _shown(value: Any) -> Any:
+    """A value as an error message may show it: a URL's password masked (***)."""
+    if isinstance(value, str) and storage_password(value):
+        from sqlalchemy.engine import make_url
+
+        return make_url(value).render_as_string(hide_password=True)
+    return value
+
+
 def _describe(err: ValidationError, source: str) -> str:
     lines = [f"{source} is invalid:"]
     for e in err.errors():
@@ -752,7 +761,7 @@ def _describe(err: ValidationError, source: str) -> str:
         elif not e["loc"]:  # a check across sections: its message names the keys
             lines.append(f"  - {e['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"  - {key}: got {e['input']!r}; {e['msg']}")
+            lines.append(f"  - {key}: got {_shown(e['input'])!r}; {e['msg']}")
     lines.append("Fix the file and run again; nothing was run.")
     return "\n".join(lines)
 
