@@ -308,6 +308,22 @@ class TrainCfg(Strict):
     log_every: int = Field(10, ge=1)
 
 
+STORAGE_PASSWORD = ("holds a password: tune.storage is logged (MLflow params, Prefect results). Leave it out "
+                    "and give the client a libpq password file instead (PGPASSFILE=/path/to/pgpass, mode 0600: "
+                    "host:port:db:user:password), e.g. postgresql+psycopg://user@host:5432/optuna")
+
+
+def storage_password(url: str) -> bool:
+    """True when a SQLAlchemy URL carries a password (user:secret@host)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).password is not None
+    except ArgumentError:
+        return False
+
+
 class TuneCfg(Strict):
     """The tuning stage: one Optuna study per model family in `train.candidates`, before training."""
 
@@ -330,13 +346,28 @@ class TuneCfg(Strict):
     seed: int | None = None  # null: project.seed
     multi_objective: bool = False  # NSGA-II on (val accuracy, ONNX p95 latency at batch 1); no pruning
     max_accuracy_drop: float = Field(1.0, ge=0, le=100)  # points below the best the chosen fastest trial may be
+    # many worker processes or machines on one study (Postgres): a trial whose worker stops beating for
+    # grace_seconds is failed and re-run, and that worker's unstarted trials are run by the one that noticed
+    heartbeat_seconds: int | None = Field(None, ge=1)  # null: no heartbeat (threads of one process need none)
+    grace_seconds: int | None = Field(None, ge=1)  # null: 2 x heartbeat_seconds
+    stale_retries: int = Field(3, ge=0)  # re-runs of one trial whose workers keep dying
 
     @field_validator("storage")
     @classmethod
     def _url(cls, v: str) -> str:
         if "://" not in v:
             raise ValueError("must be a SQLAlchemy URL, e.g. sqlite:///mlruns/optuna.db or postgresql://host/db")
+        if storage_password(v):
+            raise ValueError(STORAGE_PASSWORD)
         return v
+
+    @model_validator(mode="after")
+    def _beat(self) -> TuneCfg:
+        if self.grace_seconds is not None and (self.heartbeat_seconds is None
+                                               or self.grace_seconds <= self.heartbeat_seconds):
+            raise ValueError("tune.grace_seconds needs tune.heartbeat_seconds, and must be longer than it "
+                             "(a live worker beats once every heartbeat_seconds)")
+        return self
 
 
 class TargetCfg(Strict):
@@ -734,6 +765,15 @@ MOVED = {  # keys of earlier versions, and where their settings live now
 }
 
 
+def _shown(value: Any) -> Any:
+    """A value as an error message may show it: a URL's password masked (***)."""
+    if isinstance(value, str) and storage_password(value):
+        from sqlalchemy.engine import make_url
+
+        return make_url(value).render_as_string(hide_password=True)
+    return value
+
+
 def _describe(err: ValidationError, source: str) -> str:
     lines = [f"{source} is invalid:"]
     for e in err.errors():
@@ -745,7 +785,7 @@ def _describe(err: ValidationError, source: str) -> str:
         elif not e["loc"]:  # a check across sections: its message names the keys
             lines.append(f"  - {e['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"  - {key}: got {e['input']!r}; {e['msg']}")
+            lines.append(f"  - {key}: got {_shown(e['input'])!r}; {e['msg']}")
     lines.append("Fix the file and run again; nothing was run.")
     return "\n".join(lines)
 

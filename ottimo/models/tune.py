@@ -4,6 +4,12 @@ A study lives in RDB storage (SQLite under mlruns/ by default) so that several w
 processes, share it and a crashed run can be resumed. Every trial trains with `ottimo.models.train.fit`, reports
 val accuracy per epoch so the pruner can stop it early, and is logged to MLflow as a run nested under the
 study's run. No Prefect here: tasks/tune.py and flows/tune.py schedule this.
+
+Many processes on one server-backed study (Postgres): every worker runs a *share* of the trials, each trial tagged
+with its share, so a share counts its own trials in the storage, and n_trials holds exactly. With
+tune.heartbeat_seconds a worker that dies mid-trial is noticed by another (its heartbeat stops): that trial is
+failed and re-run (RetryHeartbeatStaleTrialCallback), and the dead worker's unstarted trials move to the worker
+that noticed. See run_trials.
 """
 
 from __future__ import annotations
@@ -11,10 +17,12 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sqlite3
 import tempfile
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
@@ -29,9 +37,19 @@ from mlflow.entities import Metric, Param
 from optuna.trial import FrozenTrial, Trial, TrialState
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from ottimo import vocab
-from ottimo.config import EvaluateCfg, FamilyCfg, FloatRange, IntRange, TrainCfg, TuneCfg
+from ottimo.config import (
+    STORAGE_PASSWORD,
+    EvaluateCfg,
+    FamilyCfg,
+    FloatRange,
+    IntRange,
+    TrainCfg,
+    TuneCfg,
+    storage_password,
+)
 from ottimo.data.tables import Splits
 from ottimo.models.family import FamilyError, Recipe, to_overrides
 from ottimo.models.train import fit
@@ -42,6 +60,9 @@ from ottimo.spec import InputSpec
 
 SQLITE_TIMEOUT_S = 120  # how long a writer waits for SQLite's lock before "database is locked"
 INTERRUPTED = "interrupted: left RUNNING by a run that stopped (crash or kill); marked failed on resume"
+SURPLUS = "surplus: its share already had all its trials when it started (two workers raced); not run"
+SHARE = "ottimo.share"  # user attr: "<id>/<size>", the worker share a trial counts for (a re-run keeps it)
+STORAGE_ENV = "OTTIMO_OPTUNA_STORAGE"  # overrides tune.storage (a team's Postgres without editing params.yaml)
 CATCH = (FloatingPointError, FamilyError)  # a trial that raises one of these is recorded FAILED and the study goes on
 OBJECTIVES = ("val_accuracy", "p95_ms")
 
@@ -54,8 +75,12 @@ class TuningFailed(RuntimeError):
 
 
 def storage_url(root: Path, cfg: TuneCfg) -> str:
-    """tune.storage, with a relative sqlite path taken from the project root."""
-    return in_project(root, cfg.storage)
+    """OTTIMO_OPTUNA_STORAGE or tune.storage, a relative sqlite path taken from the project root; postgresql://
+    means psycopg (3). A URL holding a password is refused: it would be logged."""
+    url = os.environ.get(STORAGE_ENV) or cfg.storage
+    if storage_password(url):
+        raise ValueError(f"{STORAGE_ENV if os.environ.get(STORAGE_ENV) else 'tune.storage'} {STORAGE_PASSWORD}")
+    return in_project(root, re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", url))
 
 
 def _sqlite_connect(dbapi_conn, _record) -> None:
@@ -68,21 +93,58 @@ def _sqlite_begin(conn) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _server_engine(url: str) -> dict:
+    """Engine settings for a database server shared by many worker processes: few connections each (a worker
+    uses one, its heartbeat thread another), checked before use and recycled, so a server restart or an idle
+    timeout costs a reconnect, not a failed trial."""
+    kwargs = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 8, "pool_recycle": 1800}
+    if make_url(url).get_driver_name() in ("psycopg", "psycopg2"):  # libpq: name the client in pg_stat_activity
+        kwargs["connect_args"] = {"application_name": "ottimo-optuna", "connect_timeout": 10}
+    return kwargs
+
+
+def _heartbeat(seconds: int | None, grace: int | None, retries: int) -> dict:
+    if seconds is None:
+        return {}
+    return {"heartbeat_interval": seconds, "grace_period": grace,
+            "heartbeat_stale_trial_callback": _RetryStale(max_retry=retries)}
+
+
 @functools.cache
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """One RDBStorage per URL and process. SQLite is made safe for parallel writers: WAL journal, a long
-    busy timeout, and BEGIN IMMEDIATE transactions so that writers queue instead of failing."""
-    if not url.startswith("sqlite"):
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    path = make_url(url).database
-    if path and path != ":memory:":
-        with closing(sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")  # persistent: readers no longer block the writer
-    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
+def open_storage(url: str, heartbeat: int | None = None, grace: int | None = None,
+                 retries: int = 3) -> optuna.storages.RDBStorage:
+    """One RDBStorage per URL (and heartbeat setting) and process. SQLite is made safe for parallel writers: WAL
+    journal, a long busy timeout, and BEGIN IMMEDIATE transactions so that writers queue instead of failing.
+    heartbeat (s): running trials beat; one silent for `grace` s (default 2 x heartbeat) is failed and re-run
+    (at most `retries` times)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        beat = _heartbeat(heartbeat, grace, retries)
+        if not url.startswith("sqlite"):
+            return _create(url, _server_engine(url), beat)
+        path = make_url(url).database
+        if path and path != ":memory:":
+            with closing(sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)) as conn:
+                conn.execute("PRAGMA journal_mode=WAL")  # persistent: readers no longer block the writer
+        storage = _create(url, {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}, beat)
     event.listen(storage.engine, "connect", _sqlite_connect)
     event.listen(storage.engine, "begin", _sqlite_begin)
     storage.engine.dispose()  # connections opened while the tables were created lack the listeners
     return storage
+
+
+def _create(url: str, engine_kwargs: dict, beat: dict, attempts: int = 3) -> optuna.storages.RDBStorage:
+    """RDBStorage, tried again when workers starting together race to create Optuna's tables on a fresh database."""
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **beat)
+        except SQLAlchemyError as err:
+            if attempt == attempts - 1:
+                raise RuntimeError(f"cannot open the Optuna storage {make_url(url).render_as_string()}: "
+                                   f"{type(err).__name__}: {str(err).splitlines()[0]}. Is the server up, the "
+                                   f"database created, and the password in the file PGPASSFILE names?") from err
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
 
 
 def study_name(cfg: TuneCfg, family: str, revision: str) -> str:
@@ -172,7 +234,7 @@ def open_study(url: str, name: str, cfg: TuneCfg, fam: FamilyCfg, seed: int, wor
     """Create the study or load it (load_if_exists). The sampler's seed mixes in the worker index and the
     trials already there, so that workers and resumed runs do not replay the same random draws."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is logged by the tasks instead
-    storage = open_storage(url)
+    storage = open_storage(url, cfg.heartbeat_seconds, cfg.grace_seconds, cfg.stale_retries)
     sampler = make_sampler(cfg, fam, seed + 1009 * worker + _n_trials(storage, name))
     directions = ["maximize", "minimize"] if cfg.multi_objective else ["maximize"]
     return optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=make_pruner(cfg, fam),
@@ -197,10 +259,22 @@ def _interrupted(t: FrozenTrial) -> bool:
     return t.user_attrs.get("fail_reason") == INTERRUPTED
 
 
+def _replaced(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of trials the heartbeat failed and a retry replaced (Optuna's retry_history on the retries)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+
+
+def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The finished trials that count towards n_trials: not interrupted, not replaced by a retry, not surplus."""
+    gone = _replaced(trials)
+    return [t for t in trials if t.state.is_finished() and t.number not in gone and not _interrupted(t)
+            and t.user_attrs.get("fail_reason") != SURPLUS]
+
+
 def remaining(study: optuna.Study, n_trials: int) -> int:
-    """Trials still to run for the study to hold `n_trials` finished ones (interrupted ones do not count)."""
-    done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and not _interrupted(t)]
-    return max(0, n_trials - len(done))
+    """Trials still to run for the study to hold `n_trials` finished ones (interrupted, replaced and surplus
+    ones do not count)."""
+    return max(0, n_trials - len(counted(study.get_trials(deepcopy=False))))
 
 
 def shares(n: int, n_jobs: int) -> list[int]:
@@ -236,21 +310,130 @@ def torch_threads(n: int) -> Iterator[None]:
                 torch.set_num_threads(_threads["saved"])
 
 
+class _Surplus(Exception):
+    """A new trial that no share of this worker needs (recorded FAIL with SURPLUS, not counted, not run)."""
+
+
+_found_lock = threading.Lock()
+_found: dict[str, list[str]] = {}  # study name -> shares whose worker this process found dead (heartbeat)
+
+
+class _RetryStale(optuna.storages.RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a trial whose heartbeat stopped (a WAITING copy, same params and user attrs, so the
+    same share), and the dead worker's share handed to this process: only the process whose call failed the
+    trial gets here, so exactly one worker takes the share over."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        super().__call__(study, trial)
+        if SHARE in trial.user_attrs:
+            with _found_lock:
+                _found.setdefault(study.study_name, []).append(trial.user_attrs[SHARE])
+
+
+def _take_found(name: str) -> list[str]:
+    with _found_lock:
+        return _found.pop(name, [])
+
+
+def _needed(trials: list[FrozenTrial], share: str) -> int:
+    """Trials the share still has to start: its size less its counted, running and waiting (retry) trials."""
+    ok = {t.number for t in counted(trials)}
+    mine = [t for t in trials if t.user_attrs.get(SHARE) == share
+            and (t.number in ok or t.state in (TrialState.RUNNING, TrialState.WAITING))]
+    return int(share.rsplit("/", 1)[1]) - len(mine)
+
+
+def _next_share(trials: list[FrozenTrial], shares_: list[str]) -> str | None:
+    return next((s for s in shares_ if _needed(trials, s) > 0), None)
+
+
+def _has_work(study: optuna.Study, shares_: list[str]) -> bool:
+    """A share still needs a new trial, or a retry of one of these shares waits to be run."""
+    trials = study.get_trials(deepcopy=False)
+    return _next_share(trials, shares_) is not None or any(
+        t.state == TrialState.WAITING and t.user_attrs.get(SHARE) in shares_ for t in trials)
+
+
+def _tagging(study: optuna.Study, objective: Callable, shares_: list[str]) -> Callable:
+    """The objective, run for the first of `shares_` that needs a trial; a retry keeps the share it came from."""
+
+    def run(trial: Trial):
+        if SHARE not in trial.user_attrs:
+            share = _next_share(study.get_trials(deepcopy=False), shares_)
+            if share is None:
+                trial.set_user_attr("fail_reason", SURPLUS)
+                raise _Surplus(SURPLUS)
+            trial.set_user_attr(SHARE, share)
+        return objective(trial)
+
+    return run
+
+
+def _heartbeat_interval(study: optuna.Study) -> int | None:
+    """The storage's heartbeat interval in seconds; None when it has none (off, or not an RDB storage)."""
+    get = getattr(study._storage, "get_heartbeat_interval", None)  # BaseHeartbeat: RDBStorage and its cache
+    return get() if get else None
+
+
+def _late(until: float | None) -> bool:
+    return until is not None and time.time() >= until
+
+
+def _watch(study: optuna.Study, until: float | None) -> bool:
+    """This worker's shares are done and trials of other workers run: check on their heartbeats until they end.
+    True as soon as this process found one dead (its retry and unstarted trials are now this worker's); False
+    when none runs any more, at `until`, or when the running set has not changed for 10 grace periods (a trial
+    that never beat, e.g. killed between its start and its first beat, is left to fail_interrupted)."""
+    interval = _heartbeat_interval(study)
+    grace = getattr(getattr(study._storage, "_backend", study._storage), "grace_period", None)  # RDBStorage's
+    patience = 10 * (grace or 2 * interval)
+    seen, since = None, time.time()
+    while not _late(until) and time.time() - since < patience:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # the stale-trial callback runs here: _RetryStale
+        with _found_lock:
+            if _found.get(study.study_name):
+                return True
+        running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        if not running:
+            return False
+        if running != seen:
+            seen, since = running, time.time()
+        time.sleep(interval)
+    return False
+
+
 def run_trials(study: optuna.Study, objective: Callable, n_trials: int, until: float | None,
-               on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None) -> list[int]:
-    """Run up to n_trials trials here, none starting after `until`; a trial raising one of CATCH is recorded
-    FAILED and the next one starts. `on_trial` sees each finished trial (progress). Returns their numbers."""
-    timeout = None if until is None else until - time.time()
-    if n_trials <= 0 or (timeout is not None and timeout <= 0):
+               on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+               share: str | None = None) -> list[int]:
+    """Run this worker's share of n_trials trials, none starting after `until`; a trial raising one of CATCH is
+    recorded FAILED and the next one starts. `on_trial` sees each finished trial (progress). Returns their numbers.
+
+    Every trial is tagged with the share ("<share>/<n_trials>"; `share` names it, e.g. flow run and worker index,
+    so that a re-run of the same share only runs what it lacks; default: a fresh id), and the share counts its
+    trials in the storage, not in this process. With the storage's heartbeat on, a worker done with its share
+    watches the others' running trials; the process that finds one dead re-runs it and the rest of that share."""
+    if n_trials <= 0 or _late(until):
         return []
+    mine = [f"{share or uuid.uuid4().hex[:12]}/{n_trials}"]
+    heartbeat = _heartbeat_interval(study)
     numbers: list[int] = []
 
     def done(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.user_attrs.get("fail_reason") == SURPLUS:
+            return
         numbers.append(trial.number)
         if on_trial:
             on_trial(trial)
 
-    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=CATCH, callbacks=[done])
+    while not _late(until):
+        mine += _take_found(study.study_name)
+        if not _has_work(study, mine):
+            if heartbeat and _watch(study, until):
+                continue
+            break
+        study.optimize(_tagging(study, objective, mine), n_trials=1, catch=(*CATCH, _Surplus), callbacks=[done])
     return numbers
 
 
@@ -363,7 +546,7 @@ def choose(study: optuna.Study, cfg: TuneCfg, family: str = "<name>") -> FrozenT
     wall budget was spent first); TuningFailed when trials ran and none completed."""
     trials = study.get_trials(deepcopy=False)
     if not any(t.state == TrialState.COMPLETE for t in trials):
-        ran = [t for t in trials if t.state.is_finished() and not _interrupted(t)]
+        ran = counted(trials)
         if not ran:
             return None
         failed = [t for t in ran if t.state == TrialState.FAIL]
