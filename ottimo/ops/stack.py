@@ -27,12 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ottimo.config import TeamCfg, load_params
-from ottimo.ops import s3, servers
+from ottimo.ops import dask_cluster, s3, servers
 from ottimo.ops.postgres import Cluster
 
 DATABASES = ("prefect", "mlflow", "optuna")
-# --no-dashboard still starts Dask's HTTP server (health, metrics) on all interfaces: bind it to loopback
-NO_DASHBOARD = ("--no-dashboard", "--dashboard-address", "127.0.0.1:0")
 # the environment variables that tell a flow run where the team's services are (documented in the README)
 TRACKING, OPTUNA, DVC_REMOTE, DASK = ("OTTIMO_TRACKING_URI", "OTTIMO_OPTUNA_STORAGE", "OTTIMO_DVC_REMOTE_URL",
                                       "OTTIMO_DASK_ADDRESS")
@@ -94,17 +92,15 @@ def commands(root: Path, params_file: str, t: Team, pg: Cluster) -> dict[str, tu
     mlflow = embedded["mlflow"][0]
     mlflow[mlflow.index("--backend-store-uri") + 1] = pg.url("mlflow")
     mlflow[mlflow.index("--artifacts-destination") + 1] = f"s3://{t.cfg.bucket}/mlflow"
-    local = str(root / ".run" / "dask")
+    local = root / ".run" / "dask"
     out = {
         "s3": (s3.argv(t.ep.host, t.s3_port), s3.server_env(root / ".run")),
         "prefect": (embedded["prefect"][0], {"PREFECT_API_DATABASE_CONNECTION_URL": pg.url("prefect", "asyncpg")}),
         "mlflow": (mlflow, {}),
-        "dask-scheduler": ([str(bin_dir / "dask"), "scheduler", "--host", t.ep.host, "--port", str(t.dask_port),
-                            *NO_DASHBOARD], {}),
+        "dask-scheduler": (dask_cluster.scheduler_argv(t.dask_port, t.ep.host), {}),
     }
     for name in t.worker_names("dask"):
-        out[name] = ([str(bin_dir / "dask"), "worker", t.dask_address, "--name", name, "--host", t.ep.host,
-                      "--nthreads", "1", "--nworkers", "1", *NO_DASHBOARD, "--local-directory", local], {})
+        out[name] = (dask_cluster.worker_argv(t.dask_address, local, name, t.ep.host), {})
     for name in t.worker_names("prefect"):
         out[name] = ([str(bin_dir / "prefect"), "worker", "start", "--pool", t.cfg.work_pool, "--name", name,
                       "--type", "process", "--limit", "1"], {})
@@ -120,12 +116,9 @@ def _listening(host: str, port: int) -> bool:
 
 def dask_workers(address: str) -> int:
     """How many workers the scheduler at `address` has (0 while it does not answer)."""
-    from distributed import Client
-
     try:
-        with Client(address, timeout=5) as client:
-            return len(client.scheduler_info()["workers"])
-    except OSError:
+        return len(dask_cluster.wait_ready(address, 0, timeout=5))
+    except TimeoutError:
         return 0
 
 

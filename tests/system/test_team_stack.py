@@ -43,10 +43,12 @@ def team(monkeypatch):
     base.chmod(0o711)
     for name in PORTS:
         monkeypatch.setenv(name, str(free_port()))
-    root = write_project(base / "project", {
+    root = write_project(base / "project", {  # tuning and compression fan out to the stack's Dask workers
+        "tune": {"enabled": True, "n_trials": 4, "n_jobs": 2, "runner": "dask"},
         "train": {"candidates": ["mlp"]}, "gate": {"min_gain": -100},  # reruns on the same data may trail
         "deploy": {"training_cron": None}, "drift": {"cron": None},
-        "compress": {"enabled": True, "teacher": "mlp", "distill": {"enabled": False}, "bases": ["teacher"],
+        "compress": {"enabled": True, "runner": "dask", "n_jobs": 2, "teacher": "mlp", "distill": {"enabled": False},
+                     "bases": ["teacher"],
                      "prune": {"unstructured": [0.5], "structured": [], "finetune_epochs": 2},
                      "quantize": {"options": ["int8-dyn"]}}})
     OUT.mkdir(parents=True, exist_ok=True)
@@ -156,11 +158,15 @@ def test_a_run_through_the_work_pool_promotes_a_champion_on_postgres_with_artifa
     assert any(k.startswith(f"dvc/files/md5/{revision[:2]}/{revision[2:]}") for k in objects), \
         f"data revision {revision} is not in the DVC remote"
     assert not list(root.glob(".dvc-remote*")), "nothing went to the local-directory remote"
+    # tuning trials and compression variants ran on the stack's two Dask workers, both of them
+    exps = [e.experiment_id for e in client.search_experiments()]
+    made = client.search_runs(exps, max_results=1000)
+    workers = {r.data.tags[vocab.WORKER] for r in made if vocab.WORKER in r.data.tags}
+    assert len(workers) == 2 and all(w.startswith(f"tcp://{t.ep.host}:") for w in workers), workers
 
     # 3. a worker killed mid-run (its process group: the flow run goes with it) ...
     second = _trigger(t, {"max_epochs": 6})  # other params than the champion's: the run trains
     deadline = time.monotonic() + RUN_TIMEOUT
-    exps = [e.experiment_id for e in client.search_experiments()]
     while not client.search_runs(exps, f"tags.`{vocab.FLOW_RUN}` = '{second}' and tags.`{vocab.KIND}` = "
                                        f"'{vocab.CANDIDATE}'"):  # killed while it trains
         assert time.monotonic() < deadline, "the second run never started training"
