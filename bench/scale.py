@@ -1,5 +1,9 @@
 """Scale-out on this machine, side by side in one run, printed as ratios. One function per part (`--part`).
 
+**prefect** (bench/prefect_scale.py): flow runs per minute through a process work pool with 1 vs 2 Prefect workers.
+**optuna** (bench/optuna_scale.py): 8 concurrent Optuna processes on one study, Postgres vs SQLite: trials per
+minute, errors, lock errors, lost and duplicated trials.
+
 **dask**: tuning trials per minute and compression variants per minute with 1 vs 2 Dask workers (one thread each).
 Two throw-away clusters run side by side for the whole part (ottimo.ops.dask_cluster: a scheduler and one-thread
 worker processes on loopback, as `make up` starts them): one with 1 worker, one with 2. Both arms run the same flows
@@ -233,8 +237,40 @@ def report(rates: dict[tuple[str, str, str], list[float]]) -> None:
 
 # --- the parts --------------------------------------------------------------------------------------------------
 
+def prefect_args(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("prefect (bench/prefect_scale.py)")
+    g.add_argument("--flow-runs", type=int, default=4, help="flow runs submitted at once per measurement")
+    g.add_argument("--flow-epochs", type=int, default=60, help="training epochs inside each flow run")
+
+
+def prefect_part(args: argparse.Namespace) -> None:
+    """Flow runs per minute through a process work pool with 1 vs 2 Prefect workers."""
+    import prefect_scale
+
+    print("\n## prefect: flow runs per minute through 1 vs 2 Prefect workers (a process work pool)")
+    print(prefect_scale.report(prefect_scale.run(args.repeats, args.flow_runs, args.flow_epochs)))
+
+
+def optuna_args(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("optuna (bench/optuna_scale.py)")
+    g.add_argument("--processes", type=int, default=8, help="Optuna processes on one study")
+    g.add_argument("--study-trials", type=int, default=80, help="trials in the study, over all processes")
+
+
+def optuna_part(args: argparse.Namespace) -> None:
+    """8 concurrent Optuna processes on one study: Postgres vs SQLite."""
+    import optuna
+    import optuna_scale
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    print(f"\n## optuna: {args.processes} processes on one study of {args.study_trials} trials, Postgres vs SQLite")
+    optuna_scale.run(args.processes, args.study_trials)
+
+
 PARTS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
     "dask": (dask_args, dask_part),
+    "prefect": (prefect_args, prefect_part),
+    "optuna": (optuna_args, optuna_part),
 }
 
 
