@@ -73,7 +73,6 @@ def test_the_cluster_listens_on_loopback_only(cluster):
     assert listening(cluster) == {"127.0.0.1"}
 
 
-@pytest.mark.slow
 def test_tuning_trials_fan_out_to_both_workers(tmp_path, cluster, harness):
     from flows.tune import with_runner
 
@@ -101,7 +100,7 @@ def train_then_compress(project_dir: str, data: DataVersion) -> str:
     return run_id
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # 12 s on a quiet machine, about 60 s on a busy one
 def test_compression_variants_fan_out_to_both_workers_and_are_measured_here(tmp_path, cluster, harness):
     compress = {"enabled": True, "teacher": "mlp", "bases": ["teacher"], "distill": {"enabled": False},
                 "prune": {"unstructured": [0.5], "structured": [0.5], "finetune_epochs": 2},
@@ -162,7 +161,6 @@ def sends_a_lock() -> int:
     return hold.submit(threading.Lock()).result()
 
 
-@pytest.mark.slow
 def test_the_flow_fails_in_seconds_with_the_object_or_the_address_named(tmp_path, cluster, harness):
     from flows.tune import with_runner
 
