@@ -41,6 +41,7 @@ NOT_THE_MODEL_PARAMS = (
     "card",  # measured on the model already chosen (bounds on its figures are gate.card, which is in)
     "train.log_every",  # logging
     "tune.runner", "tune.dask_address", "tune.storage",  # where trials run and the study is kept
+    "compress.runner", "compress.dask_address", "compress.n_jobs",  # where and how many variants are built at once
 )
 
 

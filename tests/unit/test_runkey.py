@@ -50,6 +50,7 @@ def test_params_fingerprint_sees_what_makes_the_model_and_not_where_it_is_kept_o
     ignored = [{"deploy": {"prefect_port": 4300, "training_cron": None, "training_name": "hourly"}},
                {"mlflow": {"experiment": "other"}}, {"train": {"log_every": 1}}, {"drift": {"cooldown_hours": 1}},
                {"tune": {"runner": "dask", "dask_address": "tcp://127.0.0.1:8786"}}, {"card": {"top_features": 3}},
+               {"compress": {"runner": "dask", "dask_address": "tcp://127.0.0.1:8786", "n_jobs": 1}},
                {"reliability": {"lock_timeout_seconds": 5}}, {"score": {"deployment_name": "x"}},
                {"project": {"name": "other"}}]
     for change in ignored:
