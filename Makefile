@@ -53,7 +53,7 @@ status: install                     ## champion / previous-champion / challenger
 STACK   ?= embedded
 WORKERS ?=
 up: install $(if $(filter postgres,$(STACK)),postgres)  ## Prefect :4200, MLflow :5000, the deployments, the endpoint :8000 (127.0.0.1); STACK=postgres WORKERS=2: the team stack
-	$(BIN)/python -m ottimo.ops.servers up --stack $(STACK) $(if $(WORKERS),--workers $(WORKERS))
+	$(BIN)/python -m $(if $(filter postgres,$(STACK)),ottimo.ops.stack up $(if $(WORKERS),--workers $(WORKERS)),ottimo.ops.servers up)
 
 down:                               ## stop exactly what `make up` started (.run/*.pid); data is kept
 	$(BIN)/python -m ottimo.ops.servers down

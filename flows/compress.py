@@ -22,11 +22,11 @@ from tasks.train import Candidate
 def compression(project_dir: str = ".", params_file: str = "params.yaml", run_id: str | None = None,
                 trained: list[Built] | None = None, data: DataVersion | None = None,
                 parent_run_id: str | None = None, params: Params | None = None,
-                champion_accuracy: float | None = None) -> CompressionResult:
+                champion_accuracy: float | None = None, same_data: bool = True) -> CompressionResult:
     """Compress the teacher (compress.teacher) into measured candidates and choose one. Run alone (`ottimo
     compress --run-id`) it takes the teacher from that MLflow run; inside the pipeline it gets the trained
     models, the data, the pipeline run and the champion's accuracy (the gate's constraints come first in the
-    choice) from it."""
+    choice; `same_data`: on the champion's data revision, where the gate asks for gate.min_gain) from it."""
     root = Path(project_dir).resolve()
     params = params or project_params(root, params_file)
     cfg = params.compress
@@ -55,7 +55,8 @@ def compression(project_dir: str = ".", params_file: str = "params.yaml", run_id
     futures = ([student] if student else []) + list(pruned.values()) + fused + quantized
     built = trained + [f.result() for f in futures]
     rows = t.measure_candidates(root, params, built, data)
-    selection = t.report_and_select(root, params, rows, teacher.name, parent_run_id, not alone, champion_accuracy)
+    selection = t.report_and_select(root, params, rows, teacher.name, parent_run_id, not alone, champion_accuracy,
+                                     same_data)
     return CompressionResult(built, rows, selection)
 
 
@@ -67,12 +68,13 @@ def with_runner(project_dir: str, params_file: str = "params.yaml"):
 
 def compress_stage(project_dir: str, params_file: str, params: Params, candidates: list[Candidate],
                    exported: list[Exported], data: DataVersion, parent_run_id: str,
-                   champion_accuracy: float | None) -> Evaluated:
+                   champion_accuracy: float | None, same_data: bool = True) -> Evaluated:
     """The compression flow as a stage of the training pipeline: the trained models and their compressed
     variants compete under compress.select, those the gate would pass against the champion first; the chosen
     one goes on to the registry and the gate."""
     trained = [t.from_trained(params, c, e) for c, e in zip(candidates, exported, strict=True)]
     flow_ = compression.with_options(task_runner=task_runner(Path(project_dir).resolve(), params, "compress"))
-    result = flow_(project_dir, params_file, None, trained, data, parent_run_id, params, champion_accuracy)
+    result = flow_(project_dir, params_file, None, trained, data, parent_run_id, params, champion_accuracy,
+                   same_data)
     forget_subflow_results()  # the tasks after it get values, not inputs of type flow_run the UI cannot show
     return t.as_evaluated(result.built, result.rows, result.selection.chosen)

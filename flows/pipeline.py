@@ -79,7 +79,7 @@ def train_and_gate(root: Path, params_file: str, params: Params, data: DataVersi
     champion_accuracy = evaluate_champion(root, params, data)
     if params.compress.enabled:  # trained and compressed candidates compete; the chosen one goes on to the gate
         evaluated = [compress_stage(str(root), params_file, params, candidates, exported, data, run_id,
-                                    champion_accuracy)]
+                                    champion_accuracy, novelty.same_data)]
 
     versions = [register_candidate(root, params, e, data, novelty.key) for e in evaluated]
     same = novelty.same_data  # on the champion's data revision a candidate must beat it by gate.min_gain

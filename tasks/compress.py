@@ -314,16 +314,17 @@ def measure_candidates(root: Path, params: Params, built: list[Built], data: Dat
 @task
 def report_and_select(root: Path, params: Params, rows: list[pareto.Row], teacher: str,
                       parent_run_id: str, gate: bool = True, champion_accuracy: float | None = None,
-                      ) -> pareto.Selection:
+                      same_data: bool = True) -> pareto.Selection:
     """Selection policy against the FP32 teacher (with `gate`, candidates the gate would pass against the champion
-    of `champion_accuracy` first); Pareto PNG, markdown and HTML tables on the parent run and as
-    a Prefect artifact; the choice and every loser's reason written to the runs. No candidate qualifying
-    raises GateFailed (the flow run fails, nothing is registered); with `gate` the pipeline run's gate tags
-    say so (run alone, the pipeline run's earlier verdict is left as it was)."""
+    of `champion_accuracy` first, held to gate.min_gain when `same_data`: the champion's data revision); Pareto
+    PNG, markdown and HTML tables on the parent run and as a Prefect artifact; the choice and every loser's
+    reason written to the runs. No candidate qualifying raises GateFailed (the flow run fails, nothing is
+    registered); with `gate` the pipeline run's gate tags say so (run alone, the pipeline run's earlier verdict
+    is left as it was)."""
     client, _ = connect(root, params.mlflow)
     by_name = {r.name: r for r in rows}
     selection = pareto.select(rows, by_name[teacher].metrics["accuracy"], params.compress.select,
-                              params.gate if gate else None, champion_accuracy)
+                              params.gate if gate else None, champion_accuracy, same_data)
     out = work_dir(root, parent_run_id) / "compression"
     out.mkdir(exist_ok=True)
     title = f"Compression of {teacher}: {len(rows)} candidates"

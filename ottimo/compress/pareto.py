@@ -64,21 +64,21 @@ def _disqualified(row: Row, teacher_accuracy: float, cfg: SelectCfg) -> str | No
     return "; ".join(missed) or None
 
 
-def _gate_refuses(row: Row, gate: GateCfg, champion_accuracy: float | None) -> str | None:
+def _gate_refuses(row: Row, gate: GateCfg, champion_accuracy: float | None, same_data: bool = True) -> str | None:
     """Why the gate would refuse this candidate (its thresholds and the drop against the champion; model-card
     bounds are measured after the selection, on the registered version), or None."""
-    verdict = check(row.metrics, gate.model_copy(update={"card": {}}), champion_accuracy)
+    verdict = check(row.metrics, gate.model_copy(update={"card": {}}), champion_accuracy, same_data=same_data)
     return None if verdict.passed else "would fail the gate: " + "; ".join(verdict.failed)
 
 
 def refusals(row: Row, teacher_accuracy: float, cfg: SelectCfg, gate: GateCfg | None,
-             champion_accuracy: float | None) -> str | None:
+             champion_accuracy: float | None, same_data: bool = True) -> str | None:
     """Every threshold that refuses a row the selection leaves out: its `compress.select` floors and, with
     `gate`, the gate's thresholds too, so one run names all the settings to change (not one per run)."""
     why = _disqualified(row, teacher_accuracy, cfg)
     if why is None or row.error or gate is None:
         return why
-    also = _gate_refuses(row, gate, champion_accuracy)
+    also = _gate_refuses(row, gate, champion_accuracy, same_data)
     return why + (f"; it {also.replace('would fail', 'would also fail', 1)}" if also else "")
 
 
@@ -89,7 +89,7 @@ def tolerance(cfg: SelectCfg, best: float) -> float:
 
 
 def select(rows: list[Row], teacher_accuracy: float, cfg: SelectCfg, gate: GateCfg | None = None,
-           champion_accuracy: float | None = None) -> Selection:
+           champion_accuracy: float | None = None, same_data: bool = True) -> Selection:
     """Among rows within `max_drop_vs_teacher` points of the teacher and at or above `min_accuracy`, the best by
     `objective`; every row gets its reason.
 
@@ -100,11 +100,11 @@ def select(rows: list[Row], teacher_accuracy: float, cfg: SelectCfg, gate: GateC
     higher accuracy, then the smaller file, then the name: a latency difference below the measurement noise does
     not decide."""
     obj, low = cfg.objective, LOWER_IS_BETTER[cfg.objective]
-    out = {r.name: refusals(r, teacher_accuracy, cfg, gate, champion_accuracy) for r in rows}
+    out = {r.name: refusals(r, teacher_accuracy, cfg, gate, champion_accuracy, same_data) for r in rows}
     ok = [r for r in rows if out[r.name] is None]
     if not ok:
         return Selection(None, obj, {k: str(v) for k, v in out.items()})
-    refused = {r.name: _gate_refuses(r, gate, champion_accuracy) for r in ok} if gate else {}
+    refused = {r.name: _gate_refuses(r, gate, champion_accuracy, same_data) for r in ok} if gate else {}
     pool = [r for r in ok if not refused.get(r.name)] or ok
 
     def value(r: Row) -> float:

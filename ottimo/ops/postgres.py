@@ -304,6 +304,15 @@ class Cluster:
         self.pgpass_file.unlink(missing_ok=True)
 
 
+def stop_cluster(data_dir: Path) -> bool:
+    """`pg_ctl stop -m fast` the cluster in `data_dir` when it runs (its port does not matter); False when not."""
+    cluster = Cluster(data_dir, 0)
+    if not cluster.running():
+        return False
+    cluster.stop()
+    return True
+
+
 @contextmanager
 def temporary(prefix: str = "ottimo-pg-", **kwargs) -> Iterator[Cluster]:
     """A started throw-away cluster on a free port in a fresh folder under the system temp dir (reachable by the

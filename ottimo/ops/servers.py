@@ -36,7 +36,6 @@ from ottimo.registry import security
 
 CODE = Path(__file__).resolve().parents[2]  # the repository root, where flows/ lives: the serve processes run here
 ORDER = ("prefect", "mlflow", "serve", "endpoint")
-STACKS = ("embedded", "postgres")
 STACK_FILE = "stack.json"  # {"stack": embedded | postgres, "order": [names, in the order they started]}
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
          "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
@@ -274,10 +273,10 @@ def down(root: Path, grace: float = 20) -> list[str]:
     order = json.loads(path.read_text())["order"] if path.is_file() else list(ORDER)
     stopped = []
     for name in reversed(order):
-        if name == "postgres":  # a pg_ctl cluster: `pg_ctl stop -m fast`, not a signal to a group of ours
-            from ottimo.ops import stack
+        if name == "postgres":  # the team stack's pg_ctl cluster: `pg_ctl stop -m fast`, not a signal to a group
+            from ottimo.ops.postgres import stop_cluster
 
-            if stack.stop_postgres(root.resolve()):
+            if stop_cluster(run_dir / "postgres"):
                 stopped.append(name)
         elif stop(run_dir, name, grace):
             stopped.append(name)
@@ -290,27 +289,16 @@ def main() -> None:
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--project-dir", default=".")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--stack", choices=STACKS, default="embedded",
-                        help="embedded: SQLite and `prefect serve`; postgres: the team stack (ottimo.ops.stack)")
-    parser.add_argument("--workers", type=int, help="postgres stack: Prefect and Dask workers (deploy.team.workers)")
     args = parser.parse_args()
     root = Path(args.project_dir)
     if args.action == "down":
         stopped = down(root)
         print(f"stopped: {', '.join(stopped) or 'nothing was running'} (data kept in .run/, .prefect/ and mlruns/)")
         return
-    if args.stack == "postgres":
-        from ottimo.ops import stack
+    summary(root, up(root, args.params))
 
-        t = stack.up(root, args.params, args.workers)
-        ep = t.ep
-        print(f"PostgreSQL  {t.ep.host}:{t.postgres_port}   (databases {', '.join(stack.DATABASES)}; password in "
-              f"{root.resolve() / '.run' / 'postgres.password'}, 0600)\n"
-              f"S3 API      {t.s3_url}   (bucket {t.cfg.bucket}: MLflow artifacts mlflow/, DVC remote dvc/)\n"
-              f"Dask        {t.dask_address}   ({t.workers} workers, one thread each)\n"
-              f"work pool   {t.cfg.work_pool}   ({t.workers} Prefect workers, {t.concurrency} flow runs at once)")
-    else:
-        ep = up(root, args.params)
+
+def summary(root: Path, ep: Endpoints) -> None:
     print(f"Prefect UI  {ep.prefect_ui}   (deployments: {ep.prefect_ui}/deployments)\n"
           f"MLflow UI   {ep.mlflow_ui}   (registry: {ep.mlflow_ui}/#/models)\n"
           f"endpoint    {ep.endpoint}/predict   (the champion; GET {ep.endpoint}/model)\n"

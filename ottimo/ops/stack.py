@@ -19,6 +19,7 @@ cluster (README "Run it on a team's infrastructure"). `make down` stops exactly 
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import subprocess
@@ -178,10 +179,22 @@ def up(root: Path, params_file: str = "params.yaml", workers: int | None = None,
     return t
 
 
-def stop_postgres(root: Path) -> bool:
-    """`pg_ctl stop -m fast` the cluster in .run/postgres when it runs; False when it did not."""
-    pg = Cluster(root / ".run" / "postgres", 0)  # pg_ctl finds the server by its data folder
-    if not pg.running():
-        return False
-    pg.stop()
-    return True
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["up"], help="`make down` (ottimo.ops.servers down) stops the stack")
+    parser.add_argument("--project-dir", default=".")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--workers", type=int, help="Prefect and Dask workers (deploy.team.workers, env WORKERS)")
+    args = parser.parse_args()
+    root = Path(args.project_dir)
+    t = up(root, args.params, args.workers)
+    print(f"PostgreSQL  {t.ep.host}:{t.postgres_port}   (databases {', '.join(DATABASES)}; password in "
+          f"{root.resolve() / '.run' / 'postgres.password'}, 0600)\n"
+          f"S3 API      {t.s3_url}   (bucket {t.cfg.bucket}: MLflow artifacts mlflow/, DVC remote dvc/)\n"
+          f"Dask        {t.dask_address}   ({t.workers} workers, one thread each)\n"
+          f"work pool   {t.cfg.work_pool}   ({t.workers} Prefect workers, {t.concurrency} flow runs at once)")
+    servers.summary(root, t.ep)
+
+
+if __name__ == "__main__":
+    main()

@@ -159,8 +159,11 @@ def test_selection_policy_truth_table(rows, cfg, chosen):
 
 
 CHAMPION_CASES = [
-    # the fastest drops 2 points against a 0.98 champion (max 1): the fastest that the gate passes wins
+    # the fastest drops 2 points against a 0.98 champion (max 1) on new data: the fastest that the gate passes wins
     ([row("t", 0.98, 0.10), row("fast", 0.96, 0.01), row("mid", 0.975, 0.05)], {}, 0.98, "mid"),
+    # ... on the champion's data none beats it by gate.min_gain: the best by the objective goes on (to be refused)
+    ([row("t", 0.98, 0.10), row("fast", 0.96, 0.01), row("mid", 0.975, 0.05)], {}, (0.98, True), "fast"),
+    ([row("t", 0.99, 0.10), row("fast", 0.96, 0.01), row("mid", 0.99, 0.05)], {}, (0.98, True), "mid"),
     # ... and with no champion the fastest passes
     ([row("t", 0.98, 0.10), row("fast", 0.96, 0.01), row("mid", 0.975, 0.05)], {}, None, "fast"),
     # the gate's floor is above compress.select's
@@ -185,10 +188,12 @@ def test_selection_puts_the_gate_against_the_champion_first(rows, gate, champion
     from ottimo.registry.gate import check
 
     cfg, gate_cfg = SelectCfg(max_drop_vs_teacher=5.0), GateCfg(**gate)
-    sel = pareto.select(rows, rows[0].metrics["accuracy"], cfg, gate_cfg, champion)
+    champion, same_data = champion if isinstance(champion, tuple) else (champion, False)
+    sel = pareto.select(rows, rows[0].metrics["accuracy"], cfg, gate_cfg, champion, same_data)
     assert sel.chosen == chosen and sel.reasons[chosen].startswith("chosen")
     assert set(sel.reasons) == {r.name for r in rows}
-    passing = {r.name for r in rows if check(r.metrics, gate_cfg.model_copy(update={"card": {}}), champion).passed}
+    passing = {r.name for r in rows
+               if check(r.metrics, gate_cfg.model_copy(update={"card": {}}), champion, same_data=same_data).passed}
     if passing:  # a candidate the gate would refuse is never chosen over one it would pass
         assert chosen in passing
         assert all("would fail the gate" in sel.reasons[n] for n in {r.name for r in rows} - passing)
