@@ -99,7 +99,7 @@ def _ran_on(root: Path, run_id: str) -> list[str]:
 def _mlflow(t: stack.Team):
     from mlflow import MlflowClient
 
-    return MlflowClient(t.ep.mlflow_ui)
+    return MlflowClient(t.ep.mlflow_ui, registry_uri=t.ep.mlflow_ui)  # not a registry URI another test set
 
 
 def _bucket(t: stack.Team) -> dict[str, bytes | None]:
