@@ -9,6 +9,8 @@ that hold anything but our own literal words go through `say` and `cell`, which 
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -47,6 +49,30 @@ def params_or_exit(root: Path, params_file: str) -> Params:
         return project_params(root, params_file)
     except ConfigError as err:
         raise fail(str(err), 2) from None
+
+
+def prefect_api() -> Callable[[], None]:
+    """Start Prefect's temporary API server now, in the background, when no Prefect server is configured
+    (PREFECT_API_URL unset): it boots (seconds, in its own process) while the flow's modules import, instead of
+    after them. Call what this returns before running the flow: it waits for the start to end. It is Prefect's own
+    ephemeral server, which the flow run finds and uses; if it could not start, the flow run starts it again and
+    says why. With a server configured this does nothing."""
+    import prefect.main  # noqa: F401 - Prefect's logging set up first: the start is logged as it would be
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return lambda: None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def start() -> None:
+        try:
+            SubprocessASGIServer().start()
+        except Exception:  # noqa: BLE001, S110 - the flow run's own start raises it with Prefect's message
+            pass
+
+    thread = threading.Thread(target=start, name="prefect-api-start", daemon=True)
+    thread.start()
+    return thread.join
 
 
 def finish(state, what: str):

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ottimo import vocab
 from ottimo.cli.card import card_app
-from ottimo.cli.common import PARAMS, PROJECT, cell, console, finish, params_or_exit, say
+from ottimo.cli.common import PARAMS, PROJECT, cell, console, finish, params_or_exit, prefect_api, say
 from ottimo.cli.compress import compress as compress_cmd
 from ottimo.cli.doctor import doctor
 from ottimo.cli.monitor import monitor_app, print_last_check
@@ -51,8 +51,10 @@ def run(project_dir: Path = PROJECT, params_file: str = PARAMS,
     with nothing new since the champion (same data revision, code and params) it trains nothing and says so."""
     root = project_dir.resolve()
     params = params_or_exit(root, params_file)  # fail before Prefect starts
+    api_ready = prefect_api()
     from flows.pipeline import training_pipeline
 
+    api_ready()
     state = training_pipeline(project_dir=str(root), params_file=params_file, force=force, return_state=True)
     if not state.is_completed():
         say(f"\nPipeline {state.name}: {state.message}", "red bold")

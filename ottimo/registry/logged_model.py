@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from functools import cache
+from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
@@ -17,6 +19,15 @@ from ottimo.onnx.export import INPUT, sha256, shaped
 from ottimo.onnx.measure import session
 from ottimo.onnx.metadata import write_classes
 from ottimo.registry.tracking import new_logged_model
+
+
+@cache
+def onnx_requirements() -> tuple[str, ...]:
+    """The pip requirements MLflow's own inference finds for an ONNX model here: the flavor's (onnx, onnxruntime)
+    and numpy, pinned to this environment; log_model puts mlflow first. Given explicitly, log_model skips that
+    inference, which loads the model in a fresh interpreter (1.5 to 3 s a model, on every model logged);
+    tests/unit/test_overhead.py checks that both agree."""
+    return tuple(sorted({*mlflow.onnx.get_default_pip_requirements(), f"numpy=={version('numpy')}"}))
 
 
 def log_onnx_model(client: MlflowClient, run_id: str, path: Path, X: np.ndarray, name: str,
@@ -36,6 +47,7 @@ def log_onnx_model(client: MlflowClient, run_id: str, path: Path, X: np.ndarray,
         info = mlflow.onnx.log_model(
             onnx.load(str(path)), name=vocab.model_name(name), model_id=model_id, run_id=run_id,
             save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"], input_example=example,
+            pip_requirements=list(onnx_requirements()),
             signature=infer_signature(example, session(path).run(None, {INPUT: example})[0]))
     digest = sha256(path)
     client.set_tag(run_id, "onnx.sha256", digest)

@@ -1,0 +1,91 @@
+"""What the orchestration does once instead of at every call must give what it gave before."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+
+def _tiny_onnx() -> onnx.ModelProto:
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "tiny",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 3])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [None, 3])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_explicit_onnx_requirements_are_what_mlflow_infers(tmp_path):
+    """log_model is given onnx_requirements() so that it skips inferring them in a fresh interpreter: the
+    environment files of the logged model must come out exactly as MLflow's inference writes them."""
+    import mlflow.onnx
+
+    from ottimo.registry.logged_model import onnx_requirements
+
+    example = np.zeros((2, 3), dtype=np.float32)
+    common = {"input_example": example, "save_as_external_data": False,
+              "onnx_execution_providers": ["CPUExecutionProvider"]}
+    mlflow.onnx.save_model(_tiny_onnx(), tmp_path / "inferred", **common)
+    mlflow.onnx.save_model(_tiny_onnx(), tmp_path / "given", pip_requirements=list(onnx_requirements()), **common)
+    for name in ("requirements.txt", "conda.yaml", "python_env.yaml"):
+        assert (tmp_path / "given" / name).read_text() == (tmp_path / "inferred" / name).read_text(), name
+
+
+def test_dvc_runs_in_this_process_and_leaves_it_as_it_was(tmp_path, monkeypatch):
+    """init, add, remote, push and status through DVC's Python API: no `python -m dvc` per command, paths from
+    the project and not the working directory, and nothing of DVC's left on this process's streams or loggers."""
+    import logging
+    import subprocess
+    import sys
+
+    from ottimo.data import versioning
+
+    root = tmp_path / "project"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "raw.csv").write_text("a,b\n1,2\n")
+    monkeypatch.chdir(tmp_path)  # not the project
+    streams = sys.stdout, sys.stderr
+    versioning._dvc_api()  # `import dvc` wraps the streams (colorama) unless undone
+    assert (sys.stdout, sys.stderr) == streams
+    loggers = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level)
+               for name in ("dvc", "dvc_objects", "dvc_data")}
+    started: list = []
+    popen = subprocess.Popen.__init__
+    monkeypatch.setattr(subprocess.Popen, "__init__", lambda self, args, *a, **k: (started.append(args),
+                                                                                     popen(self, args, *a, **k))[1])
+    versioning.ensure_repo(root)
+    versioning.track(root, "data/raw.csv")
+    url = versioning.configure_remote(root, "Local", ".dvc-remote")
+    assert versioning.status_cloud(root) == {"data/raw.csv": "new"}
+    versioning.push(root)
+    assert versioning.status_cloud(root) == {}
+    assert not [a for a in started if "dvc" in map(str, a)], started
+    assert (root / "data" / "raw.csv.dvc").is_file() and url == str(root / ".dvc-remote")
+    assert "remote = local" in (root / ".dvc" / "config.local").read_text()
+    assert "analytics = false" in (root / ".dvc" / "config").read_text()
+    assert (sys.stdout, sys.stderr) == streams
+    assert {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level) for name in loggers} == loggers
+
+
+def test_dvc_failures_keep_dvc_words_and_chain_nothing(tmp_path):
+    """A push the remote refuses is RemoteUnavailable (retried) with DVC's reason; nothing is chained on to it
+    (the retry policy reads the chain); other failures are DvcError with DVC's reason."""
+    import pytest
+
+    from ottimo.data import versioning
+
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "raw.csv").write_text("a\n1\n")
+    versioning.ensure_repo(root)
+    versioning.track(root, "raw.csv")
+    (tmp_path / "remote").write_text("a file where the remote folder should be")
+    versioning.configure_remote(root, "local", str(tmp_path / "remote"))
+    with pytest.raises(versioning.RemoteUnavailable) as err:
+        versioning.push(root)
+    assert "`dvc push` failed in" in str(err.value) and "failed to push data to the cloud" in str(err.value)
+    assert "Not a directory" in str(err.value)
+    assert err.value.__cause__ is None and err.value.__context__ is None
+    with pytest.raises(versioning.DvcError) as err:
+        versioning.track(root, "missing.csv")
+    assert not isinstance(err.value, versioning.RemoteUnavailable) and "missing.csv" in str(err.value)
+    assert err.value.__context__ is None
