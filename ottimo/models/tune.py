@@ -379,27 +379,41 @@ def _late(until: float | None) -> bool:
     return until is not None and time.time() >= until
 
 
-def _watch(study: optuna.Study, until: float | None) -> bool:
-    """This worker's shares are done and trials of other workers run: check on their heartbeats until they end.
-    True as soon as this process found one dead (its retry and unstarted trials are now this worker's); False
-    when none runs any more, at `until`, or when the running set has not changed for 10 grace periods (a trial
-    that never beat, e.g. killed between its start and its first beat, is left to fail_interrupted)."""
+SLACK_S = 60  # clock difference allowed between worker machines when telling this run's trials from older ones
+
+
+def _busy(trials: list[FrozenTrial], since: float) -> tuple:
+    """What other workers of this run still do: their running trials, and the shares (seen on trials started
+    since `since`) that still lack trials, e.g. a worker between two trials. Empty: everyone is done."""
+    running = frozenset(t.number for t in trials if t.state == TrialState.RUNNING)
+    recent = {t.user_attrs[SHARE] for t in trials if SHARE in t.user_attrs and t.datetime_start
+              and t.datetime_start.timestamp() >= since - SLACK_S}
+    return running, frozenset(s for s in recent if _needed(trials, s) > 0)
+
+
+def _watch(study: optuna.Study, until: float | None, since: float) -> bool:
+    """This worker's shares are done and other workers of the run are not: check on their heartbeats until they
+    are. True as soon as this process found one dead (its retry and unstarted trials are now this worker's);
+    False when all are done, at `until`, or when nothing has moved for 10 grace periods (a worker that died
+    between two trials, or before its trial's first beat, leaves no stale trial: the next run's
+    fail_interrupted and remaining() see to it)."""
     interval = _heartbeat_interval(study)
     grace = getattr(getattr(study._storage, "_backend", study._storage), "grace_period", None)  # RDBStorage's
     patience = 10 * (grace or 2 * interval)
-    seen, since = None, time.time()
-    while not _late(until) and time.time() - since < patience:
+    seen, moved = None, time.time()
+    while not _late(until) and time.time() - moved < patience:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # the stale-trial callback runs here: _RetryStale
         with _found_lock:
             if _found.get(study.study_name):
                 return True
-        running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        if not running:
+        trials = study.get_trials(deepcopy=False)
+        busy = _busy(trials, since)
+        if not any(busy):
             return False
-        if running != seen:
-            seen, since = running, time.time()
+        if (busy, len(trials)) != seen:
+            seen, moved = (busy, len(trials)), time.time()
         time.sleep(interval)
     return False
 
@@ -417,7 +431,7 @@ def run_trials(study: optuna.Study, objective: Callable, n_trials: int, until: f
     if n_trials <= 0 or _late(until):
         return []
     mine = [f"{share or uuid.uuid4().hex[:12]}/{n_trials}"]
-    heartbeat = _heartbeat_interval(study)
+    heartbeat, since = _heartbeat_interval(study), time.time()
     numbers: list[int] = []
 
     def done(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -430,7 +444,7 @@ def run_trials(study: optuna.Study, objective: Callable, n_trials: int, until: f
     while not _late(until):
         mine += _take_found(study.study_name)
         if not _has_work(study, mine):
-            if heartbeat and _watch(study, until):
+            if heartbeat and _watch(study, until, since):
                 continue
             break
         study.optimize(_tagging(study, objective, mine), n_trials=1, catch=(*CATCH, _Surplus), callbacks=[done])

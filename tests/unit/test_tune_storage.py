@@ -86,3 +86,15 @@ def test_without_heartbeat_a_dead_trial_waits_for_the_next_run(tmp_path):
     assert study.trials[0].state == TrialState.RUNNING
     assert tune.fail_interrupted(f"sqlite:///{tmp_path}/optuna.db", "nobeat") == [0]
     assert tune.remaining(study, 3) == 1
+
+
+def test_a_worker_between_two_trials_keeps_the_watchers_watching(tmp_path):
+    """No trial runs, but share other/2 of this run has one trial of two: its worker is between trials, so a
+    worker done with its own share goes on checking heartbeats; an older run's unfinished share does not count."""
+    study = _open(tmp_path, "between", TuneCfg())
+    since = time.time()
+    t = study.ask()
+    t.set_user_attr(tune.SHARE, "other/2")
+    study.tell(t, 0.5)
+    assert tune._busy(study.trials, since) == (frozenset(), frozenset({"other/2"}))
+    assert tune._busy(study.trials, since + 2 * tune.SLACK_S) == (frozenset(), frozenset())
