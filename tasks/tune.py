@@ -119,7 +119,8 @@ def run_trials(root: Path, params: Params, ref: StudyRef, data: DataVersion, wor
                  ", ".join(f"{v:.4f}" for v in t.values or []) or f"at epoch {t.last_step}")
 
     with tune.torch_threads(cfg.threads_per_trial):
-        numbers = tune.run_trials(study, objective, n_trials, until, progress)
+        # a stable share id: a retried or rescheduled worker runs only what its share still lacks
+        numbers = tune.run_trials(study, objective, n_trials, until, progress, share=f"{ref.flow_run_id}/{worker}")
     log.info("%s worker %d ran trial(s) %s", ref.name, worker, numbers or "none (budget spent)")
     return numbers
 
