@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import re
+from functools import cache
 from pathlib import Path
 
 import typer
@@ -35,9 +38,20 @@ app.command("serve")(serve_cmd)  # `ottimo serve [--port N]`: the online endpoin
 
 
 
+@cache
+def _freeze_at_exit() -> None:
+    """At exit, once every other exit handler has run (this one is registered first), freeze the objects left
+    out of the garbage collector's reach: the interpreter's last collections over what Prefect, MLflow,
+    SQLAlchemy and torch leave took 1 to 3 s of every run and free nothing that the process's end does not. Exit
+    handlers, flushes and closes run as before (finalizers of objects alive at exit never were guaranteed)."""
+    atexit.register(gc.freeze)
+
+
 @app.callback()
 def _quiet() -> None:
-    """Everything runs offline: no usage reporting from Prefect, MLflow or DVC; no download progress bars."""
+    """Everything runs offline: no usage reporting from Prefect, MLflow or DVC; no download progress bars; a
+    quick exit (_freeze_at_exit)."""
+    _freeze_at_exit()
     for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
                        "DO_NOT_TRACK": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
         os.environ.setdefault(key, value)
