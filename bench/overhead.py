@@ -54,7 +54,8 @@ STAGES = {
     "start": (),
     "reconcile": ("reconcile",),
     "data": ("validate_raw", "prepare_data", "check_candidates", "push_data"),
-    "train": ("start_pipeline_run", "train_candidate"),
+    "run key": ("start_pipeline_run", "check_novelty"),  # the pipeline's MLflow run; anything new to train?
+    "train": ("train_candidate",),
     "export": ("export_candidate",),
     "evaluate": ("evaluate_candidate", "evaluate_champion"),
     "register+card+gate": ("register_candidate", "model_card", "gate", "promote_selected", "summarise"),

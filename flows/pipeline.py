@@ -7,8 +7,6 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.compress import compress_stage
-from flows.tune import tune_stage
 from ottimo.config import Params, project_params
 from ottimo.registry.runkey import Novelty
 from tasks.card import model_card
@@ -69,7 +67,11 @@ def training_pipeline(project_dir: str = ".", params_file: str = "params.yaml", 
 def train_and_gate(root: Path, params_file: str, params: Params, data: DataVersion, run_id: str,
                    novelty: Novelty) -> PipelineSummary:
     """Tune, train, export, evaluate and compress the candidates; register, card and gate them; promote."""
-    tuned = tune_stage(str(root), params_file, params, data, run_id) if params.tune.enabled else {}
+    tuned = {}
+    if params.tune.enabled:  # Optuna, and the compression stack below, imported only by the runs that use them
+        from flows.tune import tune_stage
+
+        tuned = tune_stage(str(root), params_file, params, data, run_id)
 
     # one after another: torch's global RNG is shared by threads, and seeded runs must reproduce
     candidates = [train_candidate(root, params, family, data, run_id, tuned.get(family))
@@ -78,6 +80,8 @@ def train_and_gate(root: Path, params_file: str, params: Params, data: DataVersi
     evaluated = [evaluate_candidate(root, params, c, e, data) for c, e in zip(candidates, exported, strict=True)]
     champion_accuracy = evaluate_champion(root, params, data)
     if params.compress.enabled:  # trained and compressed candidates compete; the chosen one goes on to the gate
+        from flows.compress import compress_stage
+
         evaluated = [compress_stage(str(root), params_file, params, candidates, exported, data, run_id,
                                     champion_accuracy, novelty.same_data)]
 
