@@ -20,6 +20,11 @@ PREFECT_HOMEs, created by an untimed trivial flow first (a once-per-machine cost
     .venv/bin/python bench/overhead.py --rounds 3                   # both modes, interleaved
     .venv/bin/python bench/overhead.py --rounds 3 --mode server     # one mode
     .venv/bin/python bench/overhead.py --rounds 1 --max-epochs 3    # quick check
+    .venv/bin/python bench/overhead.py --rounds 3 --threads 1       # torch on one thread in both arms
+
+On a shared machine, torch's threads spinning against other work make the training stage swing several-fold
+from one run to the next, in either arm; --threads 1 (OMP_NUM_THREADS in both arms) steadies it. The fixed cost
+does not depend on it.
 """
 
 from __future__ import annotations
@@ -135,9 +140,11 @@ def stage_seconds(phases: list[tuple[str, float]], started: float, ended: float)
     return out
 
 
-def child_env(prefect_home: str) -> dict[str, str]:
+def child_env(prefect_home: str, threads: int | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "OTTIMO_TRACKING_URI",
                                                              "PREFECT_API_URL")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     return env | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
                   "DO_NOT_TRACK": "1", "PREFECT_HOME": prefect_home, "COLUMNS": "200",
                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}  # default 20 s fails on a busy machine
@@ -225,6 +232,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-epochs", type=int, default=None, help="override train.max_epochs")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of both arms (default: as set)")
     ap.add_argument("--mode", choices=["both", "ephemeral", "server"], default="both")
     ap.add_argument("--server", action="store_true", help="same as --mode server")
     ap.add_argument("--plain", type=Path, metavar="DIR", help=argparse.SUPPRESS)
@@ -243,14 +251,15 @@ def main() -> None:
         for mode in modes:
             home = Path(tempfile.mkdtemp(prefix=f"ottimo-bench-{mode}-"))
             stack.callback(shutil.rmtree, home, ignore_errors=True)
-            env = child_env(str(home / "prefect"))
+            env = child_env(str(home / "prefect"), args.threads)
             if mode == "server":
                 t0 = time.perf_counter()
                 env = stack.enter_context(servers(env, home))
                 print(f"prefect and mlflow servers up in {time.perf_counter() - t0:.1f} s (not counted)")
             print(f"prefect warm-up, {mode} (not counted): {timed(['-c', WARMUP], REPO, env)[0]:.1f} s")
             envs[mode] = env
-        print(f"{args.rounds} round(s), max_epochs {epochs}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+        print(f"{args.rounds} round(s), max_epochs {epochs}, {os.cpu_count()} CPUs, threads "
+              f"{args.threads or os.environ.get('OMP_NUM_THREADS', 'torch default')}, load {os.getloadavg()[0]:.2f}")
         print(f"{'mode':<10} {'round':>5} {'flow s':>7} {'plain s':>7} {'ratio':>6} {'fixed s':>7} "
               f"{'flow cpu':>8} {'plain cpu':>9} {'cpu ratio':>9}")
         for i in range(1, args.rounds + 1):

@@ -89,3 +89,43 @@ def test_dvc_failures_keep_dvc_words_and_chain_nothing(tmp_path):
         versioning.track(root, "missing.csv")
     assert not isinstance(err.value, versioning.RemoteUnavailable) and "missing.csv" in str(err.value)
     assert err.value.__context__ is None
+
+
+def test_the_cli_exit_runs_every_exit_handler_then_skips_the_final_collections(tmp_path):
+    """`ottimo`'s callback registers gc.freeze at exit; handlers registered before and after it still run."""
+    import subprocess
+    import sys
+
+    code = (f"import atexit, gc, pathlib; p = pathlib.Path({str(tmp_path)!r})\n"
+            "atexit.register(lambda: (p / 'before').write_text(str(gc.get_freeze_count() > 0)))\n"
+            "from ottimo.cli.main import _quiet; _quiet(); _quiet()\n"
+            "atexit.register(lambda: (p / 'after').write_text(str(gc.get_freeze_count() > 0)))\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert (tmp_path / "after").read_text() == "False"  # ran before the freeze
+    assert (tmp_path / "before").read_text() == "True"  # registered earlier, so run after it: still run
+
+
+def test_prefect_api_starts_prefects_own_temporary_server_early_and_only_without_a_server(tmp_path):
+    """`ottimo run` starts Prefect's ephemeral server while the pipeline imports; the flow's client then finds
+    that same server. With PREFECT_API_URL set nothing is started."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    from ottimo.cli.common import prefect_api
+
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        prefect_api()()
+        assert None not in SubprocessASGIServer._instances or not SubprocessASGIServer().running
+    with temporary_settings({PREFECT_HOME: tmp_path}):  # its database in a folder of its own
+        ready = prefect_api()
+        ready()
+        server = SubprocessASGIServer()
+        try:
+            assert server.running and server.server_process.poll() is None
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                assert client.api_url.host == "127.0.0.1" and client.api_url.port == server.port
+                assert client.hello().status_code == 200
+        finally:
+            server.stop()
