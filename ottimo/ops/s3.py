@@ -11,7 +11,6 @@ moto keeps objects in memory. So that `make down` keeps the data, moto's recorde
 from __future__ import annotations
 
 import sys
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -43,16 +42,6 @@ def client_env(url: str, env: dict[str, str]) -> dict[str, str]:
     creds = {k: env[k] for k in LOCAL_CREDENTIALS if env.get(k)} or LOCAL_CREDENTIALS
     return {**creds, "AWS_DEFAULT_REGION": env.get("AWS_DEFAULT_REGION") or REGION,
             "AWS_ENDPOINT_URL_S3": url, "MLFLOW_S3_ENDPOINT_URL": url}
-
-
-def answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url, timeout=5).close()
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
-    return True
 
 
 def restore(url: str, run_dir: Path) -> int:

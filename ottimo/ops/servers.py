@@ -171,7 +171,8 @@ def _get(url: str, body: dict | None = None) -> object | None:
         return True
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
+    """Whether anything answers HTTP at `url` (an error status counts: the server is up)."""
     try:
         urllib.request.urlopen(url, timeout=5).close()
     except urllib.error.HTTPError:
@@ -187,7 +188,7 @@ def ready(name: str, ep: Endpoints) -> bool:
     if name == "mlflow":
         return _get(f"{ep.mlflow_ui}/health") is not None
     if name == "endpoint":  # any answer: 200 serving, 503 while no champion exists yet (it follows when one does)
-        return _answers(f"{ep.endpoint}/health")
+        return answers(f"{ep.endpoint}/health")
     deployments = _get(f"{ep.prefect_api}/deployments/filter", {"limit": 10})
     return isinstance(deployments, list) and len(deployments) >= 2
 

@@ -133,7 +133,7 @@ def prefect_workers(t: Team) -> set[str]:
 def ready(name: str, t: Team):
     """A check that `name` answers (each worker: the scheduler or the pool knows it)."""
     if name == "s3":
-        return lambda: s3.answers(t.s3_url)
+        return lambda: servers.answers(t.s3_url)
     if name == "dask-scheduler":
         return lambda: _listening(t.ep.host, t.dask_port)
     if name.startswith("dask-worker-"):
