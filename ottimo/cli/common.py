@@ -9,7 +9,12 @@ that hold anything but our own literal words go through `say` and `cell`, which 
 
 from __future__ import annotations
 
-import threading
+import atexit
+import contextlib
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,26 +58,66 @@ def params_or_exit(root: Path, params_file: str) -> Params:
 
 def prefect_api() -> Callable[[], None]:
     """Start Prefect's temporary API server now, in the background, when no Prefect server is configured
-    (PREFECT_API_URL unset): it boots (seconds, in its own process) while the flow's modules import, instead of
-    after them. Call what this returns before running the flow: it waits for the start to end. It is Prefect's own
-    ephemeral server, which the flow run finds and uses; if it could not start, the flow run starts it again and
-    says why. With a server configured this does nothing."""
-    import prefect.main  # noqa: F401 - Prefect's logging set up first: the start is logged as it would be
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    (PREFECT_API_URL unset and ephemeral mode on): it boots in its own process while the flow's modules import,
+    instead of after them. It is the server Prefect would start for the flow run (its SubprocessASGIServer's
+    uvicorn command and settings), launched without importing Prefect's server package here (1.4 s of CPU the
+    flow's imports would wait for). Call what this returns before running the flow: it waits until the server
+    answers, then points this process and its children at it. It stops at exit. If it does not answer in Prefect's
+    start-up timeout it is stopped and the flow run starts Prefect's own, which says why. With a server configured
+    this does nothing."""
+    import prefect
+    import prefect.main  # noqa: F401 - Prefect's logging set up first: the start is logged as Prefect logs it
+    from prefect.logging import get_logger
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        get_current_settings,
+        temporary_settings,
+    )
+
+    from ottimo.ops.postgres import free_port
+    from ottimo.ops.servers import answers
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return lambda: None
-    from prefect.server.api.server import SubprocessASGIServer
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    proc = subprocess.Popen(  # as prefect.server.api.server.SubprocessASGIServer runs it
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "error", "--lifespan", "on"],
+        env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+             **get_current_settings().to_environment_variables(exclude_unset=True)})
+    atexit.register(_stop, proc)
+    log = get_logger("prefect")
+    log.info("Starting temporary server on %s (stopped when this command ends; `make up` runs a lasting one)",
+             url[:-4])
 
-    def start() -> None:
+    def ready() -> None:
+        deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        while not answers(f"{url}/health"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _stop(proc)
+                return
+            time.sleep(0.1)
+        os.environ["PREFECT_API_URL"] = url  # child processes (a Dask LocalCluster's workers) find it too
+        _SETTINGS.enter_context(temporary_settings({PREFECT_API_URL: url}))
+
+    return ready
+
+
+_SETTINGS = contextlib.ExitStack()  # the temporary server's URL, for the rest of the command
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
         try:
-            SubprocessASGIServer().start()
-        except Exception:  # noqa: BLE001, S110 - the flow run's own start raises it with Prefect's message
-            pass
-
-    thread = threading.Thread(target=start, name="prefect-api-start", daemon=True)
-    thread.start()
-    return thread.join
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def finish(state, what: str):

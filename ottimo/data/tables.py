@@ -359,13 +359,27 @@ def load_splits(prepared: Path) -> Splits:
     return Splits(**arrays, features=feats, labels=schema["labels"], spec=spec)
 
 
-def main(argv: list[str]) -> int:
+USAGE = "usage: python -m ottimo.data.tables prepare PARAMS_YAML"
+
+
+def run_stage(argv: list[str], wdir: Path) -> dict[str, int]:
+    """dvc.yaml's prepare command, `prepare PARAMS_YAML` (relative to `wdir`, the stage's folder): the splits go to
+    data/prepared beside the params file; return their sizes. ValueError with the usage on other arguments."""
     if len(argv) != 2 or argv[0] != "prepare":
-        print("usage: python -m ottimo.data.tables prepare PARAMS_YAML", file=sys.stderr)
-        return 2
-    params_path = Path(argv[1]).resolve()
+        raise ValueError(USAGE)
+    params_path = (wdir / argv[1]).resolve()
     params = load_params(params_path)
-    sizes = prepare(params_path.parent, params.data, params_path.parent / "data" / "prepared", params.limits)
+    return prepare(params_path.parent, params.data, params_path.parent / "data" / "prepared", params.limits)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        sizes = run_stage(argv, Path.cwd())
+    except ValueError as err:
+        if str(err) != USAGE:
+            raise
+        print(USAGE, file=sys.stderr)
+        return 2
     print(f"prepared {sizes}")
     return 0
 

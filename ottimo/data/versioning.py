@@ -1,17 +1,22 @@
 """Data versioning with DVC: track the raw file, reproduce `prepare`, push to the remote.
 
 DVC's Python API runs in this process (one import instead of a fresh interpreter per command); every path is
-absolute, so nothing depends on the working directory. `dvc repro` alone runs as a subprocess in the project
-folder, with this environment's `python` first on PATH so the stage command runs the same code, and its output
-(the stage's too) read for what DVC did and kept for the error. The data revision of a run is the DVC hash of
-`data/prepared` recorded in dvc.lock.
+absolute, so nothing depends on the working directory. `dvc repro prepare` runs in this process too when the stage's
+command is the one ottimo ships (`python -m ottimo.data.tables prepare ...`): DVC decides as `dvc repro` does
+(unchanged: skipped; an identical earlier run: restored from its run cache) and, where it would start a fresh
+interpreter for the command, the same function runs here, and what it wrote is recorded as `dvc repro` records it
+(the same dvc.lock, run cache and cache). Any other command goes to `dvc repro` as a subprocess in the project
+folder, with this environment's `python` first on PATH, its output read for what DVC did and kept for the error.
+The data revision of a run is the DVC hash of `data/prepared` recorded in dvc.lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -146,13 +151,60 @@ RAN, RESTORED, SKIPPED = "ran", "restored from DVC's run cache", "unchanged, ski
 
 
 def reproduce(root: Path, stage: str = "prepare") -> str:
-    """`dvc repro` one stage; return what DVC did, from its own words: RAN (it ran the command), RESTORED (the
-    outputs of an identical earlier run came back from the run cache) or SKIPPED (up to date). Not from whether
-    dvc.lock changed: a fresh clone runs the stage and writes the very lock it already had."""
+    """`dvc repro` one stage; return what DVC did: RAN (it ran the command), RESTORED (the outputs of an identical
+    earlier run came back from the run cache) or SKIPPED (up to date). Not from whether dvc.lock changed: a fresh
+    clone runs the stage and writes the very lock it already had. ottimo's own stage command runs in this process
+    (module docstring); any other through `dvc repro`, what it did read from its own words."""
+    did = _in_process(root, f"repro {stage}", lambda repo: _reproduce_here(repo, stage),
+                      failure=f"failed to reproduce '{stage}'")
+    if did is not None:
+        return did
     out = dvc(root, "repro", stage)
     if f"Running stage '{stage}'" in out:
         return RAN
     return RESTORED if "is cached" in out else SKIPPED
+
+
+def _reproduce_here(repo: Repo, name: str) -> str | None:
+    """`dvc repro NAME` for a stage whose command `stage_call` can run in this process, as DVC's Stage.reproduce
+    and run_stage do it with the command's subprocess replaced by the call; None for any other stage (and for one
+    whose upstream stages changed: `dvc repro` does those)."""
+    import networkx as nx
+    from dvc.repo import lock_repo
+    from dvc.stage.cache import RunCacheNotFoundError
+
+    # DVC's run cache names its stages by "dvc.yaml" relative to the working directory, as its command line
+    # runs from the project folder: so does this, for the call (process-wide; in-process DVC calls take turns)
+    with lock_repo(repo), contextlib.chdir(repo.root_dir):
+        graph = repo.index.graph
+        stage = next((s for s in graph if getattr(s, "name", None) == name and s.path_in_repo == "dvc.yaml"), None)
+        call = stage_call(stage.cmd) if stage is not None else None  # no such stage: `dvc repro` says so
+        if call is None or any(s.changed() for s in nx.descendants(graph, stage)):  # DVC's edges point upstream:
+            return None  # a changed stage there is for `dvc repro` (a .dvc file whose data changed is re-added)
+        if not stage.changed():
+            return SKIPPED
+        stage.remove_outs(ignore_remove=False, force=False)
+        try:
+            repo.stage_cache.restore(stage)  # an identical earlier run: its outputs come back from the cache
+            did = RESTORED
+        except RunCacheNotFoundError:
+            call(Path(stage.wdir))
+            did = RAN
+        stage.save()  # what `dvc repro` does after running the command: hashes and the run cache,
+        stage.commit()  # the outputs into the cache,
+        stage.dump(update_pipeline=False)  # dvc.lock
+        return did
+
+
+def stage_call(cmd: str | list[str]) -> Callable[[Path], object] | None:
+    """A stage command this process can run itself, as a call taking the stage's folder: `python -m
+    ottimo.data.tables ARGS` (dvc.yaml's prepare), whose fresh interpreter would import what this one has."""
+    argv = shlex.split(cmd) if isinstance(cmd, str) else []
+    if argv[:3] != ["python", "-m", "ottimo.data.tables"]:
+        return None
+    from ottimo.data import tables
+
+    return lambda wdir: tables.run_stage(argv[3:], wdir)
 
 
 def push(root: Path) -> None:

@@ -113,3 +113,57 @@ def test_reproduce_says_what_dvc_did_even_when_the_lock_comes_out_identical(tmp_
     versioning.ensure_repo(clone)
     lock = (clone / "dvc.lock").read_text()
     assert versioning.reproduce(clone) == versioning.RAN and (clone / "dvc.lock").read_text() == lock
+
+
+def _prepared_files(root) -> dict[str, bytes]:
+    out = root / "data" / "prepared"
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_ottimo_prepare_stage_runs_in_process_as_dvc_repro_would(tmp_path, monkeypatch):
+    """dvc.yaml's prepare runs in this process (no DVC interpreter, no second import of the data stack): it says
+    RAN / SKIPPED / RESTORED as `dvc repro` does, and writes the dvc.lock and the outputs that DVC running the
+    command in a fresh interpreter writes."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    from ottimo.config import load_params
+    from ottimo.data import versioning
+    from ottimo.data.tables import materialise_raw
+
+    repo_root = Path(__file__).resolve().parents[2]
+    roots = {}
+    for name in ("here", "dvc"):
+        root = roots[name] = tmp_path / name
+        root.mkdir()
+        for f in ("dvc.yaml", "params.yaml"):
+            shutil.copy(repo_root / f, root / f)
+        params = load_params(root / "params.yaml")
+        materialise_raw(root, params.data)
+        versioning.ensure_repo(root)
+        versioning.track(root, params.data.path)
+    assert "Running stage 'prepare'" in versioning.dvc(roots["dvc"], "repro", "prepare")  # DVC's own run
+
+    def no_subprocess(*args):
+        raise AssertionError(f"dvc {args[1:]} ran as a subprocess")
+
+    here = roots["here"]
+    monkeypatch.setattr(versioning, "dvc", no_subprocess)
+    assert versioning.reproduce(here) == versioning.RAN
+    assert (here / "dvc.lock").read_text() == (roots["dvc"] / "dvc.lock").read_text()
+    assert _prepared_files(here) == _prepared_files(roots["dvc"])
+    assert versioning.reproduce(here) == versioning.SKIPPED
+    first = versioning.revision(here)
+
+    shutil.rmtree(here / "data" / "prepared")  # outputs gone: back from DVC's cache, not recomputed
+    assert versioning.reproduce(here) == versioning.RESTORED and _prepared_files(here) == _prepared_files(roots["dvc"])
+
+    raw = yaml.safe_load((here / "params.yaml").read_text())
+    raw["data"]["seed"] = 7  # a params change: another split, another revision
+    (here / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert versioning.reproduce(here) == versioning.RAN and versioning.revision(here) != first
+    raw["data"]["seed"] = 42  # and back: DVC's run cache has that run
+    (here / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert versioning.reproduce(here) == versioning.RESTORED and versioning.revision(here) == first

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -105,27 +110,31 @@ def test_the_cli_exit_runs_every_exit_handler_then_skips_the_final_collections(t
     assert (tmp_path / "before").read_text() == "True"  # registered earlier, so run after it: still run
 
 
-def test_prefect_api_starts_prefects_own_temporary_server_early_and_only_without_a_server(tmp_path):
-    """`ottimo run` starts Prefect's ephemeral server while the pipeline imports; the flow's client then finds
-    that same server. With PREFECT_API_URL set nothing is started."""
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+def test_prefect_api_starts_prefects_temporary_server_early_and_only_without_a_server(tmp_path):
+    """`ottimo run` starts Prefect's temporary server while the pipeline imports, without importing Prefect's
+    server package into its own process; the flow's client then uses that server, and it is gone after the
+    command. With PREFECT_API_URL set nothing is started."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from ottimo.cli.common import prefect_api
 
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        before = os.environ.get("PREFECT_API_URL")
         prefect_api()()
-        assert None not in SubprocessASGIServer._instances or not SubprocessASGIServer().running
-    with temporary_settings({PREFECT_HOME: tmp_path}):  # its database in a folder of its own
-        ready = prefect_api()
-        ready()
-        server = SubprocessASGIServer()
-        try:
-            assert server.running and server.server_process.poll() is None
-            from prefect.client.orchestration import get_client
+        assert os.environ.get("PREFECT_API_URL") == before and PREFECT_API_URL.value() == "http://127.0.0.1:9/api"
+    code = ("import json, sys\n"
+            "from ottimo.cli.common import prefect_api\n"
+            "prefect_api()()\n"
+            "from prefect.client.orchestration import get_client\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    url, status = str(c.api_url), c.hello().status_code\n"
+            "print(json.dumps([url, status, 'prefect.server.api.server' in sys.modules]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    url, status, server_imported = json.loads(out.stdout.strip().splitlines()[-1])
+    assert url.startswith("http://127.0.0.1:") and status == 200 and server_imported is False
+    assert "Starting temporary server on" in out.stderr + out.stdout
+    from ottimo.ops.servers import answers
 
-            with get_client(sync_client=True) as client:
-                assert client.api_url.host == "127.0.0.1" and client.api_url.port == server.port
-                assert client.hello().status_code == 200
-        finally:
-            server.stop()
+    assert not answers(url.rstrip("/") + "/health")  # stopped when the command ended
