@@ -77,7 +77,6 @@ def prefect_api() -> Callable[[], None]:
     )
 
     from ottimo.ops.postgres import free_port
-    from ottimo.ops.servers import answers
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return lambda: None
@@ -90,11 +89,13 @@ def prefect_api() -> Callable[[], None]:
         env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
              **get_current_settings().to_environment_variables(exclude_unset=True)})
     atexit.register(_stop, proc)
-    log = get_logger("prefect")
+    log = get_logger()  # "prefect", as Prefect logs its own temporary server
     log.info("Starting temporary server on %s (stopped when this command ends; `make up` runs a lasting one)",
              url[:-4])
 
     def ready() -> None:
+        from ottimo.ops.servers import answers  # after the start: it imports the ONNX and MLflow stacks
+
         deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
         while not answers(f"{url}/health"):
             if proc.poll() is not None or time.monotonic() > deadline:
