@@ -35,7 +35,11 @@ class PipelineSummary:
 
 
 def mlflow_ui(root: Path, params: Params) -> str:
-    return f"mlflow ui --backend-store-uri {tracking_uri(root, params.mlflow)} --host 127.0.0.1 --port 5000"
+    """Where to browse the registry: a tracking server's own page, or the command that serves a local store."""
+    uri = tracking_uri(root, params.mlflow)
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/models/{params.mlflow.registered_model}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open http://127.0.0.1:5000"
 
 
 @task

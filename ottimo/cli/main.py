@@ -91,7 +91,7 @@ def run(project_dir: Path = PROJECT, params_file: str = PARAMS,
     console.print(table)
     say(f"champion is now version {summary.champion}; aliases {summary.aliases}", "green")
     say("Gate: " + "; ".join(summary.gate_reasons))
-    say(f"Browse it: {summary.mlflow_ui} then open http://127.0.0.1:5000")
+    say(f"Browse it: {summary.mlflow_ui}")
 
 
 def details(root: Path, params: Params, flow_run_id: str, message: str) -> str:
