@@ -25,7 +25,10 @@ the fan-out).
     .venv/bin/python bench/scale.py --part dask --repeats 1 --trials 2 --epochs 1 --variants 2 --finetune 1 --width 64
 
 The workload is sized so that training dominates each task (a trial ~2.4 s, a variant ~4.6 s on one quiet core):
-two plain torch processes of the same training ran 1.93x one on this machine. What the workers share besides the
+two plain torch processes of the same training ran 1.93x one on this machine. It splits evenly over 2 workers: 8
+trials in 2 shares, 8 equal pruning variants (4 each) and the teacher's int8-dyn (~1 s). An odd count would cap the
+ratio whatever the workers do: 7 equal variants leave one worker a fourth while the other idles, at most 7/4 = 1.75x
+before any overhead (the bench ran 7 until 2026-12-02). What the workers share besides the
 CPUs is in the figures too: on the default stores the two workers' Optuna and MLflow writes take turns on SQLite,
 and the Prefect API and the flow's process take CPU beside them.
 """
@@ -59,7 +62,7 @@ def dask_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("dask")
     g.add_argument("--trials", type=int, default=8, help="tuning trials per flow run (2 shares: n_jobs 2)")
     g.add_argument("--epochs", type=int, default=12, help="epochs of every trial")
-    g.add_argument("--variants", type=int, default=7, help="pruning variants per compression flow run (+ int8-dyn)")
+    g.add_argument("--variants", type=int, default=8, help="pruning variants per compression flow run (+ int8-dyn)")
     g.add_argument("--finetune", type=int, default=8, help="fine-tuning epochs of every variant")
     g.add_argument("--width", type=int, default=1024, help="units of each of the MLP's 2 hidden layers")
 

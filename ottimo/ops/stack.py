@@ -98,10 +98,10 @@ def commands(root: Path, params_file: str, t: Team, pg: Cluster) -> dict[str, tu
         "s3": (s3.argv(t.ep.host, t.s3_port), s3.server_env(root / ".run")),
         "prefect": (embedded["prefect"][0], {"PREFECT_API_DATABASE_CONNECTION_URL": pg.url("prefect", "asyncpg")}),
         "mlflow": (mlflow, {}),
-        "dask-scheduler": (dask_cluster.scheduler_argv(t.dask_port, t.ep.host), {}),
+        "dask-scheduler": (dask_cluster.scheduler_argv(t.dask_port, t.ep.host), dask_cluster.ENV),
     }
     for name in t.worker_names("dask"):
-        out[name] = (dask_cluster.worker_argv(t.dask_address, local, name, t.ep.host), {})
+        out[name] = (dask_cluster.worker_argv(t.dask_address, local, name, t.ep.host), dask_cluster.ENV)
     for name in t.worker_names("prefect"):
         out[name] = ([str(bin_dir / "prefect"), "worker", "start", "--pool", t.cfg.work_pool, "--name", name,
                       "--type", "process", "--limit", "1"], {})
