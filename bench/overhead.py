@@ -37,7 +37,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,8 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+
+from ottimo.ops.postgres import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 GOALS = {"ephemeral": 1.25, "server": 1.10}
@@ -177,12 +178,6 @@ def timed(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float
     return seconds, cpu, started, ended, proc.stdout, proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def started(argv: list[str], env: dict[str, str], health: str):
     """A server process for the whole benchmark, up when `health` answers."""
@@ -209,7 +204,7 @@ def servers(env: dict[str, str], workdir: Path):
     """A Prefect server and an MLflow server (SQLite and served artifacts under `workdir`) on 127.0.0.1, started
     the way `make up` starts them; yields the environment that points a run at them."""
     bin_dir = Path(sys.executable).parent
-    prefect_port, mlflow_port = _free_port(), _free_port()
+    prefect_port, mlflow_port = free_port(), free_port()
     prefect = [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
     mlflow = [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
               "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--serve-artifacts",

@@ -81,7 +81,8 @@ def prefect_api() -> Callable[[], None]:
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return lambda: None
     port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
+    address = f"http://127.0.0.1:{port}"
+    url = f"{address}/api"
     proc = subprocess.Popen(  # as prefect.server.api.server.SubprocessASGIServer runs it
         [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
          "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
@@ -91,7 +92,7 @@ def prefect_api() -> Callable[[], None]:
     atexit.register(_stop, proc)
     log = get_logger()  # "prefect", as Prefect logs its own temporary server
     log.info("Starting temporary server on %s (stopped when this command ends; `make up` runs a lasting one)",
-             url[:-4])
+             address)
 
     def ready() -> None:
         from ottimo.ops.servers import answers  # after the start: it imports the ONNX and MLflow stacks

@@ -359,14 +359,15 @@ def load_splits(prepared: Path) -> Splits:
     return Splits(**arrays, features=feats, labels=schema["labels"], spec=spec)
 
 
-USAGE = "usage: python -m ottimo.data.tables prepare PARAMS_YAML"
+class UsageError(ValueError):
+    """The stage command's arguments are not `prepare PARAMS_YAML`."""
 
 
 def run_stage(argv: list[str], wdir: Path) -> dict[str, int]:
     """dvc.yaml's prepare command, `prepare PARAMS_YAML` (relative to `wdir`, the stage's folder): the splits go to
-    data/prepared beside the params file; return their sizes. ValueError with the usage on other arguments."""
+    data/prepared beside the params file; return their sizes. UsageError, with the usage, on other arguments."""
     if len(argv) != 2 or argv[0] != "prepare":
-        raise ValueError(USAGE)
+        raise UsageError("usage: python -m ottimo.data.tables prepare PARAMS_YAML")
     params_path = (wdir / argv[1]).resolve()
     params = load_params(params_path)
     return prepare(params_path.parent, params.data, params_path.parent / "data" / "prepared", params.limits)
@@ -375,10 +376,8 @@ def run_stage(argv: list[str], wdir: Path) -> dict[str, int]:
 def main(argv: list[str]) -> int:
     try:
         sizes = run_stage(argv, Path.cwd())
-    except ValueError as err:
-        if str(err) != USAGE:
-            raise
-        print(USAGE, file=sys.stderr)
+    except UsageError as err:
+        print(err, file=sys.stderr)
         return 2
     print(f"prepared {sizes}")
     return 0
