@@ -19,6 +19,7 @@ $(BIN)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c $(LOCK) -e ".[dev]"
 	$(BIN)/pip check
+	$(BIN)/python -m ottimo.registry.sqlite_store
 	touch $@
 
 install: $(BIN)/.installed          ## create .venv and install exactly the locked dependency set (requirements.lock)

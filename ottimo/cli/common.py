@@ -70,6 +70,7 @@ def prefect_api() -> Callable[[], None]:
     from prefect.logging import get_logger
     from prefect.settings import (
         PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
         PREFECT_SERVER_EPHEMERAL_ENABLED,
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
         get_current_settings,
@@ -90,6 +91,10 @@ def prefect_api() -> Callable[[], None]:
         env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
              **get_current_settings().to_environment_variables(exclude_unset=True)})
     atexit.register(_stop, proc)
+    # Flow-run heartbeats tell a lasting server that a run's process lives (to mark a silent one Crashed); this
+    # server ends with the process, so none is sent, unless set: each costs a wait of up to 1 s at the run's end
+    quiet = {} if "heartbeat_frequency" in get_current_settings().flows.model_fields_set else {
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
     log = get_logger()  # "prefect", as Prefect logs its own temporary server
     log.info("Starting temporary server on %s (stopped when this command ends; `make up` runs a lasting one)",
              address)
@@ -104,7 +109,7 @@ def prefect_api() -> Callable[[], None]:
                 return
             time.sleep(0.1)
         os.environ["PREFECT_API_URL"] = url  # child processes (a Dask LocalCluster's workers) find it too
-        _SETTINGS.enter_context(temporary_settings({PREFECT_API_URL: url}))
+        _SETTINGS.enter_context(temporary_settings({PREFECT_API_URL: url} | quiet))
 
     return ready
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 
 from ottimo.config import load_params
-from ottimo.registry import security
+from ottimo.registry import security, sqlite_store
 
 CODE = Path(__file__).resolve().parents[2]  # the repository root, where flows/ lives: the serve processes run here
 ORDER = ("prefect", "mlflow", "serve", "endpoint")
@@ -226,6 +226,7 @@ def up(root: Path, params_file: str = "params.yaml", timeout: float = 180, names
     run_dir = root / ".run"
     run_dir.mkdir(exist_ok=True)
     (root / "mlruns" / "artifacts").mkdir(parents=True, exist_ok=True)
+    sqlite_store.seed(root / "mlruns" / "mlflow.db")  # the MLflow server's store (commands()): not made from scratch
     env = environment(root, ep)
     if security.mlflow_auth(env):
         auth_config(root)

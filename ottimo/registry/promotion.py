@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 
 from ottimo import vocab
 from ottimo.ops.faults import checkpoint
+from ottimo.registry.sqlite_store import cache_dir
 from ottimo.registry.versions import CHAMPION, PREVIOUS, aliases
 
 JOURNAL_LIMIT = vocab.TAG_LIMIT  # a registered-model tag value: the journal entry must fit whole
@@ -47,13 +48,14 @@ class PromotionBusy(PromotionError):
 
 def lock_path(client: MlflowClient, name: str) -> Path:
     """The lock file of `name`: beside a sqlite store (every process that can open the store sees it), else in
-    ~/.cache/ottimo/locks/ keyed by the store URI (serialises the processes of this host only)."""
+    locks/ of ottimo's cache folder (sqlite_store.cache_dir) keyed by the store URI (serialises the processes of
+    this host only)."""
     uri = client.tracking_uri
     key = hashlib.sha256(f"{uri}|{name}".encode()).hexdigest()[:16]
     if uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent / "locks"
     else:
-        folder = Path.home() / ".cache" / "ottimo" / "locks"
+        folder = cache_dir() / "locks"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{key}.lock"
 

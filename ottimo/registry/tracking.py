@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 
 from ottimo import vocab
 from ottimo.config import CardFigure, MlflowCfg, Params
+from ottimo.registry import sqlite_store
 
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
 CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)[^/@\s]+@")  # user:password@ in a URL
@@ -75,8 +76,9 @@ def tracking_uri(root: Path, cfg: MlflowCfg) -> str:
 
 
 def connect(root: Path, cfg: MlflowCfg) -> tuple[MlflowClient, str]:
-    """Point MLflow at the project's store; return a client and the experiment id (created if needed)."""
-    uri = tracking_uri(root, cfg)
+    """Point MLflow at the project's store (a new SQLite one seeded from the empty template, sqlite_store); return
+    a client and the experiment id (created if needed)."""
+    uri = sqlite_store.seed_uri(tracking_uri(root, cfg))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(uri, uri)

@@ -113,7 +113,8 @@ def test_the_cli_exit_runs_every_exit_handler_then_skips_the_final_collections(t
 def test_prefect_api_starts_prefects_temporary_server_early_and_only_without_a_server(tmp_path):
     """`ottimo run` starts Prefect's temporary server while the pipeline imports, without importing Prefect's
     server package into its own process; the flow's client then uses that server, and it is gone after the
-    command. With PREFECT_API_URL set nothing is started."""
+    command. Flow runs on it send no heartbeats (nothing outlives the command to watch them) unless the user set
+    them. With PREFECT_API_URL set nothing is started."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from ottimo.cli.common import prefect_api
@@ -126,15 +127,73 @@ def test_prefect_api_starts_prefects_temporary_server_early_and_only_without_a_s
             "from ottimo.cli.common import prefect_api\n"
             "prefect_api()()\n"
             "from prefect.client.orchestration import get_client\n"
+            "from prefect.settings import get_current_settings\n"
             "with get_client(sync_client=True) as c:\n"
             "    url, status = str(c.api_url), c.hello().status_code\n"
-            "print(json.dumps([url, status, 'prefect.server.api.server' in sys.modules]))\n")
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path)}
+            "print(json.dumps([url, status, 'prefect.server.api.server' in sys.modules,\n"
+            "                  get_current_settings().flows.heartbeat_frequency]))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY")}
+    env |= {"PREFECT_HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    url, status, server_imported = json.loads(out.stdout.strip().splitlines()[-1])
+    url, status, server_imported, heartbeat = json.loads(out.stdout.strip().splitlines()[-1])
     assert url.startswith("http://127.0.0.1:") and status == 200 and server_imported is False
+    assert heartbeat is None
+    set_by_user = subprocess.run([sys.executable, "-c", code], env=env | {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "60"},
+                                 capture_output=True, text=True, timeout=300)
+    assert set_by_user.returncode == 0, set_by_user.stderr
+    assert json.loads(set_by_user.stdout.strip().splitlines()[-1])[3] == 60
     assert "Starting temporary server on" in out.stderr + out.stdout
     from ottimo.ops.servers import answers
 
     assert not answers(url.rstrip("/") + "/health")  # stopped when the command ended
+
+
+def test_a_new_sqlite_store_is_a_copy_of_the_empty_one_and_mlflow_opens_it_as_its_own(tmp_path, monkeypatch):
+    """A new project's MLflow store is seeded from the cached empty store (made once per MLflow version): MLflow
+    opens it without migrating, makes the Default experiment at this open (not the template's folder), and records
+    runs in it; an existing store is never replaced; an unwritable cache leaves the store to MLflow."""
+    import logging
+
+    from mlflow import MlflowClient
+
+    from ottimo.config import MlflowCfg
+    from ottimo.registry import sqlite_store
+    from ottimo.registry.tracking import connect
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("OTTIMO_TRACKING_URI", raising=False)
+    template = sqlite_store.template()
+    assert template.parent == tmp_path / "cache" / "ottimo" and template.stat().st_size > 0
+    projects = []
+    for name in ("a", "b"):  # two projects from one template: each its own store and artifact root
+        root = tmp_path / name
+        (root / "mlruns").mkdir(parents=True)
+        migrating: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record, seen=migrating: seen.append(record.getMessage())
+        logging.getLogger("mlflow.store.db.utils").addHandler(handler)
+        try:
+            client, exp = connect(root, MlflowCfg(experiment=f"exp-{name}"))
+        finally:
+            logging.getLogger("mlflow.store.db.utils").removeHandler(handler)
+        assert not [m for m in migrating if "Creating initial MLflow database tables" in m]
+        run = client.create_run(exp).info.run_id
+        client.log_metric(run, "m", 1.0)
+        default = client.get_experiment("0")  # made at this open, where MLflow puts it: not the template's folder
+        assert default.name == "Default" and "cache" not in default.artifact_location
+        projects.append((root, client, run))
+    (root_a, client_a, run_a), (_, client_b, _) = projects
+    assert client_a.get_run(run_a).data.metrics == {"m": 1.0}
+    assert [e.name for e in client_b.search_experiments()] == ["exp-b", "Default"]
+    store = root_a / "mlruns" / "mlflow.db"
+    before = store.read_bytes()
+    assert sqlite_store.seed(store) is False and store.read_bytes() == before  # a store is there: left alone
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # the cache folder cannot be made
+    fresh = tmp_path / "c" / "mlflow.db"
+    assert sqlite_store.seed(fresh) is False and not fresh.exists()
+    client = MlflowClient(f"sqlite:///{fresh}")
+    assert [e.name for e in client.search_experiments()] == ["Default"]
