@@ -96,13 +96,10 @@ def test_a_wrong_result_raises(fp32, tmp_path, monkeypatch):
 
 
 def test_dynamic_int8_of_the_fused_graph_uses_qattention(fp32, fused, tmp_path):
-    """Both dynamic options quantize the fused attention; the 7-bit one keeps the predictions on any x86 CPU (on
-    one without VNNI, AVX2's 8-bit products saturate and cost the 8-bit one points of agreement here: 0.88)."""
+    q = quantize(fused[0], tmp_path / "fused_dyn.onnx", QuantOption("dynamic"))
+    ops = op_counts(q)
+    assert ops["QAttention"] == LAYERS and ops["MatMulInteger"] >= 2 * LAYERS
     X = tokens(128, seed=6)
-    for option in (QuantOption("dynamic"), QuantOption("dynamic", reduce_range=True)):
-        q = quantize(fused[0], tmp_path / f"fused_{option.name}.onnx", option)
-        ops = op_counts(q)
-        assert ops["QAttention"] == LAYERS and ops["MatMulInteger"] >= 2 * LAYERS
     assert (predict(session(q), X) == predict(session(fp32), X)).mean() >= 0.9
 
 
