@@ -5,7 +5,7 @@ project, every test's own store and every `make up` on a fresh folder). The resu
 one MLflow version, so it is made once per version and machine, under the user's cache folder
 ($XDG_CACHE_HOME/ottimo, default ~/.cache/ottimo), and copied. The template holds MLflow's schema and its default
 workspace only: the Default experiment (whose artifact location names a folder) is left out, and MLflow creates it
-with the project's own artifact root when it first opens the copy. MLflow checks the copy's schema version on
+where it would have made it in a new store when it first opens the copy. MLflow checks the copy's schema version on
 every open, as it checks any store. Where the cache cannot be written, MLflow makes the store as it always did.
 """
 
