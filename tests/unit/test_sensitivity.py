@@ -16,7 +16,7 @@ from ottimo.compress.sensitivity import accuracy_aware
 from ottimo.onnx.measure import accuracy, predict, session
 from tests.helpers.tiny_encoder import export, tokens
 
-OUTLIER = 10.0
+OUTLIER = 40.0
 DYNAMIC = QuantOption("dynamic")
 
 
