@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 
 from ottimo import vocab
 from ottimo.ops.faults import checkpoint
-from ottimo.registry.sqlite_store import cache_dir
+from ottimo.registry.sqlite_store import PREFIX, cache_dir
 from ottimo.registry.versions import CHAMPION, PREVIOUS, aliases
 
 JOURNAL_LIMIT = vocab.TAG_LIMIT  # a registered-model tag value: the journal entry must fit whole
@@ -52,8 +52,8 @@ def lock_path(client: MlflowClient, name: str) -> Path:
     this host only)."""
     uri = client.tracking_uri
     key = hashlib.sha256(f"{uri}|{name}".encode()).hexdigest()[:16]
-    if uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent / "locks"
+    if uri.startswith(PREFIX):
+        folder = Path(uri.removeprefix(PREFIX)).parent / "locks"
     else:
         folder = cache_dir() / "locks"
     folder.mkdir(parents=True, exist_ok=True)

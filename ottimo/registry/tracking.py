@@ -55,7 +55,7 @@ def redact(value: str) -> str:
 def in_project(root: Path, url: str) -> str:
     """A `sqlite:///relative/path` URL made absolute against the project root (its folder created);
     any other URL as it is."""
-    prefix = "sqlite:///"
+    prefix = sqlite_store.PREFIX
     if url.startswith(prefix) and not os.path.isabs(url[len(prefix):]):
         db = (root / url[len(prefix):]).resolve()
         db.parent.mkdir(parents=True, exist_ok=True)
