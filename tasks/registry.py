@@ -16,7 +16,7 @@ from ottimo.registry import gate as gate_policy
 from ottimo.registry import promotion, runkey, security
 from ottimo.registry.promotion import PromotionError
 from ottimo.registry.runkey import Novelty, RunKey
-from ottimo.registry.tracking import connect, work_dir
+from ottimo.registry.tracking import connect, set_run_tags, work_dir
 from ottimo.registry.versions import CHALLENGER, CHAMPION, alias_version, aliases, register
 from tasks.retry import RETRY_TRANSIENT
 
@@ -42,8 +42,7 @@ def check_novelty(root: Path, params: Params, data: DataVersion, parent_run_id: 
     run, and whether it has anything new to train against the champion's key (`force`: train anyway)."""
     key = runkey.key_of(params, data.revision)
     client, _ = connect(root, params.mlflow)
-    for name, value in key.tags().items():
-        client.set_tag(parent_run_id, name, value)
+    set_run_tags(client, parent_run_id, key.tags())
     champion = alias_version(client, params.mlflow.registered_model, CHAMPION)
     novelty = runkey.decide(key, champion.version if champion else None, champion.tags if champion else None,
                             force)
@@ -102,9 +101,9 @@ def gate(root: Path, params: Params, parent_run_id: str, candidates: list[Evalua
     version = versions[[c.family for c in candidates].index(chosen)]
     client.set_registered_model_alias(name, CHALLENGER, version)
     verdict = verdicts[chosen][1]
-    client.set_tag(parent_run_id, vocab.GATE_VERDICT, vocab.PASSED if verdict.passed else vocab.FAILED)
-    client.set_tag(parent_run_id, "gate.selected", f"{chosen} v{version}")
-    client.set_tag(parent_run_id, vocab.GATE_REASONS, vocab.clip("; ".join(verdict.reasons)))
+    set_run_tags(client, parent_run_id, {vocab.GATE_VERDICT: vocab.PASSED if verdict.passed else vocab.FAILED,
+                                         "gate.selected": f"{chosen} v{version}",
+                                         vocab.GATE_REASONS: vocab.clip("; ".join(verdict.reasons))})
     if not verdict.passed:
         client.set_terminated(parent_run_id, "FAILED")
         raise gate_policy.GateFailed(
@@ -149,9 +148,9 @@ def promote_selected(root: Path, params: Params, parent_run_id: str, decision: G
         client.set_tag(parent_run_id, "promotion", vocab.clip(f"refused v{decision.version}: {err}"))
         client.set_terminated(parent_run_id, "FAILED")
         raise
-    client.set_tag(parent_run_id, "promotion", f"promoted v{decision.version} (champion was "
-                   f"{'v' + was if was else 'none'})")
-    client.set_tag(parent_run_id, "champion", decision.version)
+    set_run_tags(client, parent_run_id, {"promotion": f"promoted v{decision.version} (champion was "
+                                                      f"{'v' + was if was else 'none'})",
+                                         "champion": decision.version})
     for child in client.search_runs([exp], f"tags.`{vocab.PARENT}` = '{parent_run_id}' and "
                                     "attributes.status = 'RUNNING'"):  # candidates: done, not left RUNNING
         client.set_terminated(child.info.run_id, "FINISHED")

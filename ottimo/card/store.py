@@ -50,8 +50,9 @@ def record_commit(client: MlflowClient, run_id: str) -> str:
     """Tag the training run with the code commit once (the pipeline calls this; recomputations read the tag)."""
     tags = client.get_run(run_id).data.tags
     if vocab.COMMIT not in tags:
-        client.set_tag(run_id, vocab.COMMIT, code_commit())
-        return client.get_run(run_id).data.tags[vocab.COMMIT]
+        commit = code_commit()
+        client.set_tag(run_id, vocab.COMMIT, commit)
+        return commit
     return tags[vocab.COMMIT]
 
 

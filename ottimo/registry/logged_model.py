@@ -18,7 +18,7 @@ from ottimo import vocab
 from ottimo.onnx.export import INPUT, sha256, shaped
 from ottimo.onnx.measure import session
 from ottimo.onnx.metadata import write_classes
-from ottimo.registry.tracking import new_logged_model
+from ottimo.registry.tracking import new_logged_model, set_run_tags
 
 
 @cache
@@ -50,7 +50,6 @@ def log_onnx_model(client: MlflowClient, run_id: str, path: Path, X: np.ndarray,
             pip_requirements=list(onnx_requirements()),
             signature=infer_signature(example, session(path).run(None, {INPUT: example})[0]))
     digest = sha256(path)
-    client.set_tag(run_id, "onnx.sha256", digest)
-    if classes is not None:
-        client.set_tag(run_id, vocab.CLASSES, tags[vocab.CLASSES])
+    run_tags = {"onnx.sha256": digest} | ({vocab.CLASSES: tags[vocab.CLASSES]} if classes is not None else {})
+    set_run_tags(client, run_id, run_tags)
     return info.model_uri, digest

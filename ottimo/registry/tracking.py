@@ -14,6 +14,7 @@ from typing import get_args
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import RunTag
 
 from ottimo import vocab
 from ottimo.config import CardFigure, MlflowCfg, Params
@@ -77,19 +78,33 @@ def tracking_uri(root: Path, cfg: MlflowCfg) -> str:
 
 def connect(root: Path, cfg: MlflowCfg) -> tuple[MlflowClient, str]:
     """Point MLflow at the project's store (a new SQLite one seeded from the empty template, sqlite_store); return
-    a client and the experiment id (created if needed)."""
+    a client and the experiment id (created if needed), looked up once per process and store: every task
+    connects, and on a server each lookup is a round trip."""
     uri = sqlite_store.seed_uri(tracking_uri(root, cfg))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(uri, uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
+    if (uri, cfg.experiment) not in _EXPERIMENTS:
+        _EXPERIMENTS[uri, cfg.experiment] = _experiment(root, client, uri, cfg.experiment)
+    return client, _EXPERIMENTS[uri, cfg.experiment]
+
+
+_EXPERIMENTS: dict[tuple[str, str], str] = {}  # (tracking URI, experiment name) -> id
+
+
+def _experiment(root: Path, client: MlflowClient, uri: str, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
     if exp is not None:
         if vocab.EXPERIMENT_KIND not in exp.tags:  # made before Ottimo set it: opened in the GenAI view
             client.set_experiment_tag(exp.experiment_id, vocab.EXPERIMENT_KIND, vocab.CLASSIC_ML)
-        return client, exp.experiment_id
-    artifacts = (root / "mlruns" / "artifacts").resolve().as_uri() if uri.startswith("sqlite") else None
-    return client, client.create_experiment(cfg.experiment, artifact_location=artifacts,
-                                            tags={vocab.EXPERIMENT_KIND: vocab.CLASSIC_ML})
+        return exp.experiment_id
+    artifacts = (root / "mlruns" / "artifacts").resolve().as_uri() if uri.startswith(sqlite_store.PREFIX) else None
+    return client.create_experiment(name, artifact_location=artifacts, tags={vocab.EXPERIMENT_KIND: vocab.CLASSIC_ML})
+
+
+def set_run_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    """Several tags on a run in one request (log_batch), not one set_tag each."""
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def new_logged_model(client: MlflowClient, run_id: str, name: str, tags: dict[str, str] | None = None) -> str:

@@ -52,12 +52,13 @@ def version(client: MlflowClient, name: str, ref: str):
 
 
 def download_verified(client: MlflowClient, name: str, ref: str, dst: Path) -> tuple[Path, object]:
-    """Download the ONNX file of `name` version/alias `ref` and check it against the version's sha256 tag."""
+    """Download the ONNX file (only) of `name` version/alias `ref` and check it against the version's sha256 tag."""
     from ottimo.onnx.export import verify_sha256  # imports torch: only where a file is downloaded
 
     mv = version(client, name, ref)
     expected = mv.tags.get("sha256")
     if not expected:
         raise MlflowException(f"{name} v{mv.version} has no sha256 tag; it cannot be verified, so it is not loaded")
-    local = Path(download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst)))
-    return verify_sha256(local / ONNX_FILE, expected), mv
+    # the ONNX file alone: the model's other files (MLmodel, environments, examples) are not needed to serve it
+    local = Path(download_artifacts(artifact_uri=f"models:/{name}/{mv.version}/{ONNX_FILE}", dst_path=str(dst)))
+    return verify_sha256(local, expected), mv

@@ -63,6 +63,7 @@ def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(proje
     # the champion's ONNX file, downloaded from models:/<name>@champion and verified, reproduces its test accuracy
     path, mv = versions.download_verified(client, name, "champion", tmp_path / "champion")
     assert sha256(path) == mv.tags["sha256"]
+    assert [p.name for p in (tmp_path / "champion").rglob("*")] == [path.name]  # the ONNX file only
     splits = load_splits(project / "data" / "prepared")
     accuracy = float((predict(session(path), splits.X_test) == splits.y_test).mean())
     logged = client.get_run(mv.run_id).data.metrics["test_accuracy"]
