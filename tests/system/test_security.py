@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 import base64
 import json
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,6 +23,7 @@ from ottimo.data import versioning
 from ottimo.models.family import Recipe, build
 from ottimo.onnx.export import IntegrityError, export_onnx, sha256
 from ottimo.ops import servers
+from ottimo.ops.postgres import free_port
 from ottimo.registry import security, versions
 from ottimo.registry.tracking import connect, flatten
 from ottimo.spec import InputSpec
@@ -138,12 +138,6 @@ def test_server_commands_bind_loopback_and_turn_auth_on_from_the_environment(tmp
 
 # --- real servers with auth on --------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _listening(port: int) -> set[str]:
     """Local addresses (hex, as in /proc/net/tcp*) listening on `port`."""
     found = set()
@@ -194,8 +188,8 @@ def _check_prefect(api: str, post) -> None:
 
 
 def _project_with_ports(tmp_path: Path) -> Path:
-    return write_project(tmp_path / "project", {"deploy": {"prefect_port": _free_port(),
-                                                           "mlflow_port": _free_port()}})
+    return write_project(tmp_path / "project", {"deploy": {"prefect_port": free_port(),
+                                                           "mlflow_port": free_port()}})
 
 
 @pytest.mark.e2e

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from ottimo import vocab
 from ottimo.data import batches
 from ottimo.monitor import ledger
 from ottimo.onnx.measure import predict, session
+from ottimo.ops.postgres import free_port
 from ottimo.registry import promotion, versions
 from ottimo.serving.client import Client, Load
 from tests.conftest import REPO
@@ -32,12 +32,6 @@ from tests.helpers.loop_helpers import add_onnx_version, linear_onnx, loop_proje
 TOKEN = "test-token-not-a-secret"
 SERVE = {"deploy": {"serve": {"poll_seconds": 0.5, "max_rows": 50, "max_body_bytes": 60_000}},
          "drift": {"min_rows": 100, "rollback_margin": 5.0}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(check, timeout: float, what: str):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ottimo.ops import servers
+from ottimo.ops.postgres import free_port
 from tests.conftest import REPO, write_project
 
 pytestmark = pytest.mark.e2e
@@ -24,12 +24,6 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--window-size=1400,1000"]
 RUN_TIMEOUT = 360  # seconds for the flow run started from the UI
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(ep: servers.Endpoints, path: str, body: dict | None = None):

@@ -5,7 +5,6 @@ the fan-out stages), and a scheduler that is not there fails in seconds with its
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from ottimo.config import Params, parse_params
 from ottimo.ops import dask_cluster, preflight
+from ottimo.ops.postgres import free_port
 from ottimo.spec import InputSpec
 from tasks import compress, tune
 from tasks.compress import Built
@@ -83,12 +83,6 @@ def test_every_fan_out_task_and_the_records_they_take_pickle():
     for t in (compress.distill_student, compress.prune_variant, compress.quantize_variant, compress.fuse_variant,
               tune.run_trials):
         preflight.check_picklable(t.name, t, args, "compress.runner")  # raises if not
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_no_scheduler_at_the_address_fails_in_seconds_with_the_address_and_what_to_do():
