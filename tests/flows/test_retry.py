@@ -235,10 +235,10 @@ def test_pipeline_survives_the_mlflow_server_going_away_mid_run(tmp_path, prefec
 
     from flows.pipeline import training_pipeline
     from ottimo.ops import servers
+    from ottimo.ops.postgres import free_port
     from ottimo.registry import versions
-    from tests.system.test_security import _free_port
 
-    root = write_project(tmp_path / "project", {"deploy": {"mlflow_port": _free_port()},
+    root = write_project(tmp_path / "project", {"deploy": {"mlflow_port": free_port()},
                                                 "train": {"candidates": ["mlp"], "max_epochs": 12}})
     params = load_params(root / "params.yaml")
     outage: dict[str, float] = {}
