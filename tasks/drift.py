@@ -30,7 +30,7 @@ from ottimo.ops.doctor import owner
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import promotion, versions
 from ottimo.registry.security import fetch_verified, serving_session
-from ottimo.registry.tracking import connect, flatten, work_dir
+from ottimo.registry.tracking import connect, flatten, set_run_tags, work_dir
 from tasks.score import Champion
 
 
@@ -407,14 +407,13 @@ def close_check(root: Path, params: Params, check: Check, window: Window, outcom
     """Record what the decision did on the check run, mark the window's batches as decided (not after
     "insufficient data": they wait for more rows), publish the check as a Prefect markdown artifact."""
     client, _ = ledger.connect_monitoring(root, params)
+    tags = {vocab.OUTCOME + key: vocab.clip(str(value)) for key, value in outcome.items()}
     if outcome.get("rows_held_back", "0").split()[0] != "0":
         check = replace(check, reasons=check.reasons + [
             f"{outcome['rows_held_back']} labelled row(s) held back from the training data ({outcome['held_back']}; "
             f"kept in {outcome['held_back.path']}); accept them with drift.accept_drifted_rows or --accept-drifted"])
-        client.set_tag(check.run_id, "reasons", vocab.clip("; ".join(check.reasons)))
-        client.set_tag(check.run_id, vocab.HELD_BACK, outcome["rows_held_back"])
-    for key, value in outcome.items():
-        client.set_tag(check.run_id, f"outcome.{key}", vocab.clip(str(value)))
+        tags |= {"reasons": vocab.clip("; ".join(check.reasons)), vocab.HELD_BACK: outcome["rows_held_back"]}
+    set_run_tags(client, check.run_id, tags)
     if check.action != policy.INSUFFICIENT:
         ledger.mark_checked(client, window.score_runs, check.run_id)
     client.set_tag(check.run_id, vocab.CLOSED, "true")

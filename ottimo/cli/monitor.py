@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from ottimo import vocab
 from ottimo.cli.common import PARAMS, PROJECT, fail, finish, params_or_exit, say
 from ottimo.config import Params
 
@@ -99,7 +100,7 @@ def print_last_check(out: Console, root: Path, params: Params) -> None:
     tags = run.data.tags
     out.print(f"Last drift check: {when}, champion v{escape(tags.get('champion', '?'))}: "
               f"[bold]{escape(str(tags.get('decision')))}[/bold] ({escape(tags.get('reasons', ''))})", highlight=False)
-    outcome = {k.removeprefix("outcome."): v for k, v in tags.items() if k.startswith("outcome.")}
+    outcome = {k.removeprefix(vocab.OUTCOME): v for k, v in tags.items() if k.startswith(vocab.OUTCOME)}
     if outcome:
         say("  outcome: " + ", ".join(f"{k} {v}" for k, v in sorted(outcome.items())), out=out)
     say(f"  {waiting} scored batch(es) waiting for the next check; MLflow run {run.info.run_id} in {found.name}",

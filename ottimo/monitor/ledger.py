@@ -19,7 +19,7 @@ from mlflow.entities import Metric
 
 from ottimo import vocab
 from ottimo.config import Params
-from ottimo.registry.tracking import connect
+from ottimo.registry.tracking import connect, set_run_tags
 
 
 def experiment_name(params: Params) -> str:
@@ -127,8 +127,7 @@ def record_retrain(client: MlflowClient, check_run_id: str, training: str, champ
     outcome = {"training": training} | ({"champion": str(champion)} if champion else {}) | (
         {"message": vocab.clip(message, 1000)} if message else {})
     act(client, check_run_id, RETRAIN, done=True, outcome=outcome)
-    for key, value in outcome.items():
-        client.set_tag(check_run_id, vocab.OUTCOME + key, vocab.clip(value))
+    set_run_tags(client, check_run_id, {vocab.OUTCOME + key: vocab.clip(value) for key, value in outcome.items()})
     return outcome
 
 

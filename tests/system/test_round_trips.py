@@ -57,4 +57,3 @@ def test_a_process_asks_a_server_for_its_experiment_once_and_sends_tags_in_one_r
     set_run_tags(client, run_id, tags)
     assert sent == ["POST /api/2.0/mlflow/runs/log-batch"]
     assert {k: v for k, v in client.get_run(run_id).data.tags.items() if k in tags} == tags
-
