@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ottimo.cli.common import PARAMS, PROJECT, cell, console, finish, params_or_exit, say
+from ottimo.cli.common import PARAMS, PROJECT, cell, console, finish, flow_imports, params_or_exit, say
 
 RUN_ID = typer.Option(..., "--run-id", "-r", help="MLflow run id of a pipeline run or of a trained candidate.")
 
@@ -22,7 +22,8 @@ def compress(run_id: str = RUN_ID, project_dir: Path = PROJECT, params_file: str
 
     root = project_dir.resolve()
     params_or_exit(root, params_file)
-    from flows.compress import with_runner
+    with flow_imports():
+        from flows.compress import with_runner
 
     state = with_runner(str(root), params_file)(project_dir=str(root), params_file=params_file, run_id=run_id,
                                                  return_state=True)

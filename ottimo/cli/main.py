@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import atexit
-import gc
 import os
 import re
-from functools import cache
 from pathlib import Path
 
 import typer
@@ -15,7 +12,18 @@ from rich.table import Table
 
 from ottimo import vocab
 from ottimo.cli.card import card_app
-from ottimo.cli.common import PARAMS, PROJECT, cell, console, finish, params_or_exit, prefect_api, say
+from ottimo.cli.common import (
+    PARAMS,
+    PROJECT,
+    cell,
+    console,
+    finish,
+    flow_imports,
+    freeze_at_exit,
+    params_or_exit,
+    prefect_api,
+    say,
+)
 from ottimo.cli.compress import compress as compress_cmd
 from ottimo.cli.doctor import doctor
 from ottimo.cli.monitor import monitor_app, print_last_check
@@ -38,20 +46,11 @@ app.command("serve")(serve_cmd)  # `ottimo serve [--port N]`: the online endpoin
 
 
 
-@cache
-def _freeze_at_exit() -> None:
-    """At exit, once every other exit handler has run (this one is registered first), freeze the objects left
-    out of the garbage collector's reach: the interpreter's last collections over what Prefect, MLflow,
-    SQLAlchemy and torch leave took 1 to 3 s of every run and free nothing that the process's end does not. Exit
-    handlers, flushes and closes run as before (finalizers of objects alive at exit never were guaranteed)."""
-    atexit.register(gc.freeze)
-
-
 @app.callback()
 def _quiet() -> None:
     """Everything runs offline: no usage reporting from Prefect, MLflow or DVC; no download progress bars; a
-    quick exit (_freeze_at_exit)."""
-    _freeze_at_exit()
+    quick exit (freeze_at_exit)."""
+    freeze_at_exit()
     for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
                        "DO_NOT_TRACK": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
         os.environ.setdefault(key, value)
@@ -66,7 +65,8 @@ def run(project_dir: Path = PROJECT, params_file: str = PARAMS,
     root = project_dir.resolve()
     params = params_or_exit(root, params_file)  # fail before Prefect starts
     api_ready = prefect_api()
-    from flows.pipeline import training_pipeline
+    with flow_imports():
+        from flows.pipeline import training_pipeline
 
     api_ready()
     state = training_pipeline(project_dir=str(root), params_file=params_file, force=force, return_state=True)
@@ -122,7 +122,8 @@ def tune(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     earlier run was interrupted, trials n_jobs at a time on threads or Dask, each trial an MLflow run."""
     root = project_dir.resolve()
     params_or_exit(root, params_file)
-    from flows.tune import with_runner
+    with flow_imports():
+        from flows.tune import with_runner
 
     state = with_runner(str(root), params_file)(project_dir=str(root), params_file=params_file, return_state=True)
     finish(state, "Tuning")

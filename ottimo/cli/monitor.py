@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ottimo import vocab
-from ottimo.cli.common import PARAMS, PROJECT, fail, finish, params_or_exit, say
+from ottimo.cli.common import PARAMS, PROJECT, fail, finish, flow_imports, params_or_exit, say
 from ottimo.config import Params
 
 monitor_app = typer.Typer()
@@ -57,7 +57,8 @@ def score(project_dir: Path = PROJECT, params_file: str = PARAMS) -> None:
     """Score every new batch in data/incoming with the champion (malformed batches go to data/quarantine)."""
     root = project_dir.resolve()
     params_or_exit(root, params_file)
-    from flows.score import batch_scoring
+    with flow_imports():
+        from flows.score import batch_scoring
 
     results = finish(batch_scoring(project_dir=str(root), params_file=params_file, return_state=True), "Scoring")
     for r in results:
@@ -73,7 +74,8 @@ def drift_check(project_dir: Path = PROJECT, params_file: str = PARAMS, accept_d
     """Run the drift check once: Evidently on the scored batches → nothing | retrain | rollback."""
     root = project_dir.resolve()
     params_or_exit(root, params_file)
-    from flows.drift import drift_check as flow
+    with flow_imports():
+        from flows.drift import drift_check as flow
 
     summary = finish(flow(project_dir=str(root), params_file=params_file, accept_drifted=accept_drifted,
                         return_state=True), "Drift check")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ottimo.cli.common import PARAMS, PROJECT, finish, params_or_exit, say
+from ottimo.cli.common import PARAMS, PROJECT, finish, flow_imports, params_or_exit, say
 
 registry_app = typer.Typer()
 
@@ -18,7 +18,8 @@ def promote(version: str, force: bool = typer.Option(False, help="Promote even i
     """Make VERSION the champion through the gate (or past it with --force and --reason)."""
     root = project_dir.resolve()
     params_or_exit(root, params_file)
-    from flows.manage import promote as flow
+    with flow_imports():
+        from flows.manage import promote as flow
 
     after = finish(flow(version=version, force=force, reason=reason, project_dir=str(root),
                          params_file=params_file, return_state=True), "Promote")
@@ -31,7 +32,8 @@ def rollback(reason: str = typer.Option("manual rollback", help="Why (tagged on 
     """Swap champion and previous-champion back in one step."""
     root = project_dir.resolve()
     params_or_exit(root, params_file)
-    from flows.manage import rollback as flow
+    with flow_imports():
+        from flows.manage import rollback as flow
 
     after = finish(flow(reason=reason, project_dir=str(root), params_file=params_file, return_state=True),
                     "Rollback")

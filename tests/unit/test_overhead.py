@@ -110,6 +110,40 @@ def test_the_cli_exit_runs_every_exit_handler_then_skips_the_final_collections(t
     assert (tmp_path / "before").read_text() == "True"  # registered earlier, so run after it: still run
 
 
+def test_flow_imports_pause_the_collector_then_freeze_what_they_made_and_restore_it(tmp_path):
+    """The CLI imports a flow with the cyclic GC paused; afterwards what the import made is frozen (out of every
+    later full collection), the GC is on again (off if the caller had it off), also when the import fails. In a
+    subprocess: the freeze would otherwise cover this test session's heap."""
+    code = (
+        "import gc, json\n"
+        "from ottimo.cli.common import flow_imports\n"
+        "seen = {}\n"
+        "before = gc.get_freeze_count()\n"
+        "with flow_imports():\n"
+        "    seen['inside'] = gc.isenabled()\n"
+        "    import xml.dom.minidom  # not imported yet by ottimo.cli.common\n"
+        "seen['after'] = gc.isenabled()\n"
+        "seen['frozen'] = gc.get_freeze_count() - before\n"
+        "node = xml.dom.minidom.Node\n"
+        "seen['minidom_frozen'] = gc.is_tracked(node) and not any(o is node for o in gc.get_objects())\n"
+        "try:\n"
+        "    with flow_imports():\n"
+        "        import no_such_module_here  # noqa\n"
+        "except ImportError:\n"
+        "    seen['after_failure'] = gc.isenabled()\n"
+        "gc.disable()\n"
+        "with flow_imports():\n"
+        "    pass\n"
+        "seen['stays_off'] = not gc.isenabled()\n"
+        "print(json.dumps(seen))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["inside"] is False and seen["after"] is True and seen["after_failure"] is True
+    assert seen["frozen"] > 1000, seen  # the process's objects so far, the new module's included
+    assert seen["minidom_frozen"] is True  # a full collection no longer walks the imported module's class
+    assert seen["stays_off"] is True
+
+
 def test_prefect_api_starts_prefects_temporary_server_early_and_only_without_a_server(tmp_path):
     """`ottimo run` starts Prefect's temporary server while the pipeline imports, without importing Prefect's
     server package into its own process; the flow's client then uses that server, and it is gone after the
