@@ -110,7 +110,7 @@ def test_the_cli_exit_runs_every_exit_handler_then_skips_the_final_collections(t
     assert (tmp_path / "before").read_text() == "True"  # registered earlier, so run after it: still run
 
 
-def test_flow_imports_pause_the_collector_then_freeze_what_they_made_and_restore_it(tmp_path):
+def test_flow_imports_pause_the_collector_then_freeze_what_they_made_and_restore_it():
     """The CLI imports a flow with the cyclic GC paused; afterwards what the import made is frozen (out of every
     later full collection), the GC is on again (off if the caller had it off), also when the import fails. In a
     subprocess: the freeze would otherwise cover this test session's heap."""
