@@ -7,12 +7,13 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from mlflow.entities import Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
@@ -226,12 +227,13 @@ def check_window(root: Path, params: Params, champion: Champion, window: Window)
         "champion": champion.version, vocab.DATA_REVISION: champion.data_revision,
         vocab.FLOW_RUN: str(runtime.flow_run.id), "batches": vocab.clip(",".join(Path(b).name for b in window.batches)),
         vocab.WINDOW: key, vocab.CLOSED: "false", vocab.OWNER: owner()})  # owner: the doctor tells a killed flow run
-    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten({"drift": cfg.model_dump()}).items()])
     numbers = {k: float(v) for k, v in ev.as_dict().items() if isinstance(v, int | float) and v is not None}
     source = policy.quality_source(ev, cfg)
-    client.set_tag(run.info.run_id, vocab.QUALITY_SOURCE, source or "none")
-    for key, value in numbers.items():
-        client.log_metric(run.info.run_id, key, value)
+    now = int(time.time() * 1000)
+    client.log_batch(run.info.run_id,  # one request (MLflow splits it at its per-request limits)
+                     params=[Param(k, v) for k, v in flatten({"drift": cfg.model_dump()}).items()],
+                     metrics=[Metric(k, v, now, 0) for k, v in numbers.items()],
+                     tags=[RunTag(vocab.QUALITY_SOURCE, source or "none")])
     for path in files + [out / "summary.json"]:
         client.log_artifact(run.info.run_id, str(path))
     client.set_terminated(run.info.run_id, "FINISHED")

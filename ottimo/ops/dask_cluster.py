@@ -2,11 +2,12 @@
 to 127.0.0.1 with no dashboard, a wait until the scheduler answers with its workers, the name of the worker running
 the current code, and a throw-away cluster (tests, benchmarks) that starts and stops exactly its own processes.
 
-`make up` (ottimo/ops/stack.py) spawns the same argv with the same settings (ENV); flows reach the scheduler
-through prefect-dask (`tune.runner: dask`, `compress.runner: dask`, tasks/runner.py). Processes are started with
-this interpreter (`python -m distributed.cli.dask_scheduler` / `dask_worker`, what the `dask` command runs), so
-they import the same packages; run them from the repository root or with it on PYTHONPATH, since workers import
-`tasks` and `ottimo`. Each worker runs under a nanny, which restarts it if it dies and gives it OMP_NUM_THREADS=1.
+`make up` (ottimo/ops/stack.py) spawns the same argv with the same settings (ENV; a flow run's own LocalCluster gives
+its workers the same, worker_config); flows reach the scheduler through prefect-dask (`tune.runner: dask`,
+`compress.runner: dask`, tasks/runner.py). Processes are started with this interpreter (`python -m
+distributed.cli.dask_scheduler` / `dask_worker`, what the `dask` command runs), so they import the same packages; run
+them from the repository root or with it on PYTHONPATH, since workers import `tasks` and `ottimo`. Each worker runs
+under a nanny, which restarts it if it dies and gives it OMP_NUM_THREADS=1.
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ HOST = "127.0.0.1"
 ENV = {"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
        "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "200ms",
        "DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL": "2s"}
+
+
+def worker_config() -> dict:
+    """This process's `distributed` Dask config with ENV over it: what a LocalCluster passes to its workers (its
+    `config` keyword), so the workers a flow run starts for itself run as `make up`'s do. Whole: a nanny sets each
+    top-level key it is given in place of its own."""
+    import dask.config  # the flow's process imports Dask only for a Dask runner
+
+    return {"distributed": dask.config.merge(dask.config.get("distributed"),
+                                             dask.config.collect_env(dict(ENV))["distributed"])}
 
 
 def scheduler_argv(port: int, host: str = HOST, scheduler_file: Path | None = None) -> list[str]:

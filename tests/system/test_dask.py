@@ -3,7 +3,8 @@
 under a real Prefect API and MLflow store. Both flows complete and both workers did work (the `ottimo.worker` tag of
 the trial and variant runs); nothing listens beyond 127.0.0.1; the pre-flight fails in seconds, naming what is
 wrong: a scheduler with no workers, workers that would log to another MLflow store, an argument that cannot be
-pickled, an address where no scheduler answers."""
+pickled, an address where no scheduler answers. A flow run's own LocalCluster gives its workers the settings
+`make up`'s workers start with."""
 
 from __future__ import annotations
 
@@ -179,3 +180,33 @@ def test_the_flow_fails_in_seconds_with_the_object_or_the_address_named(tmp_path
     state = with_runner(str(root))(project_dir=str(root), data=data, return_state=True)
     assert state.is_failed() and time.monotonic() - t0 < 30  # Failed, not left Running
     assert f"no Dask scheduler answers at '{nowhere}' (tune.dask_address) within 5 s" in state.message
+
+
+KEYS = ("distributed.worker.profile.enabled", "distributed.admin.tick.interval",
+        "distributed.admin.system-monitor.interval")
+
+
+def settings(client) -> set[tuple]:
+    """The KEYS' values in each worker of the client's cluster, one tuple a worker."""
+    import dask.config
+
+    per_key = [client.run(dask.config.get, key) for key in KEYS]  # {worker: value} each
+    return {tuple(values[w] for values in per_key) for w in per_key[0]}
+
+
+def test_a_flow_runs_own_local_cluster_gives_its_workers_the_settings_of_make_ups(tmp_path, cluster, monkeypatch):
+    import dask.config
+    from distributed import Client, LocalCluster
+
+    from ottimo.config import parse_params
+    from tasks.runner import ADDRESS_ENV, task_runner
+
+    monkeypatch.delenv(ADDRESS_ENV, raising=False)
+    runner = task_runner(tmp_path, parse_params({"tune": {"runner": "dask", "n_jobs": 1}}), "tune")
+    assert runner.address is None  # a LocalCluster, started the way prefect-dask starts it: cluster_kwargs
+    with LocalCluster(**runner.cluster_kwargs) as local, Client(local) as client:
+        local_settings = settings(client)
+    with Client(cluster.address) as client:
+        stack_settings = settings(client)
+    assert stack_settings == local_settings == {(False, "200ms", "2s")}
+    assert dask.config.get("distributed.worker.profile.enabled") is True  # this process's Dask config is untouched
