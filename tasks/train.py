@@ -73,7 +73,8 @@ def start_pipeline_run(root: Path, params: Params, data: DataVersion) -> str:
         warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
         ds = mlflow.data.from_pandas(train, source=data.prepared, targets=params.data.target, name="train",
                                      digest=data.revision[:12])
-    client.log_inputs(run.info.run_id, [mlflow.entities.DatasetInput(ds._to_mlflow_entity())])
+        entity = ds._to_mlflow_entity()  # inside: the dataset infers its schema (and hints) only here
+    client.log_inputs(run.info.run_id, [mlflow.entities.DatasetInput(entity)])
     get_run_logger().info("MLflow run %s (experiment %s)", run.info.run_id, params.mlflow.experiment)
     return run.info.run_id
 

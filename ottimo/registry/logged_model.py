@@ -20,12 +20,6 @@ from ottimo.onnx.measure import session
 from ottimo.onnx.metadata import write_classes
 from ottimo.registry.tracking import new_logged_model, set_run_tags
 
-# MLflow's hint on every signature with integer inputs (token ids, integer tables) that integers cannot hold missing
-# values would reach the user's terminal at every model logged; ottimo's inputs never hold any (the data contract
-# refuses them). A filter for the whole process, not a catch_warnings around log_model: that one swaps the process's
-# filter list, and candidates logged at once in threads restored it under each other, so the hint leaked.
-warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column", category=UserWarning)
-
 
 @cache
 def onnx_requirements() -> tuple[str, ...]:
@@ -48,11 +42,13 @@ def log_onnx_model(client: MlflowClient, run_id: str, path: Path, X: np.ndarray,
         tags = tags | {vocab.CLASSES: vocab.clip(json.dumps(list(classes), ensure_ascii=False))}
     example = shaped(session(path), X[:2])
     model_id = new_logged_model(client, run_id, name, tags)
-    info = mlflow.onnx.log_model(
-        onnx.load(str(path)), name=vocab.model_name(name), model_id=model_id, run_id=run_id,
-        save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"], input_example=example,
-        pip_requirements=list(onnx_requirements()),
-        signature=infer_signature(example, session(path).run(None, {INPUT: example})[0]))
+    with warnings.catch_warnings():  # MLflow's schema hints (integer columns) would reach the user's terminal
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
+        info = mlflow.onnx.log_model(
+            onnx.load(str(path)), name=vocab.model_name(name), model_id=model_id, run_id=run_id,
+            save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"], input_example=example,
+            pip_requirements=list(onnx_requirements()),
+            signature=infer_signature(example, session(path).run(None, {INPUT: example})[0]))
     digest = sha256(path)
     run_tags = {"onnx.sha256": digest} | ({vocab.CLASSES: tags[vocab.CLASSES]} if classes is not None else {})
     set_run_tags(client, run_id, run_tags)
