@@ -5,6 +5,7 @@ in the MLflow UI. Screenshots and the servers' logs go to test-output/ui/."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import urllib.request
@@ -92,7 +93,7 @@ def click(driver, text: str, shot: str, timeout: float = 30) -> None:
     while time.monotonic() < deadline:
         for el in driver.find_elements(By.XPATH, f"//*[self::button or @role='menuitem' or @role='tab' or self::a]"
                                                  f"[normalize-space(.)='{text}']"):
-            if el.is_displayed():
+            if el.is_displayed() and settled(el):
                 el.click()
                 time.sleep(0.5)
                 driver.save_screenshot(str(OUT / f"{shot}.png"))
@@ -100,6 +101,42 @@ def click(driver, text: str, shot: str, timeout: float = 30) -> None:
         time.sleep(0.5)
     driver.save_screenshot(str(OUT / f"{shot}.png"))
     raise AssertionError(f"no visible {text!r} on {driver.current_url} (see {OUT / shot}.png)")
+
+
+def settled(el, pause: float = 0.3) -> bool:
+    """The element is where it was a moment ago (a menu that is still opening moves: a click would miss it)."""
+    before = el.rect
+    time.sleep(pause)
+    return el.rect == before
+
+
+def quick_run(driver, ep: servers.Endpoints, deployment_id: str) -> dict:
+    """Run → Quick run on a deployment's page, as a user would; the flow run it made, found by the name in the
+    UI's toast. A click that made nothing (no toast, no error: the menu went before it landed) is made again once;
+    an error toast fails at once."""
+    from selenium.webdriver.common.by import By
+
+    page = f"{ep.prefect_ui}/deployments/deployment/{deployment_id}"
+    for attempt in (1, 2):
+        driver.get(page)
+        wait_text(driver, "training-pipeline", "2-deployment")
+        click(driver, "Run", "3-run-menu")
+        click(driver, "Quick run", "4-quick-run")
+        deadline, body = time.monotonic() + 30, ""
+        while time.monotonic() < deadline:
+            body = driver.find_element(By.TAG_NAME, "body").text
+            assert "Failed to schedule flow run" not in body, f"the UI could not create the run: {body}"
+            if made := re.search(r"(\S+) scheduled\s+to\s+start", body):
+                driver.save_screenshot(str(OUT / "4-quick-run.png"))
+                runs = api(ep, "/flow_runs/filter", {"flow_runs": {"name": {"any_": [made.group(1)]}}})
+                assert len(runs) == 1, (made.group(1), runs)
+                return runs[0]
+            time.sleep(0.5)
+        driver.save_screenshot(str(OUT / f"4-quick-run-attempt-{attempt}.png"))
+        if runs := [r for r in api(ep, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}}})
+                    if not r["auto_scheduled"]]:  # made, though its toast went unseen: not a second one
+            return runs[0]
+    raise AssertionError(f"Quick run made no flow run twice (see {OUT}/4-quick-run-attempt-*.png): {body}")
 
 
 @pytest.mark.timeout(900)
@@ -127,23 +164,13 @@ def test_run_from_prefect_ui_promotes_in_mlflow_ui(stack, browser):
     body = wait_text(browser, "empty: params.yaml's gate.min_accuracy (0.9)", "3-custom-run-form")
     assert "empty: params.yaml's train.max_epochs (12)" in body and "Property is type" not in body, body
 
-    # Run → Quick run
-    browser.get(page)
-    wait_text(browser, "training-pipeline", "2-deployment")
-    click(browser, "Run", "3-run-menu")
-    click(browser, "Quick run", "4-quick-run")
-
-    # the flow run it created reaches Completed
+    # Run → Quick run: the flow run it created is the deployment's and reaches Completed
+    run = quick_run(browser, ep, deployment["id"])
+    assert run["deployment_id"] == deployment["id"] and not run["auto_scheduled"], run
     deadline = time.monotonic() + RUN_TIMEOUT
-    runs: list = []
-    while time.monotonic() < deadline:
-        runs = [r for r in api(ep, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}})
-                if not r["auto_scheduled"]]  # not the nightly runs the scheduler plans ahead
-        if runs and runs[0]["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-            break
+    while time.monotonic() < deadline and run["state_type"] not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
         time.sleep(3)
-    assert runs, "Quick run created no flow run"
-    run = runs[0]
+        run = api(ep, f"/flow_runs/{run['id']}")
     browser.get(f"{ep.prefect_ui}/runs/flow-run/{run['id']}")
     wait_text(browser, "Completed" if run["state_type"] == "COMPLETED" else run["state_name"] or "", "5-flow-run")
     assert run["state_type"] == "COMPLETED", f"flow run {run['name']} ended {run['state_name']}: see serve.log"
