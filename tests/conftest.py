@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -46,12 +51,37 @@ def project(tmp_path: Path) -> Path:
     return write_project(tmp_path / "project")
 
 
-@pytest.fixture
-def prefect_harness():
-    """A fresh Prefect API (temporary database) for one test."""
-    from prefect.testing.utilities import prefect_test_harness
+@pytest.fixture(scope="session")
+def prefect_db(tmp_path_factory) -> Path:
+    """An empty Prefect database with Prefect's schema, made once for the session by Prefect's own CLI (`prefect
+    server database upgrade`, about 12 s here). Each harness starts on a copy of it: about 7 s instead of 14 s,
+    for a server that would otherwise run the whole chain of migrations again."""
+    db = tmp_path_factory.mktemp("prefect-db") / "prefect.db"
+    env = os.environ | {"PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db}"}
+    subprocess.run([str(Path(sys.executable).parent / "prefect"), "server", "database", "upgrade", "-y"], env=env,
+                   check=True, capture_output=True, timeout=300)
+    return db
 
-    with prefect_test_harness(server_startup_timeout=60):
+
+@contextmanager
+def seeded_harness(prefect_db: Path, timeout: int = 60):
+    """Prefect's test harness (a temporary API server on a database of its own) on a copy of `prefect_db`."""
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+    from prefect.testing import utilities
+
+    home = Path(tempfile.mkdtemp(prefix="prefect-harness-"))
+    shutil.copy(prefect_db, home / "prefect-test.db")  # the file name the harness gives its database
+    with mock.patch.object(utilities, "mkdtemp", lambda: str(home)), \
+            utilities.prefect_test_harness(server_startup_timeout=timeout):
+        url = PREFECT_SERVER_DATABASE_CONNECTION_URL.value()
+        assert url.endswith(str(home / "prefect-test.db")), f"the harness's database is {url}, not the copy"
+        yield
+
+
+@pytest.fixture
+def prefect_harness(prefect_db):
+    """A fresh Prefect API (a database of its own) for one test."""
+    with seeded_harness(prefect_db):
         yield
 
 

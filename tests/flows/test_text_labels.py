@@ -21,7 +21,7 @@ from ottimo.config import load_params
 from ottimo.onnx.metadata import read_classes
 from ottimo.registry import versions
 from ottimo.registry.tracking import connect
-from tests.conftest import write_project
+from tests.conftest import seeded_harness, write_project
 
 CLASSES = ["bird", "cat", "dog"]
 TARGET = "species"
@@ -31,10 +31,8 @@ FAST_CARD = {"slices": [], "image_shape": None, "importance_rows": 20, "importan
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
+def harness(prefect_db):
+    with seeded_harness(prefect_db, timeout=90):
         yield
 
 

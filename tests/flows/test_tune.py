@@ -31,17 +31,15 @@ from ottimo.models.family import Recipe, build, recipe, to_overrides
 from ottimo.registry.tracking import connect
 from ottimo.spec import InputSpec
 from tasks.data import DataVersion
-from tests.conftest import write_project
+from tests.conftest import seeded_harness, write_project
 
 REPO = Path(__file__).resolve().parents[2]
 REV = "0123abcd"  # data revision of the projects prepared here without DVC
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
+def harness(prefect_db):
+    with seeded_harness(prefect_db, timeout=90):
         yield
 
 

@@ -29,7 +29,7 @@ from tasks.data import DataVersion
 from tasks.evaluate import export_candidate
 from tasks.runner import probes
 from tasks.train import start_pipeline_run, train_candidate
-from tests.conftest import write_project
+from tests.conftest import seeded_harness, write_project
 
 REV = "0123abcd"  # the data revision of projects prepared here without DVC
 
@@ -43,10 +43,8 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
+def harness(prefect_db):
+    with seeded_harness(prefect_db, timeout=90):
         yield
 
 

@@ -27,7 +27,7 @@ from ottimo.ops.postgres import free_port
 from ottimo.registry import security, versions
 from ottimo.registry.tracking import connect, flatten
 from ottimo.spec import InputSpec
-from tests.conftest import REPO, write_project
+from tests.conftest import REPO, seeded_harness, write_project
 from tests.helpers import bad_inputs
 
 PLANTED = "PLANTED-0b5e55ed"  # in every secret value below; must appear nowhere in the MLflow store
@@ -241,16 +241,14 @@ def test_make_up_with_auth_serves_both_servers_on_loopback_only(tmp_path, monkey
 # --- a champion project: secrets planted, bad inputs through the real pipeline ------------------------------------
 
 @pytest.fixture(scope="module")
-def champion(tmp_path_factory):
+def champion(tmp_path_factory, prefect_db):
     """One pipeline run (one MLP) with secrets in the environment and a password in a config URL."""
-    from prefect.testing.utilities import prefect_test_harness
-
     from flows.pipeline import training_pipeline
 
     root = write_project(tmp_path_factory.mktemp("champion") / "project", {
         "train": {"candidates": ["mlp"], "max_epochs": 6}, "tune": {"dask_address": DASK_WITH_PASSWORD},
         "evaluate": {"warmup": 2, "runs": 10}, "card": LIGHT_CARD})
-    with pytest.MonkeyPatch.context() as mp, prefect_test_harness(server_startup_timeout=60):
+    with pytest.MonkeyPatch.context() as mp, seeded_harness(prefect_db):
         for key, value in SECRET_ENV.items():
             mp.setenv(key, value)
         state = training_pipeline(project_dir=str(root), return_state=True)

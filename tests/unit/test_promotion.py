@@ -14,18 +14,18 @@ from ottimo.ops import doctor
 from ottimo.ops.faults import EXIT_CODE
 from ottimo.registry import promotion, versions
 from ottimo.registry.versions import CHALLENGER, CHAMPION, PREVIOUS
+from tests.conftest import seeded_harness
 from tests.helpers.reliability_helpers import add_version, attempt, release, store
 
 NAME = "ottimo-classifier"
 
 
 @pytest.fixture(scope="module")
-def api_url():
+def api_url(prefect_db):
     """One Prefect API (temporary database) for this module's promotion processes: it takes long to start."""
     from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    with seeded_harness(prefect_db):
         yield PREFECT_API_URL.value()
 
 
