@@ -312,6 +312,7 @@ def test_resume_after_a_crash_continues_the_same_study_with_parallel_trials(tmp_
     assert again.is_completed() and len(optuna.load_study(study_name=name, storage=tune.open_storage(url)).trials) == 6
 
 
+@pytest.mark.slow  # about 25 s: a LocalCluster of two worker processes
 def test_dask_task_runner_runs_trials_on_two_worker_processes(tmp_path, harness):
     from flows.tune import with_runner
 

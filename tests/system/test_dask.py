@@ -72,6 +72,7 @@ def test_the_cluster_listens_on_loopback_only(cluster):
     assert listening(cluster) == {"127.0.0.1"}
 
 
+@pytest.mark.slow  # about 50 s with its cluster and harness; its compression twin below is slow too
 def test_tuning_trials_fan_out_to_both_workers(tmp_path, cluster, harness):
     from flows.tune import with_runner
 

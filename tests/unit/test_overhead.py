@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -144,7 +145,7 @@ def test_flow_imports_pause_the_collector_then_freeze_what_they_made_and_restore
     assert seen["stays_off"] is True
 
 
-def test_prefect_api_starts_prefects_temporary_server_early_and_only_without_a_server(tmp_path):
+def test_prefect_api_starts_prefects_temporary_server_early_and_only_without_a_server(tmp_path, prefect_db):
     """`ottimo run` starts Prefect's temporary server while the pipeline imports, without importing Prefect's
     server package into its own process; the flow's client then uses that server, and it is gone after the
     command. Flow runs on it send no heartbeats (nothing outlives the command to watch them) unless the user set
@@ -168,6 +169,7 @@ def test_prefect_api_starts_prefects_temporary_server_early_and_only_without_a_s
             "                  get_current_settings().flows.heartbeat_frequency]))\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY")}
     env |= {"PREFECT_HOME": str(tmp_path)}
+    shutil.copy(prefect_db, tmp_path / "prefect.db")  # Prefect's database in that home, already migrated
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     url, status, server_imported, heartbeat = json.loads(out.stdout.strip().splitlines()[-1])
