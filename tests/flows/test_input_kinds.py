@@ -7,6 +7,7 @@ back) before the retrain."""
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from flows.drift import drift_check
 from flows.pipeline import training_pipeline
@@ -35,6 +36,7 @@ def rows_of(seed: int, n: int, **sequences_cfg) -> pd.DataFrame:
     return sequences.frame(cfg).iloc[:n]
 
 
+@pytest.mark.slow  # about 40 s; the default suite trains and promotes on sequences in test_family_pipeline
 def test_a_sequence_project_through_the_loop(tmp_path, prefect_harness):
     project = write_project(tmp_path / "project", OVERRIDES)
     params = load_params(project / "params.yaml")

@@ -213,6 +213,7 @@ HAMMER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a stress test of parallel SQLite writers, about 16 s
 def test_parallel_writers_on_sqlite_do_not_lock(tmp_path):
     """2 processes x 3 threads write one study while another connection holds SQLite's write lock for 6 s,
     longer than the 5 s SQLite waits by default. With optuna's plain SQLite storage writers then fail with

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 
@@ -145,6 +146,7 @@ def test_flow_imports_pause_the_collector_then_freeze_what_they_made_and_restore
     assert seen["stays_off"] is True
 
 
+@pytest.mark.slow  # two processes that each start Prefect's temporary server, about 25 s
 def test_prefect_api_starts_prefects_temporary_server_early_and_only_without_a_server(tmp_path, prefect_db):
     """`ottimo run` starts Prefect's temporary server while the pipeline imports, without importing Prefect's
     server package into its own process; the flow's client then uses that server, and it is gone after the

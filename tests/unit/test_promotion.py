@@ -140,6 +140,7 @@ def test_crash_between_alias_moves_is_found_and_finished(reg, api_url, tmp_path)
     assert len(runs) == len(set(runs)) == 3
 
 
+@pytest.mark.slow  # a race of four flow-run processes, about 30 s
 def test_four_promotions_at_once_make_exactly_one_champion(tmp_path, api_url):
     """Four processes, each a Prefect flow run, all decided against champion v1, released together."""
     root, params, client, exp = store(tmp_path / "project")
