@@ -110,7 +110,14 @@ def settled(el, pause: float = 0.3) -> bool:
     return el.rect == before
 
 
-def quick_run(driver, ep: servers.Endpoints, deployment_id: str) -> dict:
+def server_errors(root: Path) -> str:
+    """The Prefect server's log lines that say ERROR or hold a traceback's last line (for a failure's message)."""
+    log = root / ".run" / "prefect.log"
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    return "\n".join([ln for ln in lines if "ERROR" in ln or "Error:" in ln][-10:]) or "(no errors in prefect.log)"
+
+
+def quick_run(driver, ep: servers.Endpoints, deployment_id: str, root: Path) -> dict:
     """Run → Quick run on a deployment's page, as a user would; the flow run it made, found by the name in the
     UI's toast. A click that made nothing (no toast, no error: the menu went before it landed) is made again once;
     an error toast fails at once."""
@@ -125,7 +132,8 @@ def quick_run(driver, ep: servers.Endpoints, deployment_id: str) -> dict:
         deadline, body = time.monotonic() + 30, ""
         while time.monotonic() < deadline:
             body = driver.find_element(By.TAG_NAME, "body").text
-            assert "Failed to schedule flow run" not in body, f"the UI could not create the run: {body}"
+            assert "Failed to schedule flow run" not in body, \
+                f"the UI could not create the run: {body}\nserver: {server_errors(root)}"
             if made := re.search(r"(\S+) scheduled\s+to\s+start", body):
                 driver.save_screenshot(str(OUT / "4-quick-run.png"))
                 runs = api(ep, "/flow_runs/filter", {"flow_runs": {"name": {"any_": [made.group(1)]}}})
@@ -136,7 +144,8 @@ def quick_run(driver, ep: servers.Endpoints, deployment_id: str) -> dict:
         if runs := [r for r in api(ep, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}}})
                     if not r["auto_scheduled"]]:  # made, though its toast went unseen: not a second one
             return runs[0]
-    raise AssertionError(f"Quick run made no flow run twice (see {OUT}/4-quick-run-attempt-*.png): {body}")
+    raise AssertionError(f"Quick run made no flow run twice (see {OUT}/4-quick-run-attempt-*.png): {body}\n"
+                         f"server: {server_errors(root)}")
 
 
 @pytest.mark.timeout(900)
@@ -165,7 +174,7 @@ def test_run_from_prefect_ui_promotes_in_mlflow_ui(stack, browser):
     assert "empty: params.yaml's train.max_epochs (12)" in body and "Property is type" not in body, body
 
     # Run → Quick run: the flow run it created is the deployment's and reaches Completed
-    run = quick_run(browser, ep, deployment["id"])
+    run = quick_run(browser, ep, deployment["id"], root)
     assert run["deployment_id"] == deployment["id"] and not run["auto_scheduled"], run
     deadline = time.monotonic() + RUN_TIMEOUT
     while time.monotonic() < deadline and run["state_type"] not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
