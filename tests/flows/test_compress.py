@@ -305,6 +305,7 @@ def test_pipeline_promotes_the_selected_compressed_candidate(tmp_path, prefect_h
     assert tags["compress.selected"] == "none"
 
 
+@pytest.mark.slow  # two pipeline runs, about 40 s; the policy is pareto.select's (tests/unit/test_gate.py)
 def test_with_a_champion_the_pipeline_picks_a_candidate_the_gate_passes(tmp_path, prefect_harness):
     """The gate's constraints come first in the selection: candidates that would drop too far below the champion
     lose to one that passes, however fast they are (reruns no longer fail the gate on a latency coin toss)."""
