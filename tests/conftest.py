@@ -54,7 +54,7 @@ def project(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def prefect_db(tmp_path_factory) -> Path:
     """An empty Prefect database with Prefect's schema, made once for the session by Prefect's own CLI (`prefect
-    server database upgrade`, about 12 s here). Each harness starts on a copy of it: about 7 s instead of 14 s,
+    server database upgrade`, about 12 s here). Each harness starts on a copy of it: about 8 s instead of 15 s,
     for a server that would otherwise run the whole chain of migrations again."""
     db = tmp_path_factory.mktemp("prefect-db") / "prefect.db"
     env = os.environ | {"PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db}"}

@@ -158,10 +158,10 @@ def record_realized(client: MlflowClient, exp: str, score_run, correct: int, lab
     """Late labels for a scored batch: its realized accuracy on the score run and, when a drift check already
     judged that batch, on the check run too (over all of its batches with late labels): metric `accuracy` and
     `accuracy_realized` replace the estimate, tag quality.source = realized. Returns the check run id or None."""
-    run_id, now = score_run.info.run_id, int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric("realized_correct", float(correct), now, 0),  # one request for the three
-                                      Metric("realized_labelled_rows", float(labelled), now, 0)],
-                     tags=[RunTag(vocab.ACCURACY_REALIZED, f"{correct / labelled:.6f}" if labelled else "none")])
+    run_id, now = score_run.info.run_id, int(time.time() * 1000)  # after the check's estimate: these replace it
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in (
+        ("realized_correct", correct), ("realized_labelled_rows", labelled))],
+        tags=[RunTag(vocab.ACCURACY_REALIZED, f"{correct / labelled:.6f}" if labelled else "none")])
     check = client.get_run(run_id).data.tags.get(vocab.CHECKED, "false")
     if check == "false":
         return None
@@ -170,7 +170,6 @@ def record_realized(client: MlflowClient, exp: str, score_run, correct: int, lab
     hits = sum(int(r.data.metrics.get("realized_correct", 0)) for r in scored)
     rows = sum(int(r.data.metrics.get("realized_labelled_rows", 0)) for r in scored)
     if rows:
-        now = int(time.time() * 1000)
         client.log_batch(check, metrics=[Metric(k, float(v), now, 0) for k, v in (
             ("accuracy", hits / rows), ("accuracy_realized", hits / rows), ("realized_labelled_rows", rows))],
             tags=[RunTag(vocab.QUALITY_SOURCE, "realized")])

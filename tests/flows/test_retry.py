@@ -26,7 +26,7 @@ from tests.conftest import seeded_harness, write_project
 
 @pytest.fixture(scope="module")
 def harness(prefect_db):
-    """One Prefect API for this module's quick flow tests (starting one costs ~7 s here); each has its own project."""
+    """One Prefect API for this module's quick flow tests (starting one costs ~8 s here); each has its own project."""
     with seeded_harness(prefect_db):
         yield
 
