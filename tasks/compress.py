@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from mlflow.artifacts import download_artifacts
-from mlflow.entities import Metric, Param
+from mlflow.entities import Param
 from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
@@ -35,7 +35,7 @@ from ottimo.ops.faults import checkpoint
 from ottimo.registry import report
 from ottimo.registry.gate import GateFailed
 from ottimo.registry.logged_model import log_onnx_model
-from ottimo.registry.tracking import connect, flatten, run_model_uri, work_dir
+from ottimo.registry.tracking import connect, flatten, run_model_uri, stamped, work_dir
 from ottimo.spec import InputSpec
 from tasks.data import DataVersion
 from tasks.evaluate import Evaluated, Exported
@@ -235,8 +235,8 @@ def quantize_variant(root: Path, params: Params, base: Built, option: str, data:
     client = connect(root, params.mlflow)[0]
     if (out / "accuracy_aware.json").is_file():
         client.log_artifact(run_id, str(out / "accuracy_aware.json"))
-    client.log_batch(run_id, metrics=[Metric("agreement_with_fp32", agreement, 0, 0),
-                                      Metric("integer_ops", quantize.integer_ops(dst), 0, 0)])
+    client.log_batch(run_id, metrics=stamped({"agreement_with_fp32": agreement,
+                                              "integer_ops": quantize.integer_ops(dst)}))
     error = error or quantize.disagreement(agreement, cfg.min_agreement)
     get_run_logger().info("%s: %.1f kB (FP32 %.1f kB), agreement with FP32 %.4f%s", name, dst.stat().st_size / 1e3,
                           src.stat().st_size / 1e3, agreement, f", {settings['fp32_nodes']} node(s) kept FP32"
@@ -267,10 +267,9 @@ def fuse_variant(root: Path, params: Params, base: Built, data: DataVersion, par
     client = connect(root, params.mlflow)[0]
     client.log_artifact(run_id, str(out / "fusion.json"))
     client.set_tag(run_id, "compress.fusion", vocab.clip(rep.summary))
-    client.log_batch(run_id, metrics=[Metric("nodes_before", rep.nodes_before, 0, 0),
-                                      Metric("nodes_after", rep.nodes_after, 0, 0),
-                                      Metric("attention_fused", rep.attention_fused, 0, 0),
-                                      Metric("fusion_max_abs_diff", rep.max_abs_diff or 0.0, 0, 0)])
+    client.log_batch(run_id, metrics=stamped({"nodes_before": rep.nodes_before, "nodes_after": rep.nodes_after,
+                                              "attention_fused": rep.attention_fused,
+                                              "fusion_max_abs_diff": rep.max_abs_diff or 0.0}))
     get_run_logger().info("%s: %s", name, rep.summary)
     settings = {"nodes_before": rep.nodes_before, "nodes_after": rep.nodes_after,
                 "fused": ",".join(f"{k}x{v}" for k, v in rep.fused.items()) or "nothing"}
@@ -304,8 +303,8 @@ def measure_candidates(root: Path, params: Params, built: list[Built], data: Dat
                  m["accuracy"], m["p50_ms"], latency.interval_of(m), params.evaluate.target, m["size_mb"] * 1e3,
                  b.parameters, b.sparsity, f" ({b.error})" if b.error else "")
         if b.technique != "trained":  # a trained model's run already has the pipeline's test figures
-            client.log_batch(b.run_id, metrics=[Metric(f"test_{k}", v, 0, 0) for k, v in m.items()] + [
-                Metric("parameters", b.parameters, 0, 0), Metric("sparsity", b.sparsity, 0, 0)])
+            client.log_batch(b.run_id, metrics=stamped({**{f"test_{k}": v for k, v in m.items()},
+                                                        "parameters": b.parameters, "sparsity": b.sparsity}))
             client.set_terminated(b.run_id, "FINISHED")
             checkpoint("mid-compression")  # some variants measured and closed, the rest still RUNNING
     return rows

@@ -7,13 +7,12 @@ import hashlib
 import json
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
@@ -31,7 +30,7 @@ from ottimo.ops.doctor import owner
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import promotion, versions
 from ottimo.registry.security import fetch_verified, serving_session
-from ottimo.registry.tracking import connect, flatten, set_run_tags, work_dir
+from ottimo.registry.tracking import connect, flatten, set_run_tags, stamped, work_dir
 from tasks.score import Champion
 
 
@@ -229,10 +228,9 @@ def check_window(root: Path, params: Params, champion: Champion, window: Window)
         vocab.WINDOW: key, vocab.CLOSED: "false", vocab.OWNER: owner()})  # owner: the doctor tells a killed flow run
     numbers = {k: float(v) for k, v in ev.as_dict().items() if isinstance(v, int | float) and v is not None}
     source = policy.quality_source(ev, cfg)
-    now = int(time.time() * 1000)
     client.log_batch(run.info.run_id,  # one request (MLflow splits it at its per-request limits)
                      params=[Param(k, v) for k, v in flatten({"drift": cfg.model_dump()}).items()],
-                     metrics=[Metric(k, v, now, 0) for k, v in numbers.items()],
+                     metrics=stamped(numbers),
                      tags=[RunTag(vocab.QUALITY_SOURCE, source or "none")])
     for path in files + [out / "summary.json"]:
         client.log_artifact(run.info.run_id, str(path))

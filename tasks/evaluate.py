@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow.entities import Metric
 from prefect import get_run_logger, task
 
 from ottimo import vocab
@@ -17,7 +16,7 @@ from ottimo.onnx.export import export_onnx, parity_check
 from ottimo.onnx.measure import accuracy, confusion_png, measure
 from ottimo.registry import security, versions
 from ottimo.registry.logged_model import log_onnx_model
-from ottimo.registry.tracking import connect, work_dir
+from ottimo.registry.tracking import connect, stamped, work_dir
 from tasks.data import DataVersion
 from tasks.retry import RETRY_TRANSIENT
 from tasks.train import Candidate
@@ -68,7 +67,7 @@ def evaluate_candidate(root: Path, params: Params, cand: Candidate, exp: Exporte
     client, _ = connect(root, params.mlflow)
     splits = load_splits(Path(data.prepared))
     metrics, pred = measure(Path(exp.onnx_path), splits.X_test, splits.y_test, params.evaluate)
-    client.log_batch(cand.run_id, metrics=[Metric(f"test_{k}", v, 0, 0) for k, v in metrics.as_dict().items()])
+    client.log_batch(cand.run_id, metrics=stamped({f"test_{k}": v for k, v in metrics.as_dict().items()}))
     png = confusion_png(splits.y_test, pred, splits.labels, work_dir(root, cand.run_id) / "confusion_matrix.png",
                         f"{cand.family}: test accuracy {metrics.accuracy:.4f}")
     client.log_artifact(cand.run_id, str(png))

@@ -9,7 +9,6 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import torch
-from mlflow.entities import Metric
 from prefect import get_run_logger, runtime, task
 
 from ottimo import vocab
@@ -21,7 +20,7 @@ from ottimo.models.train import fit
 from ottimo.ops.doctor import owner
 from ottimo.ops.faults import checkpoint
 from ottimo.registry import report
-from ottimo.registry.tracking import connect, flatten, work_dir
+from ottimo.registry.tracking import connect, flatten, stamped, work_dir
 from ottimo.spec import InputSpec
 from tasks.data import DataVersion
 
@@ -100,11 +99,11 @@ def train_candidate(root: Path, params: Params, family: str, data: DataVersion, 
     client.log_text(run_id, r.to_json(), RECIPE_FILE)  # `ottimo compress --run-id` rebuilds the model from it
 
     splits = load_splits(Path(data.prepared))
-    pending: list[Metric] = []
+    pending: list = []  # mlflow Metric records
 
     def on_epoch(row: dict[str, float]) -> None:
         step = int(row["epoch"])
-        pending.extend(Metric(k, v, 0, step) for k, v in row.items() if k != "epoch")
+        pending.extend(stamped({k: v for k, v in row.items() if k != "epoch"}, step))
         if step % params.train.log_every == 0:
             log.info("%s epoch %d: train_loss %.4f val_loss %.4f val_acc %.4f", family, step,
                      row["train_loss"], row["val_loss"], row["val_accuracy"])
@@ -118,9 +117,8 @@ def train_candidate(root: Path, params: Params, family: str, data: DataVersion, 
     torch.save(result.model.state_dict(), ckpt)
     client.log_artifact(run_id, str(ckpt))
     n_params = count_parameters(result.model)
-    client.log_batch(run_id, metrics=[Metric("best_val_accuracy", result.best_val_accuracy, 0, 0),
-                                      Metric("best_epoch", result.best_epoch, 0, 0),
-                                      Metric("parameters", n_params, 0, 0)])
+    client.log_batch(run_id, metrics=stamped({"best_val_accuracy": result.best_val_accuracy,
+                                              "best_epoch": result.best_epoch, "parameters": n_params}))
     log.info("%s: best epoch %d of %d, val_acc %.4f, %d parameters", family, result.best_epoch,
              result.epochs_run, result.best_val_accuracy, n_params)
     checkpoint("after-training")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from itertools import zip_longest
 from pathlib import Path
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Param
 from prefect import get_run_logger, runtime, task
 
 from ottimo import vocab
@@ -22,7 +22,7 @@ from ottimo.models.family import recipe, to_overrides
 from ottimo.ops.dask_cluster import current_worker
 from ottimo.ops.doctor import owner
 from ottimo.registry import report
-from ottimo.registry.tracking import connect, flatten, work_dir
+from ottimo.registry.tracking import connect, flatten, stamped, work_dir
 from tasks.data import DataVersion
 
 
@@ -137,7 +137,7 @@ def close_study(root: Path, params: Params, ref: StudyRef) -> TuneResult:
     fam = params.families[ref.family]
     study = tune.open_study(ref.storage, ref.name, cfg, fam, ref.seed)
     n = tune.counts(study)
-    metrics = [Metric(f"trials_{k}" if k != "epochs" else "epochs_total", v, 0, 0) for k, v in n.items()]
+    metrics = stamped({f"trials_{k}" if k != "epochs" else "epochs_total": v for k, v in n.items()})
     try:
         best = tune.choose(study, cfg, ref.family)
     except tune.TuningFailed as err:
@@ -151,7 +151,7 @@ def close_study(root: Path, params: Params, ref: StudyRef) -> TuneResult:
         log.warning("%s: the wall budget ran out before any trial; %s trains with params.yaml", ref.name, ref.family)
         client.set_tag(ref.mlflow_run_id, "optuna.chosen_trial", "none: budget spent before any trial")
     else:
-        metrics += [Metric(f"best_{k}", v, 0, 0) for k, v in zip(tune.OBJECTIVES, best.values, strict=False)]
+        metrics += stamped({f"best_{k}": v for k, v in zip(tune.OBJECTIVES, best.values, strict=False)})
         client.log_batch(ref.mlflow_run_id, params=[Param(f"best.{k}", str(v)) for k, v in best.params.items()])
         client.set_tag(ref.mlflow_run_id, "optuna.chosen_trial", str(best.number))
         log.info("%s: trial %d chosen, %s, params %s; %d complete, %d pruned, %d failed, %d epochs", ref.name,

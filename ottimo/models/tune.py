@@ -33,7 +33,7 @@ import numpy as np
 import optuna
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Param
 from optuna.trial import FrozenTrial, Trial, TrialState
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
@@ -55,7 +55,7 @@ from ottimo.models.family import FamilyError, Recipe, to_overrides
 from ottimo.models.train import fit
 from ottimo.onnx.export import export_guard
 from ottimo.ops.faults import checkpoint
-from ottimo.registry.tracking import in_project
+from ottimo.registry.tracking import in_project, stamped
 from ottimo.spec import InputSpec
 
 SQLITE_TIMEOUT_S = 120  # how long a writer waits for SQLite's lock before "database is locked"
@@ -472,9 +472,10 @@ class TrialRuns:
         return run.info.run_id
 
     def finish(self, run_id: str, rows: list[dict], state: str, values: list[float] | None, reason: str) -> None:
-        metrics = [Metric(k, v, 0, int(r["epoch"])) for r in rows for k, v in r.items() if k != "epoch"]
-        metrics += [Metric(k, v, 0, 0) for k, v in zip(("best_val_accuracy", "p95_ms"), values or [], strict=False)]
-        metrics.append(Metric("epochs", len(rows), 0, 0))
+        now = int(time.time() * 1000)
+        metrics = [m for r in rows for m in stamped({k: v for k, v in r.items() if k != "epoch"}, int(r["epoch"]), now)]
+        metrics += stamped({**dict(zip(("best_val_accuracy", "p95_ms"), values or [], strict=False)),
+                            "epochs": len(rows)}, now=now)
         for i in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per batch
             self.client.log_batch(run_id, metrics=metrics[i:i + 900])
         self.client.set_tag(run_id, "trial.state", state)

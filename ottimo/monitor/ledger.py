@@ -15,11 +15,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import RunTag
 
 from ottimo import vocab
 from ottimo.config import Params
-from ottimo.registry.tracking import connect, set_run_tags
+from ottimo.registry.tracking import connect, set_run_tags, stamped
 
 
 def experiment_name(params: Params) -> str:
@@ -68,9 +68,7 @@ def record_score(client: MlflowClient, exp: str, batch: Path, predictions: Path,
         vocab.KIND: vocab.SCORE, "batch": batch.name, "batch.path": str(batch), "batch.sha256": batch_sha256,
         "predictions.path": str(predictions), "model.version": str(version), "labelled": str(labelled).lower(),
         vocab.CHECKED: "false", **tags})
-    now = int(time.time() * 1000)
-    client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in
-                                               ({**(figures or {}), "rows": rows}).items()])
+    client.log_batch(run.info.run_id, metrics=stamped({**(figures or {}), "rows": rows}))
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
@@ -159,8 +157,8 @@ def record_realized(client: MlflowClient, exp: str, score_run, correct: int, lab
     judged that batch, on the check run too (over all of its batches with late labels): metric `accuracy` and
     `accuracy_realized` replace the estimate, tag quality.source = realized. Returns the check run id or None."""
     run_id, now = score_run.info.run_id, int(time.time() * 1000)  # after the check's estimate: these replace it
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in (
-        ("realized_correct", correct), ("realized_labelled_rows", labelled))],
+    client.log_batch(run_id, metrics=stamped({"realized_correct": correct, "realized_labelled_rows": labelled},
+                                             now=now),
         tags=[RunTag(vocab.ACCURACY_REALIZED, f"{correct / labelled:.6f}" if labelled else "none")])
     check = client.get_run(run_id).data.tags.get(vocab.CHECKED, "false")
     if check == "false":
@@ -170,7 +168,7 @@ def record_realized(client: MlflowClient, exp: str, score_run, correct: int, lab
     hits = sum(int(r.data.metrics.get("realized_correct", 0)) for r in scored)
     rows = sum(int(r.data.metrics.get("realized_labelled_rows", 0)) for r in scored)
     if rows:
-        client.log_batch(check, metrics=[Metric(k, float(v), now, 0) for k, v in (
-            ("accuracy", hits / rows), ("accuracy_realized", hits / rows), ("realized_labelled_rows", rows))],
+        client.log_batch(check, metrics=stamped({"accuracy": hits / rows, "accuracy_realized": hits / rows,
+                                                 "realized_labelled_rows": rows}, now=now),
             tags=[RunTag(vocab.QUALITY_SOURCE, "realized")])
     return check

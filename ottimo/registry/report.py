@@ -4,15 +4,14 @@ candidate's figures and the verdict as metrics (runs sort and chart over time), 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric
 
 from ottimo import vocab
 from ottimo.config import Params
+from ottimo.registry.tracking import stamped
 
 FIGURES = ("accuracy", "macro_f1", "p50_ms", "p95_ms", "size_mb", "throughput_rps")  # as test_<name> on runs
 
@@ -135,12 +134,10 @@ def record(client: MlflowClient, run_id: str, outcome: Outcome, params: Params, 
     tags = client.get_run(run_id).data.tags
     dataset = dataset_name(params)
     gated = next((c for c in outcome.candidates if c["name"] == outcome.gated), None)
-    now = int(time.time() * 1000)  # charted over time: when the run decided
-    metrics = [Metric(f"test_{k}", float(gated[k]), now, 0) for k in FIGURES if gated and k in gated]
+    figures = {f"test_{k}": gated[k] for k in FIGURES if gated and k in gated}
     if outcome.passed is not None:
-        metrics.append(Metric(vocab.GATE_PASSED, 1.0 if outcome.passed else 0.0, now, 0))
-    metrics.append(Metric("candidates", float(len(outcome.candidates)), now, 0))
-    client.log_batch(run_id, metrics=metrics)
+        figures[vocab.GATE_PASSED] = 1.0 if outcome.passed else 0.0
+    client.log_batch(run_id, metrics=stamped(figures | {"candidates": len(outcome.candidates)}))  # when it decided
     md = markdown(outcome, dataset, revision, tags.get(vocab.FLOW_RUN_URL), params.mlflow.registered_model)
     client.set_tag(run_id, vocab.NOTE, vocab.clip(md))
     client.update_run(run_id, name=run_name(dataset, revision, outcome))

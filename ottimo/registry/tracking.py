@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 import re
+import time
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import get_args
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import RunTag
+from mlflow.entities import Metric, RunTag
 
 from ottimo import vocab
 from ottimo.config import CardFigure, MlflowCfg, Params
@@ -105,6 +107,13 @@ def _experiment(root: Path, client: MlflowClient, uri: str, name: str) -> str:
 def set_run_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
     """Several tags on a run in one request (log_batch), not one set_tag each."""
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def stamped(values: Mapping[str, float], step: int = 0, now: int | None = None) -> list[Metric]:
+    """`values` as MLflow metrics at `step` for one log_batch, all stamped with one clock reading (`now`, ms since
+    the epoch, when given): MLflow's UI charts metrics against that wall time."""
+    now = int(time.time() * 1000) if now is None else now
+    return [Metric(k, float(v), now, step) for k, v in values.items()]
 
 
 def new_logged_model(client: MlflowClient, run_id: str, name: str, tags: dict[str, str] | None = None) -> str:

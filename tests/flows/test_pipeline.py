@@ -1,5 +1,6 @@
 """System tests: the whole training flow under a Prefect test harness, on its own MLflow store and DVC remote."""
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,11 @@ def test_pipeline_promotes_then_compares_then_gate_failure_changes_nothing(proje
     accuracy = float((predict(session(path), splits.X_test) == splits.y_test).mean())
     logged = client.get_run(mv.run_id).data.metrics["test_accuracy"]
     assert accuracy == logged
+    # every metric is stamped when it was logged (MLflow's UI charts them against wall time): epochs and test figures
+    started, now = client.get_run(mv.run_id).info.start_time, time.time() * 1000
+    for key in ("val_accuracy", "best_epoch", "test_accuracy"):
+        stamps = [m.timestamp for m in client.get_metric_history(mv.run_id, key)]
+        assert stamps and all(started <= t <= now for t in stamps), (key, stamps, started)
     assert "confusion_matrix.png" in [a.path for a in client.list_artifacts(mv.run_id)]
     status = CliRunner().invoke(app, ["status", "--project-dir", str(project)])
     assert status.exit_code == 0
